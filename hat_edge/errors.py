@@ -1,4 +1,4 @@
-"""Errors a user can cause. The CLI prints them as one line (no traceback) and exits 2."""
+"""Errors a user can cause. The CLI prints them as one line (no traceback) and exits 1."""
 
 
 class UserError(Exception):
