@@ -1,0 +1,3 @@
+from hat_edge.cli import main
+
+raise SystemExit(main())
