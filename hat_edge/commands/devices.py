@@ -1,0 +1,290 @@
+"""`hat-edge profile ...`, `hat-edge measure`, `hat-edge bench`: devices and their latencies."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from typing import Any
+
+import click
+
+from hat_edge.errors import UserError
+
+_TRUST_HELP = ("Accept the device's host key if it is not in known_hosts yet, and add it there. "
+               "A CHANGED key is always refused. Check the printed fingerprint first.")
+
+
+def _echo_table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    click.echo(fmt.format(*header))
+    click.echo(fmt.format(*["-" * w for w in widths]))
+    for r in rows:
+        click.echo(fmt.format(*r))
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+# --------------------------------------------------------------------------------------------
+# profile
+# --------------------------------------------------------------------------------------------
+@click.group("profile")
+def profile_group() -> None:
+    """Device profiles: how to reach a device and how to measure on it (TOML files).
+
+    \b
+    Profiles are looked up by name in $HAT_EDGE_PROFILE_PATH, ./device_profiles,
+    ~/.config/hat-edge/profiles and the built-in ones (local-cpu, local-gpu); any
+    command also takes a path to a .toml file. Every field: docs/profiles.md.
+    """
+
+
+@profile_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+def profile_list(as_json: bool) -> None:
+    """Every profile found, where it comes from, and whether it loads."""
+    from hat_edge.devices.profiles import list_profiles, load_profile_file
+
+    out = []
+    for e in list_profiles():
+        item: dict[str, Any] = {"name": e.name, "path": str(e.path), "shadowed": e.shadowed}
+        try:
+            p = load_profile_file(e.path)
+            item.update(transport=p.transport, runtime=p.runtime, device=p.device,
+                        target=_target(p), description=p.description, error=None)
+        except UserError as err:
+            item.update(transport=None, runtime=None, device=None, target=None, description="", error=str(err))
+        out.append(item)
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+        return
+    rows = [[i["name"] + (" (shadowed)" if i["shadowed"] else ""), i["transport"] or "?",
+             i["runtime"] or "?", i["target"] or "", i["error"] or i["description"], i["path"]] for i in out]
+    _echo_table(rows, ["name", "transport", "runtime", "target", "description", "file"])
+
+
+def _target(p) -> str:
+    if p.is_local:
+        return f"this machine ({p.device})"
+    if p.ssh_config_host and not p.host:
+        return f"ssh {p.ssh_config_host} (~/.ssh/config)"
+    return f"ssh {(p.user + '@') if p.user else ''}{p.host}{':' + str(p.port) if p.port else ''}"
+
+
+@profile_group.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def profile_show(name: str, as_json: bool) -> None:
+    """Every field of profile NAME (a name or a .toml path), defaults filled in."""
+    from hat_edge.devices.profiles import load_profile
+
+    p = load_profile(name)
+    d = p.to_dict()
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+        return
+    click.echo(f"{p.name}  ({p.source or 'built in'})")
+    for k, v in d.items():
+        if k in ("measurement", "name", "source"):
+            continue
+        click.echo(f"  {k:16s} {v if v not in (None, '') else '-'}")
+    click.echo("  [measurement]")
+    for k, v in d["measurement"].items():
+        click.echo(f"    {k:14s} {v}")
+
+
+@profile_group.command("check")
+@click.argument("name")
+@click.option("--trust-new-host", is_flag=True, help=_TRUST_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def profile_check(name: str, trust_new_host: bool, as_json: bool) -> None:
+    """Connect to the device of profile NAME and describe it.
+
+    Reports OS, CPU model, cores, memory, python and runtime versions, the CPU frequency
+    governor and, on a Raspberry Pi, temperature and `vcgencmd get_throttled`. Warns about
+    what makes timings unstable (a non-performance governor, throttling, a missing runtime).
+    """
+    from hat_edge.devices.measure import device_env
+    from hat_edge.devices.profiles import load_profile
+
+    p = load_profile(name)
+    env = device_env(p, trust_new_host=trust_new_host)
+    warnings = _env_warnings(p, env)
+    if as_json:
+        click.echo(json.dumps({**env, "warnings": warnings}, indent=2))
+        return
+    click.echo(f"{p.name}: reachable ({env.get('host') or 'this machine'})")
+    keys = ("os", "machine", "cpu_model", "cores", "cores_usable", "memory_mb", "python", "numpy",
+            "onnxruntime", "torch", "cuda_device", "governor", "cpu_max_mhz", "raspberry_pi",
+            "temperature_c", "throttled", "work_dir")
+    for k in keys:
+        if k in env:
+            v = env[k]
+            click.echo(f"  {k:14s} {'-' if v is None else v}")
+    for w in warnings:
+        click.echo(f"  warning: {w}", err=True)
+
+
+def _env_warnings(p, env: dict[str, Any]) -> list[str]:
+    out = []
+    if p.runtime == "onnxruntime" and not env.get("onnxruntime"):
+        out.append(f"onnxruntime is not installed for {p.remote_python} (pip install onnxruntime)")
+    if p.runtime == "torchscript" and not env.get("torch"):
+        out.append(f"torch is not installed for {p.remote_python}")
+    if p.device == "cuda" and not env.get("cuda_device"):
+        out.append("no CUDA device visible to torch")
+    gov = env.get("governor")
+    if gov and gov not in ("performance",):
+        out.append(f"CPU governor is '{gov}': timings vary with frequency scaling "
+                   "(echo performance | sudo tee /sys/devices/system/cpu/cpu*/cpufreq/scaling_governor)")
+    thr = env.get("throttled")
+    if thr not in (None, "0x0"):
+        out.append(f"the device reports throttling ({thr}): check power supply and cooling")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# measure
+# --------------------------------------------------------------------------------------------
+@click.command("measure")
+@click.option("--profile", "profiles", multiple=True, required=True,
+              help="Device profile (name or .toml). Repeat to measure several devices at once, one worker each.")
+@click.option("--space", "space_name", default="demo", show_default=True,
+              help="Design space to sample from: hat-wmt, hat-iwslt, demo, or a space file.")
+@click.option("-n", "n", type=click.IntRange(min=1), default=50, show_default=True, help="How many archs to sample.")
+@click.option("--seed", default=0, show_default=True, help="Sampling seed: the same seed gives the same archs.")
+@click.option("--store", "store_path", default=None,
+              help="Latency store (SQLite). Default: $HAT_EDGE_STORE or .hat-edge/latency.sqlite.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Models per runner invocation (one connection each).")
+@click.option("--trust-new-host", is_flag=True, help=_TRUST_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary per device.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def measure_cmd(profiles: tuple[str, ...], space_name: str, n: int, seed: int, store_path: str | None,
+                batch_size: int, trust_new_host: bool, as_json: bool, no_progress: bool) -> None:
+    """Sample N SubTransformers and measure their latency on each device into the store.
+
+    Each model is exported with random weights (latency does not depend on weight values), run
+    by the on-device runner at the profile's settings (HAT's: 30 source tokens, 30 decoder steps,
+    beam 5), and committed to the store the moment it finishes. Resumable: run the same command
+    again after a crash, a reboot or a dropped link and only the missing models are measured.
+
+    \b
+    Examples:
+      hat-edge measure --profile local-cpu -n 100
+      hat-edge measure --profile raspberrypi4 --profile jetson-nano --space hat-wmt -n 500
+    """
+    from hat_edge.devices.measure import measure_many, store_settings
+    from hat_edge.devices.profiles import load_profile
+    from hat_edge.latency.store import DEFAULT_STORE_PATH, LatencyStore
+    from hat_edge.space import get_space
+
+    profs = [load_profile(p) for p in profiles]
+    space = get_space(space_name)
+    archs = space.sample_n(n, seed=seed)
+    store = LatencyStore(store_path or DEFAULT_STORE_PATH)
+    before = {p.name: sum(store.has(p.name, a, p.runtime, store_settings(p)) for a in archs) for p in profs}
+    errors: dict[str, int] = {p.name: 0 for p in profs}
+
+    def on_error(err) -> None:
+        errors[err.device] += 1
+
+    results = measure_many(profs, archs, store, progress=not no_progress, trust_new_host=trust_new_host,
+                           batch_size=batch_size, on_error=on_error)
+    summary = []
+    for p in profs:
+        recs = results[p.name]
+        med = [r.median_ms for r in recs]
+        summary.append({
+            "device": p.name, "runtime": p.runtime, "archs": len(archs), "stored_before": before[p.name],
+            "measured": len(recs) - before[p.name], "failed": errors[p.name],
+            "median_ms_min": min(med) if med else None, "median_ms_max": max(med) if med else None,
+            "median_cv": statistics.median([r.cv for r in recs if r.cv is not None]) if recs else None,
+            "store": str(store.path),
+        })
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        rows = [[s["device"], s["runtime"], str(s["archs"]), str(s["stored_before"]), str(s["measured"]),
+                 str(s["failed"]), f"{_ms(s['median_ms_min'])} - {_ms(s['median_ms_max'])}",
+                 "-" if s["median_cv"] is None else f"{s['median_cv']:.3f}"] for s in summary]
+        _echo_table(rows, ["device", "runtime", "archs", "stored before", "measured", "failed",
+                           "median ms (min - max)", "median CV"])
+        click.echo(f"store: {store.path}")
+    if any(errors.values()):
+        raise UserError(f"{sum(errors.values())} models failed (see the errors above); "
+                        "run the same command again to retry them")
+
+
+# --------------------------------------------------------------------------------------------
+# bench
+# --------------------------------------------------------------------------------------------
+@click.command("bench")
+@click.option("--profile", "profile_name", required=True, help="Device profile (name or .toml).")
+@click.argument("arch_files", nargs=-1, required=True)
+@click.option("--runtime", type=click.Choice(["onnxruntime", "torchscript"]), default=None,
+              help="Override the profile's runtime.")
+@click.option("--space", "space_name", default=None,
+              help="Space for the names `smallest` / `largest` (hat-wmt, hat-iwslt, demo or a file).")
+@click.option("--store", "store_path", default=None, help="Also record the results in this latency store.")
+@click.option("--trust-new-host", is_flag=True, help=_TRUST_HELP)
+@click.option("--json", "as_json", is_flag=True,
+              help="Print a JSON list: arch, median_ms, p90_ms, iqr_ms, cv, runs (total ms of each timed run), ...")
+def bench_cmd(profile_name: str, arch_files: tuple[str, ...], runtime: str | None, space_name: str | None,
+              store_path: str | None, trust_new_host: bool, as_json: bool) -> None:
+    """Measure the given ARCH_FILE... on a device now and print their latencies.
+
+    ARCH_FILE is a HAT `*-subtransformer` YAML, a hat-edge arch JSON, transformer-base /
+    transformer-big, or smallest / largest of --space. Always measures afresh (the store is not
+    consulted); --store also records the results.
+
+    \b
+    Example:
+      hat-edge bench --profile raspberrypi4 HAT_wmt14ende_raspberrypi@3.5s_bleu@25.8.yml --json
+    """
+    from hat_edge.devices.measure import measure_archs
+    from hat_edge.devices.profiles import load_profile
+    from hat_edge.latency.store import LatencyStore
+    from hat_edge.space import get_space, load_arch
+
+    p = load_profile(profile_name)
+    if runtime:
+        p = p.with_runtime(runtime)
+    space = get_space(space_name) if space_name else None
+    archs = [load_arch(f, space) for f in arch_files]
+    scratch = LatencyStore(":memory:")
+    recs = measure_archs(p, archs, scratch, progress=not as_json, trust_new_host=trust_new_host)
+    by_arch = {r.arch: r for r in recs}
+    if store_path:
+        store = LatencyStore(store_path)
+        for r in recs:
+            store.add(r)
+    out = []
+    for f, a in zip(arch_files, archs):
+        r = by_arch.get(a)
+        if r is None:
+            out.append({"arch": f, "device": p.name, "runtime": p.runtime, "error": "not measured (see above)"})
+            continue
+        out.append({
+            "arch": f, "device": p.name, "runtime": p.runtime, "median_ms": r.median_ms, "p90_ms": r.p90_ms,
+            "mean_10_90_ms": r.mean_10_90_ms, "iqr_ms": r.iqr_ms, "cv": r.cv, "encoder_ms": r.encoder_ms,
+            "decoder_ms": r.decoder_ms, "runs": r.total_runs_ms, "settings": dict(r.settings),
+        })
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+    else:
+        rows = [[o["arch"], _ms(o.get("median_ms")), _ms(o.get("p90_ms")), _ms(o.get("iqr_ms")),
+                 "-" if o.get("cv") is None else f"{o['cv']:.3f}", _ms(o.get("encoder_ms")),
+                 _ms(o.get("decoder_ms")), str(len(o.get("runs", []))) if "runs" in o else o["error"]]
+                for o in out]
+        _echo_table(rows, ["arch", "median ms", "p90 ms", "IQR ms", "CV", "encoder ms", "decoder ms", "runs"])
+        for o in out:
+            if o.get("cv") is not None and o["cv"] > 0.05:
+                click.echo(f"warning: {o['arch']}: CV {o['cv']:.2f} is high; the device may be busy", err=True)
+    if any("error" in o for o in out):
+        raise UserError(f"{sum('error' in o for o in out)} of {len(out)} archs could not be measured")
+
+
+COMMANDS = [profile_group, measure_cmd, bench_cmd]

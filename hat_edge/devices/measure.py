@@ -1,0 +1,614 @@
+"""Measure SubTransformers on a device and keep every result in the latency store.
+
+    measure_archs(profile, archs, store)   # -> list[LatencyRecord], one per arch (stored or new)
+
+For each arch not yet stored: export it with random weights (latency does not depend on weight
+values) into a local cache, push the bundles to the device (local: used in place), and run the
+runner on a batch of them over one connection. The runner appends one JSON line per model to a
+results file on the device; the host reads that file as it grows and commits each model to the
+store at once, so a killed process or a dropped link loses at most the model in flight. After a
+dropped link the host reconnects with exponential backoff, recovers the lines written meanwhile,
+kills the orphaned runner, and goes on with the rest. Running the same command again skips every
+stored model.
+
+Nothing else runs on the device while it measures: uploads happen before a batch starts, and the
+clean-up (bundles, job files) after it ends; only a small SFTP read of the results file per second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import os
+import shutil
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from hat_edge.devices.profiles import DeviceProfile
+from hat_edge.devices.transport import (
+    ConnectionLost,
+    Transport,
+    TransportError,
+    open_transport,
+    sha256_file,
+)
+from hat_edge.errors import UserError
+from hat_edge.latency.store import LatencyRecord, LatencyStore, utc_now
+from hat_edge.space import Arch
+
+log = logging.getLogger(__name__)
+
+RUNNER_PATH = Path(__file__).resolve().parent / "runner.py"
+JOB_FORMAT = "hat-edge-job"
+JOB_VERSION = 1
+RESULT_VERSION = 1
+DEFAULT_BATCH_SIZE = 8
+_EXPORT_LOCK = threading.Lock()  # torch export keeps global state: one export at a time per process
+_RUNTIME_FORMAT = {"onnxruntime": "onnx", "torchscript": "torchscript"}
+
+
+class MeasureCancelled(UserError):
+    """Measurement stopped on request (Ctrl-C); everything committed so far stays stored."""
+
+
+@dataclass(frozen=True)
+class MeasureError:
+    """A model the runner could not measure (its error line), or that timed out."""
+
+    device: str
+    arch: Arch
+    error: str
+
+
+def default_cache_dir() -> Path:
+    """Local cache of exported bundles: $HAT_EDGE_CACHE/bundles, else ~/.cache/hat-edge/bundles."""
+    root = os.environ.get("HAT_EDGE_CACHE")
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "hat-edge") / "bundles"
+
+
+def store_settings(profile: DeviceProfile, quantize: str | None = None) -> dict[str, Any]:
+    """The settings a latency depends on: with device name and runtime, the store's unique key.
+    Repeats, warm-up and timeouts only change how precisely it is measured, so they are not in it."""
+    m = profile.measurement
+    out: dict[str, Any] = {
+        "batch": 1,
+        "src_len": m.src_len,
+        "steps": m.steps,
+        "beam": m.beam,
+        "threads": profile.threads,
+        "device": profile.device,
+        "vocab_size": m.vocab_size,
+    }
+    if quantize:
+        out["quantize"] = quantize
+    if profile.cpu_affinity is not None:
+        out["cpu_affinity"] = list(profile.cpu_affinity)
+    return out
+
+
+def bundle_key(arch: Arch, profile: DeviceProfile, quantize: str | None = None) -> str:
+    """Cache key of an exported bundle: what changes the exported files."""
+    text = json.dumps(
+        [arch.to_json(), _RUNTIME_FORMAT[profile.runtime], quantize, profile.measurement.vocab_size], sort_keys=True
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def export_for_measurement(
+    arch: Arch, profile: DeviceProfile, cache_dir: Path, quantize: str | None = None, seed: int = 0
+) -> Path:
+    """Export `arch` with random weights into `cache_dir/<key>`, reusing a finished export.
+
+    ONNX goes through torch's TorchScript-based exporter: about 10x faster than the dynamo one
+    (1-2 s instead of 13-17 s per demo model on one core) for graphs that time the same on
+    onnxruntime (demo largest: 127-133 ms vs 128 ms). The parity check is skipped: random weights
+    have no reference to agree with beyond what the exporter's own tests cover.
+    """
+    from hat_edge.exporters import export_bundle
+    from hat_edge.model import SubTransformer
+
+    key = bundle_key(arch, profile, quantize)
+    final = cache_dir / key
+    if (final / "manifest.json").is_file():
+        return final
+    fmt = _RUNTIME_FORMAT[profile.runtime]
+    accepted = inspect.signature(export_bundle).parameters
+    extra = {k: v for k, v in MEASURE_EXPORT_KW.items() if k in accepted and (fmt == "onnx" or k != "exporter")}
+    with _EXPORT_LOCK:
+        if (final / "manifest.json").is_file():  # another device's worker exported it meanwhile
+            return final
+        sub = SubTransformer.random(arch, profile.measurement.vocab_size, seed=seed)
+        out = export_bundle(sub, final, fmt=fmt, quantize=quantize, **extra)
+    return Path(out)
+
+
+# Export directories in use by a worker of this process: several devices measuring the same archs
+# share one cache, and a directory is deleted only when no worker needs it any more.
+_IN_USE: dict[Path, int] = {}
+_IN_USE_LOCK = threading.Lock()
+
+
+def _acquire(path: Path) -> None:
+    with _IN_USE_LOCK:
+        _IN_USE[path] = _IN_USE.get(path, 0) + 1
+
+
+def _release(path: Path, delete: bool) -> None:
+    with _IN_USE_LOCK:
+        n = _IN_USE.get(path, 0) - 1
+        if n > 0:
+            _IN_USE[path] = n
+            return
+        _IN_USE.pop(path, None)
+        if delete:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# Options of export_bundle for measurement bundles (see export_for_measurement).
+MEASURE_EXPORT_KW: dict[str, Any] = {"exporter": "torchscript", "parity_check": False}
+
+
+# --------------------------------------------------------------------------------------------
+# Runner on the device
+# --------------------------------------------------------------------------------------------
+def runner_remote_path(t: Transport) -> str:
+    """The runner's path on the device. Named by its hash, so hosts with different hat-edge
+    versions can share a board without overwriting each other's runner."""
+    if t.is_local:
+        return str(RUNNER_PATH)
+    return t.join(t.work_dir, f"runner-{sha256_file(RUNNER_PATH)[:12]}.py")
+
+
+def push_runner(t: Transport) -> str:
+    path = runner_remote_path(t)
+    if not t.is_local:
+        t.push(RUNNER_PATH, path)
+    return path
+
+
+def _last_json_line(text: str, what: str) -> dict[str, Any]:
+    for line in reversed(text.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                break
+    raise TransportError(f"{what}: no JSON in the runner's output: {text.strip()[-300:]!r}")
+
+
+def device_env(profile: DeviceProfile, trust_new_host: bool = False, timeout: float = 120.0) -> dict[str, Any]:
+    """Connect and describe the device (`runner.py env`): OS, CPU, cores, memory, python, runtime
+    versions, governor, Raspberry Pi temperature and throttling."""
+    with open_transport(profile, trust_new_host=trust_new_host) as t:
+        runner = push_runner(t)
+        res = t.run([t.python, runner, "env"], timeout=timeout, env=profile.env_dict)
+        if res.returncode != 0:
+            tail = " | ".join(res.stderr.strip().splitlines()[-3:])
+            raise TransportError(f"{profile.name}: `{t.python} runner.py env` failed (exit {res.returncode}): "
+                                 f"{tail or 'no output'}; is numpy installed for {t.python}?")
+        env = _last_json_line(res.stdout, f"{profile.name}: runner env")
+        env.setdefault("profile", profile.name)
+        env.setdefault("transport", profile.transport)
+        if not t.is_local:
+            env.setdefault("host", t.target.display)  # type: ignore[attr-defined]
+        env.setdefault("work_dir", t.work_dir)
+        return env
+
+
+# --------------------------------------------------------------------------------------------
+# One device: batches over one connection each
+# --------------------------------------------------------------------------------------------
+@dataclass
+class _Item:
+    arch: Arch
+    id: str
+    local_dir: Path | None = None
+    remote_dir: str | None = None
+
+
+def record_from_result(profile: DeviceProfile, arch: Arch, res: Mapping[str, Any],
+                       settings: Mapping[str, Any]) -> LatencyRecord:
+    """A runner result line (docs/CONTRACTS.md) as a LatencyRecord."""
+    if res.get("version") != RESULT_VERSION:
+        raise UserError(f"{profile.name}: runner result version {res.get('version')!r} is not supported "
+                        f"(this hat-edge reads version {RESULT_VERSION}); the runner on the device is stale")
+    env = dict(res.get("env") or {})
+    env["measurement"] = {
+        k: res.get(k) for k in ("warmup", "warmup_stable", "timing", "peak_rss_mb", "throttled", "temperature_c", "settings") if k in res
+    }
+    return LatencyRecord(
+        device=profile.name, arch=arch, features=tuple(arch.features()), runtime=profile.runtime,
+        settings=dict(settings), median_ms=float(res["median_ms"]), mean_10_90_ms=float(res["mean_10_90_ms"]),
+        p90_ms=float(res["p90_ms"]), iqr_ms=float(res["iqr_ms"]), cv=float(res["cv"]),
+        runs=tuple(res["runs"]), encoder_ms=_opt(res.get("encoder_median_ms")),
+        decoder_ms=_opt(res.get("decoder_median_ms")), env=env, created_at=utc_now(),
+    )
+
+
+def _manifest_hashes(bundle_dir: Path) -> dict[Path, str]:
+    """sha256 of a bundle's files as its manifest lists them (computed by the exporter)."""
+    try:
+        files = json.loads((bundle_dir / "manifest.json").read_text()).get("files", {})
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return {}
+    return {bundle_dir / name: e["sha256"] for name, e in files.items()
+            if isinstance(e, dict) and isinstance(e.get("sha256"), str)}
+
+
+def _opt(x: Any) -> float | None:
+    return None if x is None else float(x)
+
+
+class _DeviceWorker:
+    """Measures one profile's archs; see the module doc for the protocol."""
+
+    def __init__(self, profile: DeviceProfile, store: LatencyStore, *, trust_new_host: bool, batch_size: int,
+                 cache_dir: Path, keep_exports: bool, quantize: str | None, seed: int, reconnect_tries: int,
+                 backoff_s: float,
+                 poll_s: float, bar: Any, on_record: Callable[[LatencyRecord], None] | None,
+                 on_error: Callable[[MeasureError], None] | None, cancel: threading.Event | None = None) -> None:
+        self.p = profile
+        self.store = store
+        self.trust_new_host = trust_new_host
+        self.batch_size = max(1, batch_size)
+        self.cache_dir = cache_dir
+        self.keep_exports = keep_exports
+        self.quantize = quantize
+        self.seed = seed
+        self.reconnect_tries = reconnect_tries
+        self.backoff_s = backoff_s
+        self.poll_s = poll_s
+        self.bar = bar
+        self.on_record = on_record
+        self.on_error = on_error
+        self.cancel = cancel or threading.Event()
+        self.settings = store_settings(profile, quantize)
+        self.done: dict[str, LatencyRecord] = {}
+        self.errors: list[MeasureError] = []
+        # After a dropped link: (results path, runner pid, bytes already read, runner marker).
+        self._stale: tuple[str, int | None, int, str] | None = None
+        self._job_dirs: list[str] = []  # device job dirs to remove once the batch is done
+
+    # ---- the whole list ----
+    def run(self, archs: Sequence[Arch]) -> None:
+        pending = [_Item(a, f"m{i:05d}-{bundle_key(a, self.p, self.quantize)[:10]}") for i, a in enumerate(archs)]
+        while pending:
+            if self.cancel.is_set():
+                raise MeasureCancelled(f"{self.p.name}: cancelled; stored models are kept")
+            batch = pending[: self.batch_size]
+            self._export(batch)
+            finished = self._run_batch(batch)
+            pending = [it for it in pending if it.id not in finished]
+
+    def _export(self, batch: list[_Item]) -> None:
+        for it in batch:
+            if self.bar is not None:
+                self.bar.set_postfix_str("exporting", refresh=True)
+            if it.local_dir is None:
+                it.local_dir = export_for_measurement(it.arch, self.p, self.cache_dir, self.quantize, self.seed)
+                _acquire(it.local_dir)
+        if self.bar is not None:
+            self.bar.set_postfix_str("measuring", refresh=True)
+
+    # ---- one batch ----
+    def _run_batch(self, batch: list[_Item]) -> set[str]:
+        """Measure a batch; returns the ids finished (stored or failed). Survives dropped links."""
+        finished: set[str] = set()
+        stale: tuple[str, int | None, int, str] | None = None
+        drops = 0
+        delay = self.backoff_s
+        while True:
+            try:
+                with open_transport(self.p, trust_new_host=self.trust_new_host,
+                                    retries=self.reconnect_tries, backoff_s=self.backoff_s) as t:
+                    try:
+                        if stale is not None:
+                            self._recover(t, batch, finished, stale)
+                            stale = None
+                        todo = [it for it in batch if it.id not in finished]
+                        if todo:
+                            self._measure_on(t, todo, finished)
+                    except ConnectionLost:
+                        raise
+                    except BaseException:  # a user error or Ctrl-C: still leave the device tidy
+                        try:
+                            self._cleanup(t, batch, finished)
+                        except Exception:  # the original error matters more
+                            pass
+                        raise
+                    self._cleanup(t, batch, finished)
+                    return finished
+            except ConnectionLost as e:
+                drops += 1
+                if drops > self.reconnect_tries:
+                    raise ConnectionLost(
+                        f"{e}; {self.store.count(self.p.name)} models of '{self.p.name}' are stored in "
+                        f"{self.store.path}: run the same command again to resume"
+                    ) from None
+                msg = f"{self.p.name}: {e}; reconnecting in {delay:.1f} s"
+                log.warning(msg)
+                if self.bar is not None:
+                    self.bar.write(msg, file=sys.stderr)
+                time.sleep(delay)
+                delay *= 2
+                if self._stale is not None:
+                    stale, self._stale = self._stale, None
+
+    def _measure_on(self, t: Transport, todo: list[_Item], finished: set[str]) -> None:
+        """Push what the batch needs, run the runner, store results as they appear."""
+        runner = push_runner(t)
+        if t.is_local:
+            for it in todo:
+                it.remote_dir = str(it.local_dir)
+        else:
+            pairs: list[tuple[Path, str]] = []
+            known: dict[Path, str] = {}
+            for it in todo:
+                local_dir: Path = it.local_dir  # type: ignore[assignment]
+                it.remote_dir = t.join(t.work_dir, "bundles", local_dir.name)
+                pairs += [(f, t.join(it.remote_dir, *f.relative_to(local_dir).parts))
+                          for f in sorted(local_dir.rglob("*")) if f.is_file()]
+                known.update(_manifest_hashes(local_dir))
+            # No second hashing pass on the device: the runner checks every bundle file against
+            # the manifest's sha256 before it measures, so a damaged upload is that model's error.
+            t.push_many(pairs, known_sha256=known, verify=False)
+        job_dir = t.join(t.work_dir, "jobs", f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
+        t.makedirs(job_dir)
+        job_path, out_path = t.join(job_dir, "job.json"), t.join(job_dir, "results.jsonl")
+        job = {
+            "format": JOB_FORMAT,
+            "version": JOB_VERSION,
+            "bundles": [{"id": it.id, "path": it.remote_dir} for it in todo],
+            "settings": self.p.job_settings(),
+        }
+        self._job_dirs.append(job_dir)
+        t.write_bytes(job_path, (json.dumps(job, indent=1) + "\n").encode())
+        env = self.p.env_dict
+        if self.p.device == "cpu" and self.p.runtime == "onnxruntime":
+            env.setdefault("HAT_EDGE_ENV_NO_TORCH", "1")  # the runner's env probe need not import torch
+        log_path = t.join(job_dir, "runner.log")
+        proc = t.spawn([t.python, runner, "run", job_path, "--out", out_path], env=env, log_path=log_path)
+        by_id = {it.id: it for it in todo}
+        offset, buf = 0, b""
+        last = time.monotonic()
+        timeout = self.p.measurement.timeout_s
+        next_read = 0.0
+        try:
+            while True:
+                rc = proc.poll()  # before reading: every line written before exit is then seen
+                # Read the results at most every poll_s (each read wakes the device's SFTP server
+                # while it measures), and once more at exit.
+                if rc is not None or time.monotonic() >= next_read:
+                    next_read = time.monotonic() + self.poll_s
+                    data = t.read_from(out_path, offset)
+                    offset += len(data)
+                    buf += data
+                    lines, _, buf = buf.rpartition(b"\n")
+                    if lines:
+                        self._handle_lines(lines.decode("utf-8", "replace"), by_id, finished)
+                        last = time.monotonic()
+                if rc is not None:
+                    break
+                if self.cancel.is_set():  # Ctrl-C in the main thread: stop the runner, tidy up
+                    proc.kill()
+                    raise MeasureCancelled(f"{self.p.name}: cancelled; stored models are kept")
+                if time.monotonic() - last > timeout:
+                    proc.kill()
+                    stuck = next(it for it in todo if it.id not in finished)
+                    self._fail(stuck, f"timed out after {timeout:g} s (measurement.timeout_s) and was killed")
+                    finished.add(stuck.id)
+                    return
+                wait = max(0.0, min(next_read - time.monotonic(), self.poll_s))
+                if hasattr(proc, "wait_io"):
+                    proc.wait_io(wait)  # wakes early when the runner exits
+                else:
+                    time.sleep(min(wait, 0.25))
+        except ConnectionLost:
+            # Remember where we were: after reconnecting, read what the runner wrote meanwhile
+            # and stop the orphan before measuring the rest.
+            self._stale = (out_path, proc.pid, offset - len(buf), proc.marker)  # from the last whole line
+            raise
+        unfinished = [it for it in todo if it.id not in finished]
+        if unfinished:
+            err = t.read_from(log_path).decode("utf-8", "replace")
+            tail = " | ".join(err.strip().splitlines()[-3:]) or "no output"
+            if offset == 0 and rc != 0:  # not one line: the runner itself cannot run there
+                raise TransportError(
+                    f"{self.p.name}: the runner failed before measuring anything (exit {rc}): {tail}; "
+                    f"check the device with `hat-edge profile check {self.p.name}`"
+                )
+            for it in unfinished:
+                self._fail(it, f"runner exited with status {rc} before this model: {tail}")
+                finished.add(it.id)
+
+    def _recover(self, t: Transport, batch: list[_Item], finished: set[str], stale: tuple) -> None:
+        out_path, pid, offset, marker = stale
+        if pid is not None:
+            t.kill_stale(pid, marker)  # the runner may still be going on the device: stop it first
+        data = t.read_from(out_path, offset)
+        lines, _, _ = data.rpartition(b"\n")
+        if lines:
+            self._handle_lines(lines.decode("utf-8", "replace"), {it.id: it for it in batch}, finished)
+
+    def _handle_lines(self, text: str, by_id: Mapping[str, _Item], finished: set[str]) -> None:
+        for line in text.splitlines():
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                res = json.loads(line)
+            except json.JSONDecodeError:
+                log.warning("%s: ignoring a malformed result line: %.200s", self.p.name, line)
+                continue
+            it = by_id.get(res.get("id"))
+            if it is None or it.id in finished:
+                continue
+            finished.add(it.id)
+            if "error" in res:
+                self._fail(it, str(res["error"]))
+                continue
+            rec = record_from_result(self.p, it.arch, res, self.settings)
+            self.store.add(rec)  # committed now: a crash after this line loses nothing
+            self.done[it.arch.to_json()] = rec
+            if self.bar is not None:
+                self.bar.update(1)
+            if self.on_record is not None:
+                self.on_record(rec)
+
+    def _fail(self, it: _Item, error: str) -> None:
+        err = MeasureError(self.p.name, it.arch, error)
+        self.errors.append(err)
+        msg = f"{self.p.name}: {it.arch.describe()}: {error}"
+        log.warning(msg)
+        if self.bar is not None:
+            self.bar.write(f"error: {msg}", file=sys.stderr)
+            self.bar.update(1)
+        if self.on_error is not None:
+            self.on_error(err)
+
+    def _cleanup(self, t: Transport, batch: list[_Item], finished: set[str]) -> None:
+        """After the batch: remove job files and the device copies of finished models, and the
+        local exports of stored ones (a failed one keeps its export for the rerun)."""
+        stored = [it for it in batch if it.id in finished and it.arch.to_json() in self.done]
+        stored_ids = {it.id for it in stored}
+        paths = list(self._job_dirs)
+        if not t.is_local:  # failed ones too: the device keeps nothing (the local export stays)
+            paths += [it.remote_dir for it in batch if it.id in finished and it.remote_dir]
+        t.remove(*paths)
+        self._job_dirs.clear()
+        for it in batch:
+            if it.id in finished and it.local_dir is not None:
+                _release(it.local_dir, delete=it.id in stored_ids and not self.keep_exports)
+                it.local_dir = None
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------------------------
+def measure_archs(
+    profile: DeviceProfile,
+    archs: Sequence[Arch],
+    store: LatencyStore,
+    progress: bool = True,
+    *,
+    trust_new_host: bool = False,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    cache_dir: str | Path | None = None,
+    keep_exports: bool = False,
+    quantize: str | None = None,
+    seed: int = 0,
+    reconnect_tries: int = 4,
+    backoff_s: float = 1.0,
+    poll_s: float = 1.0,
+    position: int = 0,
+    cancel: threading.Event | None = None,
+    on_record: Callable[[LatencyRecord], None] | None = None,
+    on_error: Callable[[MeasureError], None] | None = None,
+) -> list[LatencyRecord]:
+    """Measure each arch not yet stored for this device and settings; return a record per arch
+    (stored or new), in input order. Archs that failed are missing from the list (each failure is
+    reported on stderr and to `on_error`); a lost device raises ConnectionLost after retrying.
+
+    Exports are cached in `cache_dir` (default `default_cache_dir()`) and deleted once stored,
+    unless `keep_exports`. `on_record` is called after each commit (in the worker's thread).
+    """
+    settings = store_settings(profile, quantize)
+    unique = list(dict.fromkeys(archs))
+    have: dict[str, LatencyRecord] = {}
+    todo: list[Arch] = []
+    for a in unique:
+        rec = store.get(profile.name, a, profile.runtime, settings)
+        if rec is None:
+            todo.append(a)
+        else:
+            have[a.to_json()] = rec
+    bar = None
+    if todo:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc=profile.name, unit="model", position=position, file=sys.stderr,
+                   disable=not progress, dynamic_ncols=True, leave=True)
+        if have:
+            bar.write(f"{profile.name}: {len(have)} of {len(unique)} already stored, measuring {len(todo)}",
+                      file=sys.stderr)
+    worker = _DeviceWorker(
+        profile, store, trust_new_host=trust_new_host, batch_size=batch_size,
+        cache_dir=Path(cache_dir) if cache_dir else default_cache_dir(), keep_exports=keep_exports,
+        quantize=quantize, seed=seed,
+        reconnect_tries=reconnect_tries, backoff_s=backoff_s, poll_s=poll_s, bar=bar,
+        on_record=on_record, on_error=on_error, cancel=cancel,
+    )
+    try:
+        if todo:
+            worker.run(todo)
+    finally:
+        if bar is not None:
+            bar.close()
+    have.update(worker.done)
+    return [have[a.to_json()] for a in unique if a.to_json() in have]
+
+
+def measure_many(
+    profiles: Sequence[DeviceProfile],
+    archs: Sequence[Arch],
+    store: LatencyStore,
+    progress: bool = True,
+    **kw: Any,
+) -> dict[str, list[LatencyRecord]]:
+    """Measure the same archs on several devices at once: one worker thread per device, each
+    with its own connection and progress bar. A device that fails does not stop the others; the
+    first failure is raised once all are done."""
+    names = [p.name for p in profiles]
+    if len(set(names)) != len(names):
+        raise UserError(f"profile names must differ, got {', '.join(names)}")
+    if sum(p.is_local for p in profiles) > 1:
+        log.warning("several local profiles measured at once share this machine's CPU: timings interfere")
+    if len(profiles) == 1:  # no thread: Ctrl-C reaches the measurement directly
+        return {profiles[0].name: measure_archs(profiles[0], archs, store, progress, **kw)}
+    results: dict[str, list[LatencyRecord]] = {}
+    errors: list[BaseException] = []
+    cancel = threading.Event()
+    with ThreadPoolExecutor(max_workers=len(profiles), thread_name_prefix="measure") as ex:
+        futs = {p.name: ex.submit(measure_archs, p, archs, store, progress, position=i, cancel=cancel, **kw)
+                for i, p in enumerate(profiles)}
+        try:
+            while not all(f.done() for f in futs.values()):
+                time.sleep(0.2)  # the main thread stays interruptible
+        except KeyboardInterrupt:
+            cancel.set()  # each worker kills its runner and tidies its device, then stops
+            for f in futs.values():
+                try:
+                    f.result()
+                except BaseException:  # the interrupt is what the user wants to see
+                    pass
+            raise
+        for name, fut in futs.items():
+            try:
+                results[name] = fut.result()
+            except BaseException as e:  # collect; re-raised below after every device finished
+                errors.append(e)
+    if errors:
+        raise errors[0]
+    return results
+
+
+__all__ = [
+    "MeasureCancelled",
+    "MeasureError",
+    "bundle_key",
+    "device_env",
+    "export_for_measurement",
+    "measure_archs",
+    "measure_many",
+    "record_from_result",
+    "store_settings",
+]

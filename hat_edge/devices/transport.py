@@ -1,0 +1,789 @@
+"""Transports: how hat-edge reaches a device. Local (a subprocess) or SSH (paramiko).
+
+A transport only moves files and runs commands; what is measured lives in the runner (the TVM RPC
+split). Both transports offer the same calls, so local and remote measurement share one code path:
+
+    with open_transport(profile) as t:
+        t.push_many([(local_file, t.join(t.work_dir, "runner.py"))])   # sha256-checked, skipped if present
+        proc = t.spawn([t.python, runner, "run", job, "--out", out])
+        while proc.poll() is None: new = t.read_from(out, offset)    # results as they are written
+        t.run(argv, timeout=30)                                        # -> Result, CommandTimeout
+
+SSH safety: host keys are checked against known_hosts and an unknown or changed key is refused
+(`trust_new_host=True` adds an unknown key, never a changed one); every remote command is built
+from an argv list with shlex.quote, so no profile value reaches a shell unquoted; environment
+values are never logged (they may hold secrets).
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import logging
+import os
+import select
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Iterable, Mapping, Sequence
+
+from hat_edge.devices.profiles import DeviceProfile
+from hat_edge.errors import UserError
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 20.0
+DEFAULT_COMMAND_TIMEOUT_S = 120.0
+
+# Small helpers run by the device's python (always there: the runner needs it). Passed as argv to
+# `python -c`, quoted like any other argument.
+_HASH_SCRIPT = (
+    "import hashlib,json,sys\n"
+    "out={}\n"
+    "for p in sys.argv[1:]:\n"
+    "    try:\n"
+    "        h=hashlib.sha256()\n"
+    "        with open(p,'rb') as f:\n"
+    "            for b in iter(lambda:f.read(1<<20),b''): h.update(b)\n"
+    "        out[p]=h.hexdigest()\n"
+    "    except OSError: out[p]=None\n"
+    "print(json.dumps(out))\n"
+)
+_REMOVE_SCRIPT = (
+    "import shutil,sys,os\n"
+    "for p in sys.argv[1:]:\n"
+    "    if os.path.isdir(p) and not os.path.islink(p): shutil.rmtree(p,ignore_errors=True)\n"
+    "    elif os.path.lexists(p): os.remove(p)\n"
+)
+# Kill PID only if its command line still mentions MARKER (guards against a reused pid).
+_KILL_SCRIPT = (
+    "import os,signal,sys,time\n"
+    "pid,marker=int(sys.argv[1]),sys.argv[2].encode()\n"
+    "try: cmd=open('/proc/%d/cmdline'%pid,'rb').read()\n"
+    "except OSError: sys.exit(0)\n"
+    "if marker not in cmd: sys.exit(0)\n"
+    "os.kill(pid,signal.SIGTERM)\n"
+    "for _ in range(20):\n"
+    "    time.sleep(0.1)\n"
+    "    if not os.path.exists('/proc/%d'%pid): sys.exit(0)\n"
+    "os.kill(pid,signal.SIGKILL)\n"
+)
+
+
+class TransportError(UserError):
+    """The device could not be reached or a command on it failed; one line for the user."""
+
+
+class HostKeyError(TransportError):
+    """The device's host key is unknown or has changed: never connect silently."""
+
+
+class CommandTimeout(TransportError):
+    """A command ran past its timeout and was killed."""
+
+
+class ConnectionLost(TransportError):
+    """The link dropped in the middle of a command; reconnect and resume."""
+
+
+@dataclass(frozen=True)
+class Result:
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+    duration_ms: float
+
+    def check(self, what: str = "") -> "Result":
+        if self.returncode != 0:
+            tail = " | ".join(self.stderr.strip().splitlines()[-3:])
+            raise TransportError(f"{what or self.argv[0]}: exit status {self.returncode}: {tail or 'no output'}")
+        return self
+
+
+class Process(ABC):
+    """A command started with `Transport.spawn`."""
+
+    marker: str  # a string in its command line (for a safe kill after reconnecting)
+    pid: int | None
+
+    @abstractmethod
+    def poll(self) -> int | None:
+        """The exit status, or None while it runs. Raises ConnectionLost if the link dropped."""
+
+    @abstractmethod
+    def kill(self) -> None: ...
+
+    @abstractmethod
+    def output(self) -> tuple[str, str]:
+        """(stdout, stderr) collected so far."""
+
+    def wait(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while True:
+            rc = self.poll()
+            if rc is not None:
+                return rc
+            if time.monotonic() > deadline:
+                self.kill()
+                raise CommandTimeout(f"command timed out after {timeout:g} s")
+            time.sleep(0.05)
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def quote_argv(argv: Sequence[str]) -> str:
+    """One shell word per argument: nothing in a value can start another command."""
+    return " ".join(shlex.quote(str(a)) for a in argv)
+
+
+def _env_argv(env: Mapping[str, str] | None) -> list[str]:
+    return ["env", *[f"{k}={v}" for k, v in env.items()]] if env else []
+
+
+class Transport(ABC):
+    """Files and commands on one device. Use as a context manager; `close()` releases the link."""
+
+    profile: DeviceProfile
+    work_dir: str  # absolute path on the device
+
+    @property
+    def python(self) -> str:
+        return self.profile.remote_python
+
+    @property
+    def is_local(self) -> bool:
+        return self.profile.is_local
+
+    @staticmethod
+    def join(*parts: str) -> str:
+        return str(PurePosixPath(*parts))
+
+    # ---- commands ----
+    @abstractmethod
+    def run(self, argv: Sequence[str], timeout: float | None = None, env: Mapping[str, str] | None = None) -> Result:
+        """Run argv to completion; CommandTimeout (the command killed) past `timeout` seconds."""
+
+    @abstractmethod
+    def spawn(self, argv: Sequence[str], env: Mapping[str, str] | None = None, log_path: str | None = None) -> Process:
+        """Start argv and return at once. With `log_path`, its stdout and stderr are appended to
+        that device file instead of the connection, so the command outlives a dropped link
+        (a closed pipe would otherwise kill it at its next log line)."""
+
+    # ---- files ----
+    @abstractmethod
+    def _upload(self, local: Path, remote: str) -> None: ...
+
+    @abstractmethod
+    def fetch(self, remote: str, local: str | Path) -> Path: ...
+
+    @abstractmethod
+    def read_from(self, remote: str, offset: int = 0) -> bytes:
+        """Bytes of a device file from `offset` on (b"" if the file does not exist yet)."""
+
+    @abstractmethod
+    def write_bytes(self, remote: str, data: bytes) -> None: ...
+
+    @abstractmethod
+    def makedirs(self, remote: str) -> None: ...
+
+    def remote_hashes(self, paths: Sequence[str]) -> dict[str, str | None]:
+        """sha256 of device files (None where missing), one command for all of them."""
+        if not paths:
+            return {}
+        res = self.run([self.python, "-c", _HASH_SCRIPT, *paths], timeout=DEFAULT_COMMAND_TIMEOUT_S)
+        res.check(f"{self.profile.name}: hashing files with {self.python}")
+        try:
+            return json.loads(res.stdout.strip().splitlines()[-1])
+        except (json.JSONDecodeError, IndexError):
+            raise TransportError(f"{self.profile.name}: unexpected output hashing files: {res.stdout[:200]!r}") from None
+
+    def _incoming_name(self, remote: str) -> str:
+        """Temporary upload name, outside the target directory (a bundle directory must hold only
+        its listed files), on the same file system so the final rename is atomic."""
+        return self.join(self.work_dir, ".incoming", f"{uuid.uuid4().hex}-{PurePosixPath(remote).name}")
+
+    def push_many(
+        self,
+        pairs: Iterable[tuple[str | Path, str]],
+        known_sha256: Mapping[Path, str] | None = None,
+        verify: bool = True,
+    ) -> int:
+        """Upload (local file, device path) pairs. A file already there with the same sha256 is
+        skipped; each upload goes to a temporary name and is renamed into place, and with `verify`
+        its sha256 is checked on the device afterwards. `known_sha256` gives local hashes already
+        known (a bundle manifest's) so big files are not read twice. Returns the files uploaded."""
+        pairs = [(Path(a), b) for a, b in pairs]
+        known = known_sha256 or {}
+        want = {remote: known.get(local) or sha256_file(local) for local, remote in pairs}
+        have = self.remote_hashes(list(want))
+        todo = [(local, remote) for local, remote in pairs if have.get(remote) != want[remote]]
+        made: set[str] = set()
+        for local, remote in todo:
+            parent = str(PurePosixPath(remote).parent)
+            if parent not in made:
+                self.makedirs(parent)
+                made.add(parent)
+            self._upload(local, remote)
+        if todo and verify:
+            got = self.remote_hashes([r for _, r in todo])
+            bad = [r for _, r in todo if got.get(r) != want[r]]
+            if bad:
+                raise TransportError(f"{self.profile.name}: sha256 mismatch after upload of {bad[0]}")
+        return len(todo)
+
+    def push(self, local: str | Path, remote: str) -> bool:
+        """Upload one file (sha256-checked, skipped if present). True if it was uploaded."""
+        return self.push_many([(local, remote)]) == 1
+
+    def push_dir(self, local_dir: str | Path, remote_dir: str) -> int:
+        local_dir = Path(local_dir)
+        pairs = [(p, self.join(remote_dir, *p.relative_to(local_dir).parts))
+                 for p in sorted(local_dir.rglob("*")) if p.is_file()]
+        return self.push_many(pairs)
+
+    def remove(self, *paths: str) -> None:
+        """Remove device files or directory trees; missing ones are fine."""
+        if paths:
+            self.run([self.python, "-c", _REMOVE_SCRIPT, *paths], timeout=DEFAULT_COMMAND_TIMEOUT_S).check(
+                f"{self.profile.name}: removing files"
+            )
+
+    def kill_stale(self, pid: int, marker: str) -> None:
+        """Kill a process left from a dropped connection, if its command line mentions `marker`."""
+        self.run([self.python, "-c", _KILL_SCRIPT, str(pid), marker], timeout=30)
+
+    # ---- lifecycle ----
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "Transport":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Local
+# --------------------------------------------------------------------------------------------
+class _LocalProcess(Process):
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str] | None, log_path: str | None = None) -> None:
+        self._out = tempfile.TemporaryFile()
+        self._err = open(log_path, "ab+") if log_path else tempfile.TemporaryFile()
+        self.marker = str(argv[-1]) if argv else ""
+        self._p = subprocess.Popen(
+            list(argv), stdout=self._out, stderr=self._err, stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})}, start_new_session=True,  # own group: kill takes children
+        )
+        self.pid = self._p.pid
+
+    def poll(self) -> int | None:
+        return self._p.poll()
+
+    def kill(self) -> None:
+        if self._p.poll() is None:
+            try:
+                os.killpg(self._p.pid, signal.SIGTERM)
+                self._p.wait(timeout=2)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(self._p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self._p.wait()
+
+    def output(self) -> tuple[str, str]:
+        res = []
+        for f in (self._out, self._err):
+            f.seek(0)
+            res.append(f.read().decode("utf-8", "replace"))
+        return res[0], res[1]
+
+
+class LocalTransport(Transport):
+    """This machine: commands in subprocesses, files copied (or used in place)."""
+
+    def __init__(self, profile: DeviceProfile) -> None:
+        self.profile = profile
+        self.work_dir = str(Path(os.path.expanduser(profile.resolved_work_dir)).resolve())
+        Path(self.work_dir).mkdir(parents=True, exist_ok=True)
+
+    def run(self, argv: Sequence[str], timeout: float | None = None, env: Mapping[str, str] | None = None) -> Result:
+        timeout = DEFAULT_COMMAND_TIMEOUT_S if timeout is None else timeout
+        t0 = time.perf_counter()
+        p = _LocalProcess(argv, env)
+        try:
+            rc = p.wait(timeout)
+        except CommandTimeout:
+            raise CommandTimeout(
+                f"{self.profile.name}: command '{argv[0]}' timed out after {timeout:g} s and was killed"
+            ) from None
+        out, err = p.output()
+        return Result(tuple(argv), rc, out, err, (time.perf_counter() - t0) * 1e3)
+
+    def spawn(self, argv: Sequence[str], env: Mapping[str, str] | None = None, log_path: str | None = None) -> Process:
+        return _LocalProcess(argv, env, log_path)
+
+    def remote_hashes(self, paths: Sequence[str]) -> dict[str, str | None]:
+        return {p: sha256_file(p) if os.path.isfile(p) else None for p in paths}
+
+    def _upload(self, local: Path, remote: str) -> None:
+        if Path(remote).resolve() == local.resolve():
+            return
+        tmp = self._incoming_name(remote)
+        Path(tmp).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            shutil.copyfile(local, tmp)
+            os.replace(tmp, remote)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    def fetch(self, remote: str, local: str | Path) -> Path:
+        local = Path(local)
+        if Path(remote).resolve() != local.resolve():
+            shutil.copyfile(remote, local)
+        return local
+
+    def read_from(self, remote: str, offset: int = 0) -> bytes:
+        try:
+            with open(remote, "rb") as f:
+                f.seek(offset)
+                return f.read()
+        except FileNotFoundError:
+            return b""
+
+    def write_bytes(self, remote: str, data: bytes) -> None:
+        Path(remote).parent.mkdir(parents=True, exist_ok=True)
+        Path(remote).write_bytes(data)
+
+    def makedirs(self, remote: str) -> None:
+        Path(remote).mkdir(parents=True, exist_ok=True)
+
+    def remove(self, *paths: str) -> None:
+        for p in paths:
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p, ignore_errors=True)
+            elif os.path.lexists(p):
+                os.remove(p)
+
+    def kill_stale(self, pid: int, marker: str) -> None:
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return
+        if marker.encode() in cmd:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+# --------------------------------------------------------------------------------------------
+# SSH
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SSHTarget:
+    """Where and as whom to connect, after merging the profile with ~/.ssh/config."""
+
+    hostname: str
+    port: int
+    user: str
+    identity_files: tuple[str, ...]
+    known_hosts: str
+    proxy_command: str | None = None
+
+    @property
+    def display(self) -> str:
+        return f"{self.user}@{self.hostname}:{self.port}"
+
+    @property
+    def known_hosts_name(self) -> str:
+        """The host's name in known_hosts (OpenSSH writes [host]:port for a port other than 22)."""
+        return self.hostname if self.port == 22 else f"[{self.hostname}]:{self.port}"
+
+
+def ssh_config_path() -> Path:
+    return Path(os.environ.get("HAT_EDGE_SSH_CONFIG", "~/.ssh/config")).expanduser()
+
+
+def resolve_ssh_target(profile: DeviceProfile) -> SSHTarget:
+    """Profile fields win; `ssh_config_host` fills the rest from ~/.ssh/config (HostName, Port,
+    User, IdentityFile, UserKnownHostsFile, ProxyCommand), as `ssh ALIAS` would."""
+    import paramiko
+
+    cfg: dict = {}
+    if profile.ssh_config_host:
+        path = ssh_config_path()
+        if not path.is_file():
+            raise TransportError(f"{profile.source or profile.name}: field 'ssh_config_host' is "
+                                 f"'{profile.ssh_config_host}' but {path} does not exist")
+        try:
+            cfg = dict(paramiko.SSHConfig.from_path(str(path)).lookup(profile.ssh_config_host))
+        except Exception as e:  # paramiko raises several types for a malformed config
+            raise TransportError(f"{path}: cannot parse ({e.__class__.__name__}: {e})") from None
+    hostname = profile.host or cfg.get("hostname") or profile.ssh_config_host
+    port = profile.port or int(cfg.get("port", 22))
+    user = profile.user or cfg.get("user") or getpass.getuser()
+    if profile.identity_file:
+        ids: tuple[str, ...] = (os.path.expanduser(profile.identity_file),)
+    else:
+        ids = tuple(os.path.expanduser(p) for p in cfg.get("identityfile", []))
+    known = profile.known_hosts or (cfg.get("userknownhostsfile", "").split() or ["~/.ssh/known_hosts"])[0]
+    return SSHTarget(
+        hostname=str(hostname), port=int(port), user=str(user), identity_files=ids,
+        known_hosts=os.path.expanduser(known), proxy_command=cfg.get("proxycommand"),
+    )
+
+
+def key_fingerprint(key) -> str:
+    import base64
+
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+def _host_key_policy(target: SSHTarget, trust_new_host: bool, profile_name: str):
+    import paramiko
+
+    class Policy(paramiko.MissingHostKeyPolicy):
+        def missing_host_key(self, client, hostname, key):  # noqa: ANN001 (paramiko's signature)
+            fp = key_fingerprint(key)
+            known = client.get_host_keys().lookup(hostname)
+            if known:  # known under another key type: treat as a changed key, never trust it
+                raise HostKeyError(_changed_msg(target, profile_name, key, next(iter(known.values()))))
+            if not trust_new_host:
+                raise HostKeyError(
+                    f"{profile_name}: host {target.known_hosts_name} is not in {target.known_hosts} "
+                    f"(it offers {key.get_name()} {fp}); check that fingerprint on the device, then add it with "
+                    f"`ssh-keyscan -p {target.port} {shlex.quote(target.hostname)} >> {shlex.quote(target.known_hosts)}` "
+                    f"or rerun with --trust-new-host"
+                )
+            client.get_host_keys().add(hostname, key.get_name(), key)
+            path = Path(target.known_hosts)
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            with open(path, "a") as f:
+                os.chmod(path, 0o600)
+                f.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+            log.warning("%s: trusted new host key %s %s for %s (added to %s)",
+                        profile_name, key.get_name(), fp, hostname, path)
+
+    return Policy()
+
+
+def _changed_msg(target: SSHTarget, profile_name: str, got, expected) -> str:
+    return (
+        f"{profile_name}: host key for {target.known_hosts_name} has CHANGED (known "
+        f"{expected.get_name()} {key_fingerprint(expected)}, offered {got.get_name()} {key_fingerprint(got)}); "
+        f"refusing to connect. If the device was reinstalled, remove the old key with "
+        f"`ssh-keygen -R {shlex.quote(target.known_hosts_name)} -f {shlex.quote(target.known_hosts)}` and connect again"
+    )
+
+
+class _SSHProcess(Process):
+    """A command on an SSH channel. The remote shell prints its pid first (to stderr), then execs
+    the command, so the pid is the command's own and a timeout can kill it."""
+
+    PID_TAG = "HAT_EDGE_PID "
+
+    def __init__(self, transport: "SSHTransport", argv: Sequence[str], env: Mapping[str, str] | None,
+                 log_path: str | None = None) -> None:
+        self._t = transport
+        self.argv = list(argv)
+        self.marker = str(argv[-1]) if argv else ""
+        self.pid = None
+        # sh -c keeps the wrapper POSIX whatever the login shell is; every argument is quoted.
+        if log_path:
+            # fd 3 keeps the channel's stdout open in the command, unused: the channel then reaches
+            # EOF exactly when the command exits (a prompt wake-up), and a dropped link can never
+            # break a pipe the command writes to.
+            inner = 'l=$1; shift; echo "' + self.PID_TAG + '$$" >&2; exec "$@" 3>&1 >>"$l" 2>&1'
+            cmd = quote_argv(["sh", "-c", inner, "sh", log_path, *_env_argv(env), *argv])
+        else:
+            inner = 'echo "' + self.PID_TAG + '$$" >&2; exec "$@"'
+            cmd = quote_argv(["sh", "-c", inner, "sh", *_env_argv(env), *argv])
+        self._chan = transport._ssh_transport().open_session(timeout=CONNECT_TIMEOUT_S)
+        self._chan.exec_command(cmd)
+        self._out: list[bytes] = []
+        self._err = b""
+        self._rc: int | None = None
+
+    def _drain(self) -> None:
+        c = self._chan
+        while c.recv_ready():
+            self._out.append(c.recv(65536))
+        while c.recv_stderr_ready():
+            self._err += c.recv_stderr(65536)
+        if self.pid is None and b"\n" in self._err and self._err.startswith(self.PID_TAG.encode()):
+            line, _, rest = self._err.partition(b"\n")
+            self.pid = int(line[len(self.PID_TAG):])
+            self._err = rest
+
+    def poll(self) -> int | None:
+        if self._rc is not None:
+            return self._rc
+        self._drain()
+        if self._chan.exit_status_ready():
+            self._drain()
+            self._rc = self._chan.recv_exit_status()
+            self._chan.close()
+            return self._rc
+        if self._chan.closed or not self._t.alive():
+            raise ConnectionLost(f"{self._t.profile.name}: connection to {self._t.target.display} lost")
+        return None
+
+    def wait_io(self, timeout: float) -> None:
+        """Block until output, exit or `timeout` seconds (select on the channel's pipe)."""
+        c = self._chan
+        if c.recv_ready() or c.recv_stderr_ready() or c.exit_status_ready():
+            return
+        if c.eof_received:  # the pipe stays readable after EOF: the exit status is on its way
+            time.sleep(min(timeout, 0.01))
+            return
+        select.select([c], [], [], timeout)
+
+    def kill(self) -> None:
+        if self._rc is not None:
+            return
+        self._drain()
+        if self.pid is not None and self._t.alive():
+            try:
+                self._t.run([self._t.python, "-c", "import os,sys; os.kill(int(sys.argv[1]), 9)", str(self.pid)],
+                            timeout=30)
+            except TransportError:
+                pass
+        self._chan.close()
+
+    def output(self) -> tuple[str, str]:
+        return b"".join(self._out).decode("utf-8", "replace"), self._err.decode("utf-8", "replace")
+
+
+class SSHTransport(Transport):
+    """One SSH connection (and one SFTP session) to a device, via paramiko."""
+
+    def __init__(self, profile: DeviceProfile, trust_new_host: bool = False,
+                 connect_timeout: float = CONNECT_TIMEOUT_S) -> None:
+        import paramiko
+
+        self.profile = profile
+        self.target = resolve_ssh_target(profile)
+        self._client = paramiko.SSHClient()
+        if os.path.isfile(self.target.known_hosts):
+            try:
+                self._client.load_host_keys(self.target.known_hosts)
+            except (OSError, paramiko.SSHException) as e:
+                raise HostKeyError(f"{self.target.known_hosts}: cannot read known_hosts ({e})") from None
+        self._client.set_missing_host_key_policy(_host_key_policy(self.target, trust_new_host, profile.name))
+        self._connect(connect_timeout)
+        self._sftp = self._client.open_sftp()
+        self._sftp.get_channel().settimeout(max(connect_timeout, 60.0))
+        self.work_dir = self._resolve_dir(profile.resolved_work_dir)
+
+    def _connect(self, timeout: float) -> None:
+        import paramiko
+
+        t = self.target
+        sock = paramiko.ProxyCommand(t.proxy_command) if t.proxy_command else None
+        try:
+            self._client.connect(
+                t.hostname, port=t.port, username=t.user,
+                key_filename=list(t.identity_files) or None,
+                look_for_keys=not t.identity_files, allow_agent=True,
+                timeout=timeout, banner_timeout=timeout, auth_timeout=timeout, sock=sock,
+            )
+        except HostKeyError:
+            self._client.close()
+            raise
+        except paramiko.BadHostKeyException as e:
+            self._client.close()
+            raise HostKeyError(_changed_msg(t, self.profile.name, e.key, e.expected_key)) from None
+        except paramiko.PasswordRequiredException:
+            self._client.close()
+            raise TransportError(f"{self.profile.name}: the key for {t.display} is passphrase-protected; "
+                                 "load it into ssh-agent (ssh-add) and retry") from None
+        except paramiko.AuthenticationException as e:
+            self._client.close()
+            raise TransportError(
+                f"{self.profile.name}: authentication failed for {t.display} ({e}); put your public key in "
+                "~/.ssh/authorized_keys on the device, or set identity_file / use ssh-agent"
+            ) from None
+        except (OSError, EOFError, paramiko.SSHException) as e:
+            self._client.close()
+            raise ConnectionLost(f"{self.profile.name}: cannot connect to {t.display} ({e.__class__.__name__}: {e})") from None
+        self._ssh_transport().set_keepalive(15)  # notice a dead link between commands
+
+    def _ssh_transport(self):
+        tr = self._client.get_transport()
+        if tr is None or not tr.is_active():
+            raise ConnectionLost(f"{self.profile.name}: connection to {self.target.display} lost")
+        return tr
+
+    def alive(self) -> bool:
+        tr = self._client.get_transport()
+        return tr is not None and tr.is_active()
+
+    def _resolve_dir(self, path: str) -> str:
+        """`~`, `~/x` and relative paths are taken from the login directory (SFTP's start dir)."""
+        home = self._sftp.normalize(".")
+        if path == "~":
+            return home
+        if path.startswith("~/"):
+            return self.join(home, path[2:])
+        if not path.startswith("/"):
+            return self.join(home, path)
+        return path
+
+    # ---- commands ----
+    def spawn(self, argv: Sequence[str], env: Mapping[str, str] | None = None, log_path: str | None = None) -> _SSHProcess:
+        import paramiko
+
+        try:
+            return _SSHProcess(self, argv, env, log_path)
+        except (OSError, EOFError, paramiko.SSHException) as e:
+            raise ConnectionLost(f"{self.profile.name}: connection to {self.target.display} lost ({e})") from None
+
+    def run(self, argv: Sequence[str], timeout: float | None = None, env: Mapping[str, str] | None = None) -> Result:
+        timeout = DEFAULT_COMMAND_TIMEOUT_S if timeout is None else timeout
+        t0 = time.perf_counter()
+        p = self.spawn(argv, env)
+        deadline = time.monotonic() + timeout
+        while (rc := p.poll()) is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                p.kill()
+                raise CommandTimeout(
+                    f"{self.profile.name}: command '{argv[0]}' on {self.target.display} timed out after "
+                    f"{timeout:g} s and was killed"
+                )
+            p.wait_io(min(left, 0.5))
+        out, err = p.output()
+        return Result(tuple(argv), rc, out, err, (time.perf_counter() - t0) * 1e3)
+
+    # ---- files ----
+    def _sftp_call(self, fn, *args):
+        import paramiko
+
+        try:
+            return fn(*args)
+        except (EOFError, socket.timeout, paramiko.SSHException) as e:
+            raise ConnectionLost(f"{self.profile.name}: connection to {self.target.display} lost ({e.__class__.__name__})") from None
+        except OSError as e:
+            if not self.alive():
+                raise ConnectionLost(f"{self.profile.name}: connection to {self.target.display} lost ({e})") from None
+            if isinstance(e, FileNotFoundError):
+                raise  # callers test for absence
+            what = " ".join(str(a) for a in args if isinstance(a, str))
+            raise TransportError(f"{self.profile.name}: SFTP on {self.target.display} failed for {what}: "
+                                 f"{e.strerror or e}") from None
+
+    def _upload(self, local: Path, remote: str) -> None:
+        tmp = self._incoming_name(remote)
+        self.makedirs(str(PurePosixPath(tmp).parent))
+        try:
+            self._sftp_call(self._sftp.put, str(local), tmp)
+            self._sftp_call(self._sftp.posix_rename, tmp, remote)
+        except BaseException:
+            if self.alive():
+                try:
+                    self._sftp.remove(tmp)
+                except OSError:
+                    pass
+            raise
+
+    def fetch(self, remote: str, local: str | Path) -> Path:
+        local = Path(local)
+        self._sftp_call(self._sftp.get, remote, str(local))
+        return local
+
+    def read_from(self, remote: str, offset: int = 0) -> bytes:
+        def read() -> bytes:
+            try:
+                with self._sftp.open(remote, "rb") as f:
+                    f.seek(offset)
+                    return f.read()
+            except FileNotFoundError:
+                return b""
+        return self._sftp_call(read)
+
+    def write_bytes(self, remote: str, data: bytes) -> None:
+        def write() -> None:
+            with self._sftp.open(remote, "wb") as f:
+                f.write(data)
+        self._sftp_call(write)
+
+    def makedirs(self, remote: str) -> None:
+        parts = PurePosixPath(remote).parts
+        cur = PurePosixPath(parts[0])
+        for part in parts[1:]:
+            cur = cur / part
+            try:
+                self._sftp_call(self._sftp.stat, str(cur))
+            except FileNotFoundError:
+                self._sftp_call(self._sftp.mkdir, str(cur))
+
+    def close(self) -> None:
+        try:
+            self._sftp.close()
+        except Exception:  # closing a dead link must not mask the error being handled
+            pass
+        self._client.close()
+
+
+# --------------------------------------------------------------------------------------------
+def open_transport(
+    profile: DeviceProfile,
+    trust_new_host: bool = False,
+    retries: int = 3,
+    backoff_s: float = 1.0,
+    connect_timeout: float = CONNECT_TIMEOUT_S,
+) -> Transport:
+    """Connect to the profile's device. Transient failures (refused, reset, timed out) are retried
+    `retries` times with exponential backoff (backoff_s, 2x, 4x, ...); host key and authentication
+    problems fail at once."""
+    if profile.is_local:
+        return LocalTransport(profile)
+    delay = backoff_s
+    for attempt in range(retries + 1):
+        try:
+            return SSHTransport(profile, trust_new_host=trust_new_host, connect_timeout=connect_timeout)
+        except ConnectionLost as e:
+            if attempt == retries:
+                raise
+            log.info("%s; retrying in %.1f s", e, delay)
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+__all__ = [
+    "CommandTimeout",
+    "ConnectionLost",
+    "HostKeyError",
+    "LocalTransport",
+    "Process",
+    "Result",
+    "SSHTarget",
+    "SSHTransport",
+    "Transport",
+    "TransportError",
+    "open_transport",
+    "quote_argv",
+    "resolve_ssh_target",
+    "sha256_file",
+]

@@ -1,0 +1,165 @@
+"""The latency store: unique rows, immediate commits, versions, HAT's CSV format."""
+
+from __future__ import annotations
+
+import csv
+import multiprocessing as mp
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from hat_edge.errors import UserError
+from hat_edge.latency.store import (
+    HAT_CSV_COLUMNS,
+    HAT_SETTINGS,
+    LatencyRecord,
+    LatencyStore,
+    STORE_VERSION,
+    mean_10_90,
+)
+from hat_edge.space import PRESETS
+
+HAT_DATA = Path("/work/shared/data/hat/latency")
+SETTINGS = {"src_len": 30, "steps": 30, "beam": 5, "threads": 1}
+
+
+def _rec(arch, device="dev", median=10.0, settings=SETTINGS, runtime="onnxruntime") -> LatencyRecord:
+    runs = [{"encoder_ms": 1.0 + i * 0.1, "decode_ms": median - 1.0 + i * 0.1, "total_ms": median + i * 0.2}
+            for i in range(10)]
+    return LatencyRecord(
+        device=device, arch=arch, features=arch.features(), runtime=runtime, settings=settings,
+        median_ms=median, mean_10_90_ms=median + 0.1, p90_ms=median + 1, iqr_ms=0.5, cv=0.02, runs=runs,
+        encoder_ms=1.0, decoder_ms=median - 1.0, env={"cpu": "test"},
+    )
+
+
+@pytest.fixture
+def archs():
+    return PRESETS["demo"].sample_n(4, seed=1)
+
+
+def test_add_get_unique_and_roundtrip(tmp_path: Path, archs) -> None:
+    store = LatencyStore(tmp_path / "lat.sqlite")
+    assert store.add(_rec(archs[0])) is True
+    assert store.add(_rec(archs[0], median=99.0)) is False  # same key: kept once, first value wins
+    assert store.add(_rec(archs[0], settings={**SETTINGS, "beam": 1})) is True  # other settings: new row
+    assert store.add(_rec(archs[0], device="pi")) is True
+    assert store.count() == 3
+    got = store.get("dev", archs[0], "onnxruntime", SETTINGS)
+    assert got is not None and got.median_ms == 10.0 and got.arch == archs[0]
+    assert got.runs == _rec(archs[0]).runs and got.env == {"cpu": "test"}
+    assert got.features == tuple(archs[0].features())
+    # settings are keyed canonically: key order does not matter
+    assert store.has("dev", archs[0], "onnxruntime", dict(reversed(list(SETTINGS.items()))))
+    assert not store.has("dev", archs[1], "onnxruntime", SETTINGS)
+    assert store.add(_rec(archs[0], median=99.0), replace=True) is True
+    assert store.get("dev", archs[0], "onnxruntime", SETTINGS).median_ms == 99.0
+    assert [r.device for r in store.records(device="pi")] == ["pi"]
+    assert store.devices() == ["dev", "pi"]
+
+
+def test_wal_and_each_add_is_committed(tmp_path: Path, archs) -> None:
+    path = tmp_path / "lat.sqlite"
+    store = LatencyStore(path)
+    store.add(_rec(archs[0]))
+    # Another connection (as another process would) sees the row at once, without a close.
+    other = sqlite3.connect(path)
+    assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert other.execute("SELECT COUNT(*) FROM latency").fetchone()[0] == 1
+    assert other.execute("PRAGMA user_version").fetchone()[0] == STORE_VERSION
+    other.close()
+
+
+def _add_then_die(path: str, arch_json: str) -> None:
+    import os
+
+    from hat_edge.space import Arch
+
+    store = LatencyStore(path)
+    store.add(_rec(Arch.from_dict(__import__("json").loads(arch_json))))
+    os._exit(1)  # killed right after: no close, no cleanup
+
+
+def test_row_survives_a_killed_process(tmp_path: Path, archs) -> None:
+    path = tmp_path / "lat.sqlite"
+    p = mp.get_context("spawn").Process(target=_add_then_die, args=(str(path), archs[0].to_json()))
+    p.start()
+    p.join(60)
+    assert p.exitcode == 1
+    assert LatencyStore(path).count() == 1
+
+
+def test_unknown_version_and_foreign_files_refused(tmp_path: Path, archs) -> None:
+    path = tmp_path / "lat.sqlite"
+    LatencyStore(path).add(_rec(archs[0]))
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA user_version = 99")
+    db.commit()
+    db.close()
+    with pytest.raises(UserError, match=r"lat.sqlite: latency store version 99 is not supported"):
+        LatencyStore(path)
+    foreign = tmp_path / "other.sqlite"
+    db = sqlite3.connect(foreign)
+    db.execute("CREATE TABLE t (x)")
+    db.commit()
+    db.close()
+    with pytest.raises(UserError, match="not a hat-edge latency store"):
+        LatencyStore(foreign)
+    junk = tmp_path / "junk.sqlite"
+    junk.write_bytes(b"this is not sqlite at all" * 100)
+    with pytest.raises(UserError, match="junk.sqlite: not a hat-edge latency store"):
+        LatencyStore(junk)
+
+
+def test_import_hat_csv_real_file(tmp_path: Path) -> None:
+    src = HAT_DATA / "wmt14ende_cpu_xeon_all.csv"
+    store = LatencyStore(tmp_path / "lat.sqlite")
+    assert store.import_hat_csv(src, device="xeon") == 2000
+    assert store.import_hat_csv(src, device="xeon") == 0  # idempotent
+    recs = store.records(device="xeon")
+    assert len(recs) == 2000 and all(r.arch is None for r in recs)
+    with src.open() as f:
+        first = next(csv.DictReader(f))
+    r0 = recs[0]
+    want = float(first["latency_mean_encoder"]) + float(first["latency_mean_decoder"])
+    assert r0.mean_10_90_ms == pytest.approx(want) and r0.settings == HAT_SETTINGS
+    assert r0.features[0] == float(first["encoder_embed_dim"])
+    # export -> same 14 columns, same numbers
+    out = tmp_path / "out.csv"
+    assert store.export_hat_csv(out, device="xeon") == 2000
+    with src.open() as a, out.open() as b:
+        ra, rb = list(csv.DictReader(a)), list(csv.DictReader(b))
+    assert list(rb[0]) == list(HAT_CSV_COLUMNS)
+    for x, y in zip(ra[:50], rb[:50]):
+        for c in HAT_CSV_COLUMNS:
+            assert float(x[c]) == pytest.approx(float(y[c]))
+
+
+def test_export_measured_rows_as_hat_csv(tmp_path: Path, archs) -> None:
+    store = LatencyStore(tmp_path / "lat.sqlite")
+    for i, a in enumerate(archs):
+        store.add(_rec(a, median=10.0 + i))
+    out = tmp_path / "m.csv"
+    assert store.export_hat_csv(out, device="dev") == 4
+    rows = list(csv.DictReader(out.open()))
+    r = rows[1]
+    enc = mean_10_90([1.0 + i * 0.1 for i in range(10)])
+    assert float(r["latency_mean_encoder"]) == pytest.approx(enc)
+    assert float(r["latency_mean_decoder"]) == pytest.approx(mean_10_90([10.0 + i * 0.1 for i in range(10)]))
+    assert float(r["decoder_layer_num"]) == archs[1].decoder_layer_num
+    assert float(r["latency_std_encoder"]) > 0
+    with pytest.raises(UserError, match="no records for device 'nope'"):
+        store.export_hat_csv(out, device="nope")
+
+
+def test_import_bad_csv_names_column(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text(",".join(HAT_CSV_COLUMNS[:-1]) + "\n" + ",".join(["1"] * 13) + "\n")
+    store = LatencyStore(tmp_path / "lat.sqlite")
+    with pytest.raises(UserError, match="bad.csv: missing column 'latency_std_decoder'"):
+        store.import_hat_csv(bad, device="x")
+    bad.write_text(",".join(HAT_CSV_COLUMNS) + "\n" + ",".join(["1"] * 13 + ["oops"]) + "\n")
+    with pytest.raises(UserError, match="bad.csv: line 2, column 'latency_std_decoder' is 'oops'"):
+        store.import_hat_csv(bad, device="x")
+    assert store.count() == 0
