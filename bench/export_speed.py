@@ -1,0 +1,439 @@
+"""How much faster is an exported SubTransformer than HAT's way of running it? On this CPU.
+
+Same arch, same weights, same input, in one process: batch 1, a 30-token source, 30 decoding steps
+(`fixed_steps`: EOS is never taken, so every method does the same work), beam 5 as HAT measured,
+and greedy. Every method runs the same numpy search loop (`runner.beam_search` / `greedy_search`,
+the device's code); only the model behind the step function changes:
+
+  hat        HAT's way: the eager SuperTransformer with the arch active (elastic layers slice the
+             shared weights on every call), decoded like fairseq's incremental decoding, which HAT's
+             `latency_dataset.py` uses: the encoder once, then one decoder call per token with an
+             incremental state holding self-attention keys/values and the encoder-decoder keys/values
+             (computed at the first step, then cached), reordered every step as fairseq's beam search
+             does. HAT never re-runs the whole prefix; `--full-prefix` adds that (much slower) variant.
+  eager      the standalone SubTransformer (plain nn layers, own weights) with its cache
+             (`hat_edge.model.decode`).
+  torchscript  the bundle's traced + frozen TorchScript graphs (runner).
+  ort_fp32   the bundle's ONNX graphs in onnxruntime (runner; graph optimisation level "all").
+  ort_int8   the same graphs after onnxruntime dynamic int8 quantization.
+
+Vocabulary: 32,768 (HAT's WMT'14 En-De model uses fairseq's joint ~32k BPE dictionary), shared
+embeddings. All methods use ONE thread (torch.set_num_threads(1), onnxruntime intra-op 1): the
+comparison is per core, and other work on this shared machine disturbs one thread least.
+Measurement: a warm-up round, then --rounds rounds; each round runs every (method, beam/greedy)
+once in a shuffled order, so load changes on the machine hit all methods alike; medians reported.
+
+A second part (`export_paths`, on HAT_wmt14ende_raspberrypi@6.9s) measures the export choices
+behind the defaults: dynamo vs TorchScript-based ONNX exporter, onnxruntime optimisation levels
+(fp32, int8), TorchScript traced vs frozen, and a torch.export program run as-is.
+
+    .venv/bin/python bench/export_speed.py              # ~15-25 minutes on a busy 2-core machine
+    .venv/bin/python bench/export_speed.py --quick      # 2 archs, few rounds: a smoke test
+
+Writes bench/results/export_speed.json and prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from hat_edge.devices import runner  # noqa: E402
+from hat_edge.exporters import export_bundle, load_bundle  # noqa: E402
+from hat_edge.exporters.bundle import quantize_bundle  # noqa: E402
+from hat_edge.model import ModelConfig, SuperTransformer, decode  # noqa: E402
+from hat_edge.model.sub import ende_memory, next_token_log_probs, padding_bias, repeat_bias  # noqa: E402
+from hat_edge.space import PRESETS, TRANSFORMER_BASE, TRANSFORMER_BIG, Arch, SearchSpace  # noqa: E402
+
+RESULT_FORMAT = "hat-edge-bench-export-speed"
+RESULT_VERSION = 1
+VOCAB = 32768
+SRC_LEN, STEPS, BEAM = 30, 30, 5
+
+# HAT's published SubTransformers (configs/wmt14.en-de/subtransformer/*.yml), as data.
+ARCHS: dict[str, Arch] = {
+    "HAT_wmt14ende_xeon@137.9ms": Arch(
+        encoder_embed_dim=512, decoder_embed_dim=512, encoder_layer_num=6, decoder_layer_num=1,
+        encoder_ffn_embed_dim=(3072,) * 6, encoder_self_attention_heads=(4, 8, 8, 8, 8, 8),
+        decoder_ffn_embed_dim=(3072,), decoder_self_attention_heads=(8,),
+        decoder_ende_attention_heads=(8,), decoder_arbitrary_ende_attn=(1,)),
+    "HAT_wmt14ende_raspberrypi@6.9s": Arch(
+        encoder_embed_dim=512, decoder_embed_dim=512, encoder_layer_num=6, decoder_layer_num=5,
+        encoder_ffn_embed_dim=(3072,) * 6, encoder_self_attention_heads=(8, 4, 8, 8, 8, 8),
+        decoder_ffn_embed_dim=(2048, 2048, 3072, 3072, 2048), decoder_self_attention_heads=(8, 8, 8, 4, 8),
+        decoder_ende_attention_heads=(4, 8, 8, 8, 8), decoder_arbitrary_ende_attn=(-1, 1, 1, 1, -1)),
+    "Transformer-Base": TRANSFORMER_BASE,
+    "Transformer-Big": TRANSFORMER_BIG,
+}
+PI = "HAT_wmt14ende_raspberrypi@6.9s"
+METHODS = ("hat", "eager", "torchscript", "ort_fp32", "ort_int8")
+
+
+def space_for(arch: Arch) -> SearchSpace:
+    """HAT's WMT space, widened just enough to hold `arch` (Transformer-Big is outside it)."""
+    base = PRESETS["hat-wmt"]
+    if base.contains(arch):
+        return base
+
+    def widen(field: str, values: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(sorted(set(getattr(base, field)) | set(values), reverse=True))
+
+    return SearchSpace(
+        name="hat-wmt+baseline",
+        encoder_embed_choice=widen("encoder_embed_choice", (arch.encoder_embed_dim,)),
+        decoder_embed_choice=widen("decoder_embed_choice", (arch.decoder_embed_dim,)),
+        encoder_ffn_embed_dim_choice=widen("encoder_ffn_embed_dim_choice", arch.encoder_ffn_embed_dim),
+        decoder_ffn_embed_dim_choice=widen("decoder_ffn_embed_dim_choice", arch.decoder_ffn_embed_dim),
+        encoder_layer_num_choice=widen("encoder_layer_num_choice", (arch.encoder_layer_num,)),
+        decoder_layer_num_choice=widen("decoder_layer_num_choice", (arch.decoder_layer_num,)),
+        encoder_self_attention_heads_choice=widen("encoder_self_attention_heads_choice", arch.encoder_self_attention_heads),
+        decoder_self_attention_heads_choice=widen("decoder_self_attention_heads_choice", arch.decoder_self_attention_heads),
+        decoder_ende_attention_heads_choice=widen("decoder_ende_attention_heads_choice", arch.decoder_ende_attention_heads),
+        qkv_dim=arch.qkv_dim,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# HAT's way: fairseq-style incremental decoding on the elastic SuperTransformer
+# ------------------------------------------------------------------------------------------------
+class HatIncrementalStep:
+    """Step function over the active SuperTransformer, with fairseq's incremental state."""
+
+    def __init__(self, sup: SuperTransformer, src: torch.Tensor, rows: int) -> None:
+        a = sup.arch
+        self.sup, self.rows = sup, rows
+        pad = sup.cfg.pad_id
+        bias = padding_bias(src, pad)  # (B, S)
+        x = sup._embed(src, "encoder", a.encoder_embed_dim)
+        outs = []
+        for layer in sup.encoder_layers[: a.encoder_layer_num]:
+            x = layer(x, bias[:, None, None, :])
+            outs.append(x)
+        # fairseq's reorder_encoder_out: every beam row gets its sentence's encoder output
+        self.enc_outs = [o.repeat_interleave(rows, 0) for o in outs]
+        self.src_bias = bias.repeat_interleave(rows, 0)
+        self.layers = sup.decoder_layers[: a.decoder_layer_num]
+        # per layer (k, v) (N, H, t, hd); None before the first step
+        self.self_kv: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None] * len(self.layers)
+        self.cross: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None] * len(self.layers)
+        self.t = 0
+        d = a.decoder_embed_dim
+        self.d, self.scale = d, d ** 0.5
+        self.pad_penalty = torch.zeros(sup.cfg.vocab_size)
+        self.pad_penalty[pad] = -1.0e4
+
+    def __call__(self, tokens: np.ndarray, order: Optional[np.ndarray]) -> np.ndarray:
+        sup = self.sup
+        if order is not None:  # fairseq reorders every cached state, static encoder k/v included
+            idx = torch.from_numpy(order)
+            self.self_kv = [None if kv is None else (kv[0].index_select(0, idx), kv[1].index_select(0, idx))
+                            for kv in self.self_kv]
+            self.cross = [None if kv is None else (kv[0].index_select(0, idx), kv[1].index_select(0, idx))
+                          for kv in self.cross]
+        tok = torch.from_numpy(tokens).view(-1, 1)
+        table = sup.embed_tokens if sup.cfg.share_all_embeddings else sup.decoder_embed_tokens
+        pos = sup.decoder_pos[self.t + sup.cfg.pad_id + 1, : self.d]
+        x = self.scale * table(tok, self.d) + pos  # (N, 1, d)
+        for i, layer in enumerate(self.layers):
+            k_new, v_new = layer.self_attn.project_kv(x)
+            if self.self_kv[i] is None:
+                k, v = k_new, v_new
+            else:
+                k = torch.cat([self.self_kv[i][0], k_new], dim=2)
+                v = torch.cat([self.self_kv[i][1], v_new], dim=2)
+            self.self_kv[i] = (k, v)
+            x = layer.self_attn_layer_norm(x + layer.self_attn(x, k, v, None))
+            if self.cross[i] is None:  # static_kv: computed at the first step, then kept
+                self.cross[i] = layer.encoder_attn.project_kv(ende_memory(self.enc_outs, layer.ende))
+            ck, cv = self.cross[i]
+            x = layer.encoder_attn_layer_norm(x + layer.encoder_attn(x, ck, cv, repeat_bias(self.src_bias, layer.ende)))
+            x = layer.final_layer_norm(x + layer.ffn(x))
+        self.t += 1
+        return next_token_log_probs(sup.output_layer(x[:, 0]), self.pad_penalty).numpy()
+
+
+class FullPrefixStep:
+    """The SuperTransformer's own forward over the whole prefix (and source) at every step."""
+
+    def __init__(self, sup: SuperTransformer, src: torch.Tensor, rows: int) -> None:
+        self.sup, self.src = sup, src.repeat_interleave(rows, 0)
+        self.prefix: Optional[torch.Tensor] = None
+        self.pad_penalty = torch.zeros(sup.cfg.vocab_size)
+        self.pad_penalty[sup.cfg.pad_id] = -1.0e4
+
+    def __call__(self, tokens: np.ndarray, order: Optional[np.ndarray]) -> np.ndarray:
+        tok = torch.from_numpy(tokens).view(-1, 1)
+        if self.prefix is None:
+            self.prefix = tok
+        else:
+            prev = self.prefix if order is None else self.prefix.index_select(0, torch.from_numpy(order))
+            self.prefix = torch.cat([prev, tok], dim=1)
+        return next_token_log_probs(self.sup(self.src, self.prefix)[:, -1], self.pad_penalty).numpy()
+
+
+# ------------------------------------------------------------------------------------------------
+# one translation per call, for every method
+# ------------------------------------------------------------------------------------------------
+def search(step: Callable, beam: int, bos: int = 2, eos: int = 3) -> list[list[int]]:
+    return runner.decode(step, 1, beam, bos, eos, STEPS, fixed_steps=True)
+
+
+def torch_runner(make_step: Callable, src: torch.Tensor) -> Callable[[int], list[list[int]]]:
+    def run(beam: int) -> list[list[int]]:
+        with torch.inference_mode():
+            return search(make_step(src, beam), beam)
+
+    return run
+
+
+def eager_runner(sub: Any, src: torch.Tensor) -> Callable[[int], list[list[int]]]:
+    def run(beam: int) -> list[list[int]]:
+        if beam == 1:
+            return decode.greedy(sub, src, max_len=STEPS, fixed_steps=True)
+        return decode.beam(sub, src, beam=beam, max_len=STEPS, fixed_steps=True)
+
+    return run
+
+
+def model_runner(model: runner.Model, src: np.ndarray) -> Callable[[int], list[list[int]]]:
+    def run(beam: int) -> list[list[int]]:
+        return runner.translate(model, src, beam=beam, max_len=STEPS, fixed_steps=True)
+
+    return run
+
+
+def interleaved(runners: dict[str, Callable[[int], Any]], modes: tuple[int, ...], rounds: int,
+                seed: int = 0, label: str = "") -> tuple[dict[str, dict[int, list[float]]], dict]:
+    """Time every (runner, mode) once per round in a shuffled order; one untimed warm-up round."""
+    rng = random.Random(seed)
+    times: dict[str, dict[int, list[float]]] = {k: {m: [] for m in modes} for k in runners}
+    outputs: dict[str, dict[int, Any]] = {k: {} for k in runners}
+    combos = [(k, m) for k in runners for m in modes]
+    for r in range(rounds + 1):
+        rng.shuffle(combos)
+        for k, m in combos:
+            t0 = time.perf_counter()
+            out = runners[k](m)
+            dt = (time.perf_counter() - t0) * 1e3
+            if r == 0:
+                outputs[k][m] = out
+            else:
+                times[k][m].append(dt)
+        print(f"  {label} round {r}/{rounds} done", file=sys.stderr, flush=True)
+    return times, outputs
+
+
+def stats(ms: list[float]) -> dict[str, Any]:
+    s = runner.summarize(ms)
+    return {"median_ms": s["median_ms"], "iqr_ms": s["iqr_ms"], "cv": s["cv"], "n": len(ms), "runs_ms": ms}
+
+
+# ------------------------------------------------------------------------------------------------
+# the main comparison
+# ------------------------------------------------------------------------------------------------
+def bench_arch(name: str, arch: Arch, work: Path, rounds: int, full_prefix: bool) -> dict[str, Any]:
+    print(f"{name}: building and exporting ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    sup = SuperTransformer(ModelConfig(vocab_size=VOCAB), space_for(arch)).eval()
+    sup.set_arch(arch)
+    sub = sup.extract(arch).eval()
+    d = work / name
+    b_onnx = export_bundle(sub, d / "onnx", fmt="onnx", parity_check=True)
+    b_int8 = quantize_bundle(b_onnx, d / "int8", sub=sub)
+    b_ts = export_bundle(sub, d / "ts", fmt="torchscript", parity_check=True)
+    export_s = time.perf_counter() - t0
+    src_np = runner.measurement_source(SRC_LEN, VOCAB, 3, seed=0)  # (1, 30), EOS last
+    src = torch.from_numpy(src_np)
+    runners: dict[str, Callable[[int], Any]] = {
+        "hat": torch_runner(lambda s, b: HatIncrementalStep(sup, s, b), src),
+        "eager": eager_runner(sub, src),
+        "torchscript": model_runner(load_bundle(b_ts).open(threads=1), src_np),
+        "ort_fp32": model_runner(load_bundle(b_onnx).open(threads=1), src_np),
+        "ort_int8": model_runner(load_bundle(b_int8).open(threads=1), src_np),
+    }
+    if full_prefix:
+        runners["hat_full_prefix"] = torch_runner(lambda s, b: FullPrefixStep(sup, s, b), src)
+    times, outputs = interleaved(runners, (BEAM, 1), rounds, label=name)
+    # sanity: same weights and inputs -> the fp32 methods decode the same tokens
+    same = {k: {str(m): outputs[k][m] == outputs["eager"][m] for m in (BEAM, 1)} for k in runners}
+    res: dict[str, Any] = {
+        "arch": arch.to_dict(),
+        "params": arch.params(),
+        "export_s": export_s,
+        "parity": {k: load_bundle(b).manifest["parity"] for k, b in (("onnx", b_onnx), ("int8", b_int8), ("ts", b_ts))},
+        "tokens_equal_to_eager": same,
+        "methods": {k: {"beam": stats(times[k][BEAM]), "greedy": stats(times[k][1])} for k in runners},
+    }
+    for mode in ("beam", "greedy"):
+        hat = res["methods"]["hat"][mode]["median_ms"]
+        for k in runners:
+            res["methods"][k][mode]["speedup_vs_hat"] = hat / res["methods"][k][mode]["median_ms"]
+    del runners, sup, sub
+    gc.collect()
+    return res
+
+
+# ------------------------------------------------------------------------------------------------
+# export paths (one arch): which exporter, which optimisation level, frozen or not, torch.export
+# ------------------------------------------------------------------------------------------------
+def bench_export_paths(work: Path, rounds: int) -> dict[str, Any]:
+    from torch.export import Dim, export
+
+    from hat_edge.exporters.graphs import DecoderStepGraph, EncoderGraph, example_decoder_inputs, example_source
+    from hat_edge.exporters.torchscript_export import export_torchscript
+
+    arch = ARCHS[PI]
+    print(f"export paths on {PI} ...", file=sys.stderr, flush=True)
+    torch.manual_seed(0)
+    sub = SuperTransformer(ModelConfig(vocab_size=VOCAB), space_for(arch)).eval().extract(arch).eval()
+    d = work / "paths"
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    b_dyn = export_bundle(sub, d / "dynamo", fmt="onnx", parity_check=False)
+    timings["onnx_dynamo_export_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    b_tse = export_bundle(sub, d / "ts_exporter", fmt="onnx", exporter="torchscript", parity_check=False)
+    timings["onnx_torchscript_exporter_export_s"] = time.perf_counter() - t0
+    b_q = quantize_bundle(b_dyn, d / "int8")
+    t0 = time.perf_counter()
+    b_ts = export_bundle(sub, d / "ts", fmt="torchscript", parity_check=False)
+    timings["torchscript_export_s"] = time.perf_counter() - t0
+    # TorchScript without freezing: same bundle, graphs re-traced unfrozen in place of the frozen ones
+    unfrozen = d / "ts_unfrozen"
+    unfrozen.mkdir(parents=True, exist_ok=True)
+    export_torchscript(sub, unfrozen, freeze=False)
+    ts_plain = runner.TorchScriptModel.__new__(runner.TorchScriptModel)
+    runner.Model.__init__(ts_plain, load_bundle(b_ts).manifest)
+    ts_plain.torch, ts_plain.device = torch, torch.device("cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ts_plain.enc = torch.jit.load(str(unfrozen / "encoder.pt")).eval()
+        ts_plain.dec = torch.jit.load(str(unfrozen / "decoder_step.pt")).eval()
+    # torch.export programs run as they are (an fx GraphModule in Python)
+    A = Dim.AUTO
+    n_cache = len(sub.cache_spec().self_attn) * 2
+    with torch.no_grad():
+        ep_enc = export(EncoderGraph(sub), (example_source(sub),), dynamic_shapes=({0: A, 1: A},))
+        ep_dec = export(DecoderStepGraph(sub), example_decoder_inputs(sub),
+                        dynamic_shapes=({0: A}, None, {0: A, 1: A}, tuple({0: A, 2: A} for _ in range(n_cache))))
+    pt2 = runner.TorchScriptModel.__new__(runner.TorchScriptModel)
+    runner.Model.__init__(pt2, load_bundle(b_ts).manifest)
+    pt2.torch, pt2.device = torch, torch.device("cpu")
+    pt2.enc, pt2.dec = ep_enc.module(), ep_dec.module()
+
+    src_np = runner.measurement_source(SRC_LEN, VOCAB, 3, seed=0)
+    runners: dict[str, Callable[[int], Any]] = {}
+    for level in runner.ORT_OPT_LEVELS:
+        runners[f"ort_fp32_dynamo_{level}"] = model_runner(load_bundle(b_dyn).open(threads=1, ort_opt_level=level), src_np)
+        runners[f"ort_int8_{level}"] = model_runner(load_bundle(b_q).open(threads=1, ort_opt_level=level), src_np)
+    for level in ("basic", "all"):
+        runners[f"ort_fp32_tsexporter_{level}"] = model_runner(load_bundle(b_tse).open(threads=1, ort_opt_level=level), src_np)
+    runners["torchscript_frozen"] = model_runner(load_bundle(b_ts).open(threads=1), src_np)
+    runners["torchscript_traced"] = model_runner(ts_plain, src_np)
+    runners["torch_export_pt2"] = model_runner(pt2, src_np)
+    runners["eager"] = eager_runner(sub, torch.from_numpy(src_np))
+    times, _ = interleaved(runners, (BEAM,), rounds, seed=1, label="paths")
+    return {"arch": PI, "export_timings": timings,
+            "methods": {k: stats(v[BEAM]) for k, v in times.items()}}
+
+
+# ------------------------------------------------------------------------------------------------
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=8, help="timed rounds per arch (after one warm-up round)")
+    ap.add_argument("--quick", action="store_true", help="HAT xeon + Pi archs only, 3 rounds, no export paths")
+    ap.add_argument("--full-prefix", action="store_true", help="also time the SuperTransformer re-running the prefix")
+    ap.add_argument("--no-paths", action="store_true", help="skip the export-path comparison")
+    ap.add_argument("--only", nargs="*", default=None, help="arch names to run (default: all four)")
+    ap.add_argument("--work", default=None, help="where bundles go (default: a temp dir, removed)")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "export_speed.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    rounds = 3 if args.quick else args.rounds
+    names = args.only or (list(ARCHS)[:2] if args.quick else list(ARCHS))
+    tmp = tempfile.TemporaryDirectory(prefix="hat-edge-export-speed-") if args.work is None else None
+    work = Path(args.work) if args.work else Path(tmp.name)  # type: ignore[union-attr]
+    t_start = time.perf_counter()
+    results: dict[str, Any] = {}
+    for name in names:
+        results[name] = bench_arch(name, ARCHS[name], work, rounds, args.full_prefix)
+    paths = None if (args.quick or args.no_paths) else bench_export_paths(work, rounds)
+    summary = summarize_results(results)
+    doc = {
+        "format": RESULT_FORMAT, "version": RESULT_VERSION,
+        "settings": {"vocab_size": VOCAB, "src_len": SRC_LEN, "steps": STEPS, "beam": BEAM, "threads": 1,
+                     "rounds": rounds, "fixed_steps": True},
+        "env": runner.collect_env(),
+        "wall_s": time.perf_counter() - t_start,
+        "archs": results,
+        "summary": summary,
+        "export_paths": paths,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    print_tables(doc)
+    print(f"\nwrote {out}")
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+def summarize_results(results: dict[str, Any]) -> dict[str, Any]:
+    s: dict[str, Any] = {"targets": {"ort_fp32": 2.0, "ort_int8": 3.0}, "speedups_beam": {}, "speedups_greedy": {}}
+    for name, r in results.items():
+        for mode in ("beam", "greedy"):
+            s[f"speedups_{mode}"][name] = {k: v[mode]["speedup_vs_hat"] for k, v in r["methods"].items()}
+    beam = s["speedups_beam"]
+    s["targets_met_beam"] = {name: {"ort_fp32": v["ort_fp32"] >= 2.0, "ort_int8": v["ort_int8"] >= 3.0}
+                             for name, v in beam.items()}
+    if "Transformer-Big" in results and PI in results:
+        s["big_over_pi"] = {
+            mode: {k: results["Transformer-Big"]["methods"][k][mode]["median_ms"] / results[PI]["methods"][k][mode]["median_ms"]
+                   for k in results[PI]["methods"]}
+            for mode in ("beam", "greedy")
+        }
+    return s
+
+
+def print_tables(doc: dict[str, Any]) -> None:
+    for mode in ("beam", "greedy"):
+        label = f"beam {BEAM}" if mode == "beam" else "greedy"
+        print(f"\nmedian ms per translation ({label}, {SRC_LEN} source tokens, {STEPS} steps, 1 thread) "
+              "and speedup vs HAT's way")
+        methods = list(next(iter(doc["archs"].values()))["methods"])
+        print(f"{'arch':32s}" + "".join(f"{m:>20s}" for m in methods))
+        for name, r in doc["archs"].items():
+            cells = []
+            for m in methods:
+                x = r["methods"][m][mode]
+                cells.append(f"{x['median_ms']:9.1f} ({x['speedup_vs_hat']:4.2f}x)")
+            print(f"{name:32s}" + "".join(f"{c:>20s}" for c in cells))
+    if "big_over_pi" in doc["summary"]:
+        print("\nTransformer-Big / HAT_wmt14ende_raspberrypi@6.9s (beam): " + ", ".join(
+            f"{k} {v:.2f}x" for k, v in doc["summary"]["big_over_pi"]["beam"].items()))
+    if doc.get("export_paths"):
+        p = doc["export_paths"]
+        print(f"\nexport paths on {p['arch']} (beam {BEAM}, median ms): ")
+        for k, v in sorted(p["methods"].items(), key=lambda kv: kv[1]["median_ms"]):
+            print(f"  {k:32s} {v['median_ms']:9.1f}  (IQR {v['iqr_ms']:.1f}, n {v['n']})")
+        print("  " + ", ".join(f"{k} {v:.1f}" for k, v in p["export_timings"].items()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
