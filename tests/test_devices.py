@@ -352,7 +352,8 @@ def test_sshd_killed_mid_batch_then_resumed_run_completes(make_sshd, ssh_profile
     from hat_edge.latency.store import LatencyStore
 
     server = make_sshd()
-    p = ssh_profile(server, measurement=FAST)
+    # each model takes >= 1.5 s, so the plug is pulled while the second one is still running
+    p = ssh_profile(server, measurement=dict(FAST, min_time_s=1.5))
     store = LatencyStore(tmp_path / "lat.sqlite")
 
     def pull_the_plug(rec) -> None:
