@@ -1,0 +1,399 @@
+"""`hat-edge search | loop | deploy | run`: find, verify on the device, deploy; the whole job."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from hat_edge.errors import UserError
+
+_TRUST_HELP = "Accept and remember an unknown SSH host key (never a changed one)."
+
+
+def _log(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+def _evolution_options(f):
+    """HAT's evolution settings as options (defaults: HAT's own)."""
+    opts = [
+        click.option("--population", default=125, show_default=True, type=click.IntRange(min=1),
+                     help="SubTransformers per generation (HAT: 125)."),
+        click.option("--parents", default=25, show_default=True, type=click.IntRange(min=1),
+                     help="Lowest-loss archs kept each generation (HAT: 25)."),
+        click.option("--mutations", default=50, show_default=True, type=click.IntRange(min=0),
+                     help="Children by mutation per generation (HAT: 50)."),
+        click.option("--mutation-prob", default=0.3, show_default=True, type=click.FloatRange(0, 1),
+                     help="Chance that each gene is redrawn in a mutation (HAT: 0.3)."),
+        click.option("--crossovers", default=50, show_default=True, type=click.IntRange(min=0),
+                     help="Children by crossover per generation (HAT: 50)."),
+        click.option("--iterations", default=30, show_default=True, type=click.IntRange(min=1),
+                     help="Generations (HAT: 30)."),
+        click.option("--seed", default=0, show_default=True, help="Search seed: same seed, same result."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _evolution(kw: dict[str, Any]):
+    from hat_edge.search.evolution import EvolutionSettings
+
+    return EvolutionSettings(
+        population=kw.pop("population"), parents=kw.pop("parents"), mutations=kw.pop("mutations"),
+        mutation_prob=kw.pop("mutation_prob"), crossovers=kw.pop("crossovers"),
+        iterations=kw.pop("iterations"), seed=kw.pop("seed"),
+    )
+
+
+def _write_arch(arch, path: str | None) -> None:
+    if path:
+        try:
+            arch.save(path)
+        except OSError as e:
+            raise UserError(f"--out {path}: cannot write ({e.strerror or e.__class__.__name__})") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# hat-edge search
+# ------------------------------------------------------------------------------------------------
+@click.command("search")
+@click.option("--checkpoint", default="demo", show_default=True,
+              help="SuperTransformer checkpoint whose validation loss ranks SubTransformers ('demo': the bundled one).")
+@click.option("--budget", "budget_ms", type=float, default=None,
+              help="Latency budget in ms (predicted). Required unless --pareto.")
+@click.option("--predictor", "predictor_path", default=None,
+              help="A saved latency predictor (`hat-edge predictor train ... --out MODEL`).")
+@click.option("--profile", "profile_name", default=None,
+              help="Instead of --predictor: fit one now on this device's measurements in --store.")
+@click.option("--store", "store_path", default=None,
+              help="Latency store for --profile. Default: $HAT_EDGE_STORE or .hat-edge/latency.sqlite.")
+@click.option("--pareto", is_flag=True, help="Rank by (loss, latency) fronts and print the whole front.")
+@click.option("--max-params", type=float, default=None, help="Also require params <= this (millions, HAT's count).")
+@click.option("--max-memory-mb", type=float, default=None,
+              help="Also require estimated model memory (weights + caches, fp32) <= this many MB.")
+@click.option("--valid-sentences", default=200, show_default=True, type=click.IntRange(min=1),
+              help="Validation sentences for the fitness (loss).")
+@_evolution_options
+@click.option("--out", "out_path", default=None, help="Write the winner here (HAT YAML, or .json).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def search_cmd(checkpoint: str, budget_ms: float | None, predictor_path: str | None, profile_name: str | None,
+               store_path: str | None, pareto: bool, max_params: float | None, max_memory_mb: float | None,
+               valid_sentences: int, out_path: str | None, as_json: bool, no_progress: bool, **evo: Any) -> None:
+    """HAT's evolutionary search against a latency predictor (no device needed).
+
+    Fitness: the validation loss each SubTransformer inherits from the SuperTransformer. Constraint:
+    the predicted latency <= --budget (plus optional params and memory limits). The latency comes
+    from --predictor, or from a predictor fitted on the --profile's measurements in --store.
+    `hat-edge loop` adds on-device measurements until the budget holds for real.
+
+    \b
+    Examples:
+      hat-edge search --budget 60 --profile local-cpu --out winner.yml
+      hat-edge search --pareto --predictor pi4.json --iterations 10 --json
+    """
+    from hat_edge.checkpoint import load_checkpoint
+    from hat_edge.search.evolution import Constraints, estimate_memory_mb, evolution_search
+    from hat_edge.search.mainjob import make_fitness
+
+    settings = _evolution(evo)
+    if budget_ms is None and not pareto:
+        raise UserError("--budget MS is required (or use --pareto to get the loss-vs-latency front)")
+    if (predictor_path is None) == (profile_name is None):
+        raise UserError("give the latency model as --predictor MODEL or --profile P (with --store), one of them")
+    ckpt = load_checkpoint(checkpoint)
+    pred = _predictor(predictor_path, profile_name, store_path, ckpt)
+    vocab = int(ckpt.model.cfg.vocab_size)
+    cons = Constraints(
+        latency_ms=budget_ms, max_params=int(max_params * 1e6) if max_params else None, max_memory_mb=max_memory_mb
+    )
+    fit = make_fitness(ckpt, valid_sentences)
+    res = evolution_search(
+        ckpt.space, fit, pred.predict, cons, settings, pareto=pareto,
+        memory_fn=(lambda a: estimate_memory_mb(a, vocab)) if max_memory_mb else None, progress=not no_progress,
+    )
+    _write_arch(res.best.arch, out_path)
+    if as_json:
+        d = res.to_dict()
+        d["arch"] = res.best.arch.to_dict()
+        d["predicted_latency_ms"] = res.best.latency_ms
+        d["loss"] = res.best.loss
+        d["budget_ms"] = budget_ms
+        click.echo(json.dumps(d))
+        return
+    b = res.best
+    click.echo(f"best under {cons.describe()}: loss {b.loss:.4f}, predicted {b.latency_ms:.2f} ms, "
+               f"params {b.params / 1e6:.2f} M")
+    click.echo(f"  {b.arch.describe()}")
+    click.echo(f"  {res.evaluations} fitness evaluations in {res.wall_ms / 1e3:.1f} s")
+    if pareto:
+        click.echo("front (latency ms -> loss):")
+        for c in res.front:
+            click.echo(f"  {c.latency_ms:9.2f}  {c.loss:.4f}  {c.params / 1e6:6.2f} M  {c.arch.describe()}")
+    if out_path:
+        click.echo(f"wrote {out_path}")
+
+
+def _predictor(predictor_path: str | None, profile_name: str | None, store_path: str | None, ckpt: Any) -> Any:
+    if predictor_path:
+        from hat_edge.latency.predictor import load_predictor
+
+        return load_predictor(predictor_path)
+    from hat_edge.devices.profiles import load_profile
+    from hat_edge.latency.store import DEFAULT_STORE_PATH, LatencyStore
+    from hat_edge.search.loop import ProfileDevice, fit_predictor
+
+    profile = load_profile(profile_name)  # type: ignore[arg-type]
+    path = Path(store_path or DEFAULT_STORE_PATH)
+    if not path.exists():
+        raise UserError(f"--store {path}: no such latency store; measure first (`hat-edge measure --profile {profile_name}`)")
+    dev = ProfileDevice(profile, LatencyStore(path))
+    measured = {a: ms for a, ms in dev.measured().items() if ckpt.space.contains(a)}
+    if len(measured) < 10:
+        from hat_edge.devices.measure import store_settings
+
+        raise UserError(
+            f"--store {path}: {len(measured)} measurements of space '{ckpt.space.name}' for profile "
+            f"'{profile.name}' with settings {store_settings(profile)}; at least 10 are needed "
+            f"(`hat-edge measure --profile {profile.name} --space {ckpt.space.name} -n 40`)"
+        )
+    return fit_predictor("default", measured, dev.split(), profile.name)
+
+
+# ------------------------------------------------------------------------------------------------
+# hat-edge loop
+# ------------------------------------------------------------------------------------------------
+@click.command("loop")
+@click.option("--profile", "profile_name", required=True, help="Device profile (name or .toml file).")
+@click.option("--budget", "budget_ms", type=float, required=True, help="Latency budget in ms, measured on the device.")
+@click.option("--checkpoint", default="demo", show_default=True, help="SuperTransformer checkpoint ('demo': bundled).")
+@click.option("--rounds", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Most search + measure rounds.")
+@click.option("--top-k", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Candidates measured per round (the lowest-loss ones under the budget).")
+@click.option("--tolerance", default=0.03, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+              help="Accept a winner measuring up to budget x (1 + tolerance) (measurement noise).")
+@click.option("--initial", default=40, show_default=True, type=click.IntRange(min=5),
+              help="Measurements before the first search (random + smallest + largest).")
+@click.option("--explore", default=2, show_default=True, type=click.IntRange(min=0),
+              help="Extra candidates measured per round: archs with a lower loss that an optimistic "
+                   "search finds (latency at the low end of the predictor's interval). 0: off.")
+@click.option("--store", "store_path", default=None,
+              help="Latency store. Default: $HAT_EDGE_STORE or .hat-edge/latency.sqlite.")
+@click.option("--valid-sentences", default=200, show_default=True, type=click.IntRange(min=1),
+              help="Validation sentences for the fitness (loss).")
+@_evolution_options
+@click.option("--small", is_flag=True,
+              help="A CPU-sized search (population 40, parents 10, 15 + 15 children, 10 iterations).")
+@click.option("--out", "out_path", default=None, help="Write the winner here (HAT YAML, or .json).")
+@click.option("--trust-new-host", is_flag=True, help=_TRUST_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def loop_cmd(profile_name: str, budget_ms: float, checkpoint: str, rounds: int, top_k: int, tolerance: float,
+             initial: int, explore: int, store_path: str | None, valid_sentences: int, small: bool, out_path: str | None,
+             trust_new_host: bool, as_json: bool, no_progress: bool, **evo: Any) -> None:
+    """Search, measure the best candidates on the device, refit the predictor, repeat.
+
+    Stops when the search's winner measures within --budget (x 1 + --tolerance) on the device, or
+    after --rounds. The device is checked first (connect + runner env): an unreachable device fails
+    before any search work. Measurements go to --store and are reused by later runs.
+
+    \b
+    Examples:
+      hat-edge loop --profile local-cpu --budget 60 --small
+      hat-edge loop --profile raspberrypi4 --budget 900 --rounds 3 --json > winner.json
+    """
+    from hat_edge.checkpoint import load_checkpoint
+    from hat_edge.devices.measure import device_env
+    from hat_edge.devices.profiles import load_profile
+    from hat_edge.latency.store import DEFAULT_STORE_PATH, LatencyStore
+    from hat_edge.search.evolution import EvolutionSettings
+    from hat_edge.search.loop import LoopSettings, ProfileDevice, run_loop
+    from hat_edge.search.mainjob import make_fitness, prepare_profile
+
+    settings = _evolution(evo)
+    if small:
+        settings = EvolutionSettings.small(seed=settings.seed)
+    ls = LoopSettings(budget_ms=budget_ms, rounds=rounds, top_k=top_k, tolerance=tolerance, initial=initial,
+                      evolution=settings, seed=settings.seed, explore=explore)
+    profile = load_profile(profile_name)
+    env = device_env(profile, trust_new_host=trust_new_host)  # before any search work
+    ckpt = load_checkpoint(checkpoint)
+    profile = prepare_profile(profile, int(ckpt.model.cfg.vocab_size))
+    store = LatencyStore(store_path or DEFAULT_STORE_PATH)
+    fit = make_fitness(ckpt, valid_sentences)
+    res = run_loop(ckpt.space, fit, ProfileDevice(profile, store), ls, progress=not no_progress,
+                   log=_log, checked_env=env)
+    _write_arch(res.winner.arch, out_path)
+    if as_json:
+        click.echo(json.dumps(res.to_dict()))
+    else:
+        w = res.winner
+        click.echo(f"{'met' if res.met else 'NOT MET'}: budget {budget_ms:.2f} ms on {profile.name}, "
+                   f"{len(res.rounds)} round(s), {res.device_measurements} models measured")
+        click.echo(f"  winner    {w.arch.describe()}")
+        click.echo(f"  latency   predicted {w.predicted_ms:.2f} ms [{w.predicted_lo_ms:.2f}, {w.predicted_hi_ms:.2f}], "
+                   f"measured {w.measured_ms:.2f} ms")
+        click.echo(f"  loss      {w.loss:.4f}   params {w.arch.params() / 1e6:.2f} M")
+        click.echo("  round  fitted  evals  candidates: predicted -> measured ms (loss)")
+        for r in res.rounds:
+            c = "; ".join(f"{'explored ' if x.kind == 'explore' else ''}{x.predicted_ms:.1f} -> "
+                          f"{x.measured_ms:.1f} ({x.loss:.3f})" for x in r.candidates)
+            click.echo(f"  {r.round:5d}  {r.fitted_on:6d}  {r.evaluations:5d}  {c}")
+        if out_path:
+            click.echo(f"wrote {out_path}")
+    if not res.met:
+        sys.exit(1)
+
+
+# ------------------------------------------------------------------------------------------------
+# hat-edge deploy
+# ------------------------------------------------------------------------------------------------
+@click.command("deploy")
+@click.option("--profile", "profile_name", required=True, help="Device profile (name or .toml file).")
+@click.argument("arch_file", required=False)
+@click.option("--checkpoint", default=None, help="With ARCH_FILE: the checkpoint with the weights ('demo': bundled).")
+@click.option("--bundle", "bundle_dir", default=None, help="Instead of ARCH_FILE: an exported bundle directory.")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None, help="Export int8 (onnxruntime dynamic quantization).")
+@click.option("--out", "out_dir", default=None,
+              help="Where to export the bundle. Default: hat-edge-deploy/<profile>-<arch hash>[-int8].")
+@click.option("--sentence", "sentences", multiple=True,
+              help="Test sentence to translate on the device (repeatable). Default: 3 from the test split.")
+@click.option("--beam", default=5, show_default=True, type=click.IntRange(min=1), help="Beam for the test translations.")
+@click.option("--no-bench", is_flag=True, help="Skip the benchmark.")
+@click.option("--trust-new-host", is_flag=True, help=_TRUST_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def deploy_cmd(profile_name: str, arch_file: str | None, checkpoint: str | None, bundle_dir: str | None,
+               quantize: str | None, out_dir: str | None, sentences: tuple[str, ...], beam: int, no_bench: bool,
+               trust_new_host: bool, as_json: bool) -> None:
+    """Export, push, verify and benchmark one SubTransformer on a device.
+
+    With ARCH_FILE and --checkpoint the arch's weights are cut from the SuperTransformer and exported
+    for the profile's runtime, then checked on the host against PyTorch. With --bundle an exported
+    bundle goes as it is. On the device: the sha256 of every file is checked, test sentences are
+    translated and compared token for token with the host, and the model is benchmarked with the
+    profile's settings. Deploying again sends only changed files.
+
+    \b
+    Examples:
+      hat-edge deploy --profile local-cpu winner.yml --checkpoint demo
+      hat-edge deploy --profile raspberrypi4 --bundle hat-edge-deploy/pi4-1a2b3c --json
+    """
+    from hat_edge.devices.profiles import load_profile
+    from hat_edge.search.deploy import deploy, render_deploy
+
+    if arch_file and bundle_dir:
+        raise UserError("give ARCH_FILE (with --checkpoint) or --bundle DIR, not both")
+    if not arch_file and not bundle_dir:
+        raise UserError("missing what to deploy: ARCH_FILE with --checkpoint, or --bundle DIR")
+    if arch_file and not checkpoint:
+        raise UserError("ARCH_FILE needs --checkpoint (a checkpoint file, or 'demo' for the bundled model)")
+    profile = load_profile(profile_name)
+    arch = ckpt = None
+    refs = None
+    sents = list(sentences)
+    if arch_file:
+        from hat_edge.checkpoint import load_checkpoint
+        from hat_edge.search.mainjob import prepare_profile
+        from hat_edge.space import load_arch
+
+        ckpt = load_checkpoint(checkpoint)  # type: ignore[arg-type]
+        arch = load_arch(arch_file, ckpt.space)
+        ckpt.space.validate(arch, arch_file)
+        profile = prepare_profile(profile, int(ckpt.model.cfg.vocab_size))
+        if not sents:
+            from hat_edge.evaluate import load_split
+
+            try:
+                test = load_split(ckpt, "test").head(3)
+                sents, refs = list(test.src), list(test.tgt)
+            except UserError:
+                sents = []
+    elif not sents:
+        sents = []
+    res = deploy(profile, bundle=bundle_dir, arch=arch, checkpoint=ckpt, out_dir=out_dir, quantize=quantize,
+                 sentences=sents or None, references=refs, beam=beam, benchmark=not no_bench,
+                 trust_new_host=trust_new_host, log=_log)
+    if as_json:
+        click.echo(json.dumps(res.to_dict()))
+    else:
+        click.echo(render_deploy(res))
+    if not res.ok:
+        sys.exit(1)
+
+
+# ------------------------------------------------------------------------------------------------
+# hat-edge run: the main job
+# ------------------------------------------------------------------------------------------------
+@click.command("run")
+@click.option("--profile", "profile_name", default="local-cpu", show_default=True,
+              help="Device profile (name or .toml file).")
+@click.option("--checkpoint", default="demo", show_default=True, help="SuperTransformer checkpoint ('demo': bundled).")
+@click.option("--budget", "budget_ms", type=float, default=None,
+              help="Latency budget in ms. Default: --budget-percentile of the measured range.")
+@click.option("--budget-percentile", default=40.0, show_default=True, type=float,
+              help="Default budget: this percentile of the initial measurements.")
+@click.option("--initial", default=24, show_default=True, type=click.IntRange(min=5),
+              help="SubTransformers measured before the first search.")
+@click.option("--rounds", default=3, show_default=True, type=click.IntRange(min=1), help="Most loop rounds.")
+@click.option("--top-k", default=3, show_default=True, type=click.IntRange(min=1), help="Candidates measured per round.")
+@click.option("--search-size", type=click.Choice(["quick", "small", "hat"]), default="quick", show_default=True,
+              help="Evolution size: quick (24 x 6), small (40 x 10), or HAT's own (125 x 30).")
+@click.option("--valid-sentences", default=60, show_default=True, type=click.IntRange(min=1),
+              help="Validation sentences for the fitness (loss).")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None, help="Deploy the winner as int8.")
+@click.option("--out", "out_dir", default="hat-edge-run", show_default=True,
+              help="Output directory: report.md, plots, report.json, the bundle, the latency store.")
+@click.option("--compare-random", is_flag=True,
+              help="Also run random search with as many fitness evaluations (slower; plotted with the search).")
+@click.option("--seed", default=0, show_default=True, help="Seed of sampling and search.")
+@click.option("--trust-new-host", is_flag=True, help=_TRUST_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def run_cmd(profile_name: str, checkpoint: str, budget_ms: float | None, budget_percentile: float, initial: int,
+            rounds: int, top_k: int, search_size: str, valid_sentences: int, quantize: str | None, out_dir: str, compare_random: bool,
+            seed: int, trust_new_host: bool, as_json: bool, no_progress: bool) -> None:
+    """The whole job: measure, fit, search under a budget, deploy, benchmark, report.
+
+    On the default `local-cpu` profile with the bundled demo SuperTransformer this takes a few
+    minutes on 2 cores: it measures a small latency dataset, fits the latency predictor, runs the
+    search-and-measure loop under a budget (by default the 40th percentile of what it measured),
+    exports and deploys the winner through the profile's transport, benchmarks it there, translates
+    a few test sentences, and writes report.md with plots to --out. A second run reuses every
+    measurement in --out/latency.sqlite.
+
+    \b
+    Examples:
+      hat-edge run
+      hat-edge run --budget 50 --out run-50ms
+      hat-edge run --profile raspberrypi4 --checkpoint wmt.pt --search-size hat
+    """
+    from hat_edge.search.evolution import EvolutionSettings
+    from hat_edge.search.mainjob import RunSettings, render_summary, run_main_job
+
+    if budget_ms is not None and budget_ms <= 0:
+        raise UserError(f"--budget must be a positive number of milliseconds, got {budget_ms}")
+    s = RunSettings(
+        profile=profile_name, checkpoint=checkpoint, budget_ms=budget_ms, budget_percentile=budget_percentile,
+        initial=initial, rounds=rounds, top_k=top_k, quantize=quantize, out_dir=out_dir,
+        evolution={"quick": EvolutionSettings.quick, "small": EvolutionSettings.small,
+                   "hat": EvolutionSettings}[search_size](seed=seed),
+        valid_sentences=valid_sentences,
+        compare_random=compare_random, seed=seed, trust_new_host=trust_new_host,
+    )
+    argv = " ".join(sys.argv[1:]) if sys.argv and "hat-edge" in Path(sys.argv[0]).name else "run"
+    summary, _, _ = run_main_job(s, progress=not no_progress, log=_log, command=f"hat-edge {argv}")
+    if as_json:
+        click.echo(json.dumps(summary, default=str))
+    else:
+        click.echo(render_summary(summary))
+    if not summary["met"]:
+        sys.exit(1)
+
+
+COMMANDS = [search_cmd, loop_cmd, deploy_cmd, run_cmd]

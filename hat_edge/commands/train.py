@@ -1,0 +1,174 @@
+"""`hat-edge train` and `hat-edge evaluate`: thin wrappers over hat_edge.train and hat_edge.evaluate."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import click
+
+from hat_edge.errors import UserError
+
+
+def _defaults():
+    # The flags' defaults come from TrainConfig: one source of truth for CLI and API.
+    from hat_edge.train import TrainConfig
+
+    return TrainConfig()
+
+
+_TC = _defaults()
+
+
+@click.command("train", context_settings={"show_default": True})
+@click.option("--data", default=_TC.data, help="Corpus: 'demo' (bundled En-De LibreOffice help), a TSV file "
+              "(source<TAB>target per line), or the source file of a line-aligned pair (with --tgt-data). "
+              ".xz/.gz/.bz2 are read directly.")
+@click.option("--tgt-data", default=None, help="Target-side file when --data is a plain source-side file.")
+@click.option("--valid-size", default=_TC.valid_size, type=int, help="Pairs held out for validation (seeded split).")
+@click.option("--test-size", default=_TC.test_size, type=int, help="Pairs held out for testing (seeded split).")
+@click.option("--split-seed", default=_TC.split_seed, type=int, help="Seed of the train/valid/test split.")
+@click.option("--max-len", default=_TC.max_len, type=int, help="Skip training pairs with a side longer than this (tokens).")
+@click.option("--tokenizer", default=None, type=click.Path(dir_okay=False),
+              help="An existing SentencePiece .model (pad=0 unk=1 bos=2 eos=3); default: train one on the training split.")
+@click.option("--vocab-size", default=_TC.vocab_size, type=int, help="Joint vocabulary size when training the tokenizer.")
+@click.option("--space", default=_TC.space, help="Design space: a preset (demo, hat-wmt, hat-iwslt) or a space file.")
+@click.option("--arch", default=None, type=click.Path(dir_okay=False),
+              help="Train this one SubTransformer (arch file) instead of sampling one per step: HAT's final "
+              "train-the-winner step. Combine with --init to fine-tune from a SuperTransformer.")
+@click.option("--init", default=None, help="Start from this checkpoint's weights (and tokenizer), e.g. a trained SuperTransformer.")
+@click.option("--dropout", default=_TC.dropout, type=float, help="Dropout at the largest width; scaled down with the sampled embedding dim (HAT).")
+@click.option("--attention-dropout", default=_TC.attention_dropout, type=float, help="Dropout on attention weights (not scaled).")
+@click.option("--max-tokens", default=_TC.max_tokens, type=int, help="Token budget per micro-batch and process: max(length) x sentences.")
+@click.option("--max-sentences", default=None, type=int, help="Optional cap on sentences per micro-batch.")
+@click.option("--update-freq", default=_TC.update_freq, type=int, help="Gradient accumulation: micro-batches per optimizer step.")
+@click.option("--lr", default=_TC.lr, type=float, help="Peak learning rate (Adam, betas 0.9/0.98).")
+@click.option("--min-lr", default=_TC.min_lr, type=float, help="Floor of the decay.")
+@click.option("--warmup-steps", default=_TC.warmup_steps, type=int, help="Linear warm-up steps.")
+@click.option("--schedule", default=_TC.schedule, type=click.Choice(["cosine", "inverse-sqrt"]), help="Decay after warm-up.")
+@click.option("--max-steps", default=_TC.max_steps, type=int, help="Optimizer steps (the cosine schedule ends here).")
+@click.option("--max-epochs", default=None, type=int, help="Stop after this many epochs.")
+@click.option("--max-time-min", default=None, type=float, help="Stop after this many minutes (a checkpoint is written).")
+@click.option("--label-smoothing", default=_TC.label_smoothing, type=float, help="Label smoothing of the cross-entropy.")
+@click.option("--weight-decay", default=_TC.weight_decay, type=float, help="Adam weight decay.")
+@click.option("--clip-norm", default=_TC.clip_norm, type=float, help="Clip the gradient norm to this (0: off).")
+@click.option("--seed", default=_TC.seed, type=int, help="Seed of weights, batch order, sampled archs and dropout.")
+@click.option("--amp", default=_TC.amp, type=click.Choice(["auto", "bf16", "fp16", "off"]),
+              help="Mixed precision on GPU (auto: bf16 where supported, else fp16 with loss scaling). CPU runs fp32.")
+@click.option("--device", default=_TC.device, type=click.Choice(["auto", "cpu", "cuda"]), help="Where to train.")
+@click.option("--threads", default=None, type=int, help="CPU threads for torch (default: torch's choice).")
+@click.option("--out-dir", default=_TC.out_dir, type=click.Path(file_okay=False), help="Checkpoints, tokenizer and train_log.jsonl go here.")
+@click.option("--resume/--no-resume", default=True, help="Continue from OUT_DIR/checkpoint_last.pt if it exists (same data order and RNG).")
+@click.option("--save-every-steps", default=_TC.save_every_steps, type=int, help="Write checkpoint_last.pt every N steps ...")
+@click.option("--save-every-min", default=_TC.save_every_min, type=float, help="... and at least every N minutes.")
+@click.option("--valid-every-steps", default=_TC.valid_every_steps, type=int, help="Validation loss (largest and smallest arch) every N steps; the best goes to checkpoint_best.pt.")
+@click.option("--valid-sentences", default=_TC.valid_sentences, type=int, help="Validation pairs used for that loss.")
+@click.option("--log-every-steps", default=_TC.log_every_steps, type=int, help="Append a training record to train_log.jsonl every N steps.")
+@click.option("--progress/--no-progress", default=True, help="Progress bar on stderr.")
+@click.option("--json", "as_json", is_flag=True, help="Print the final summary as one JSON object.")
+def train_cmd(resume: bool, as_json: bool, **kw) -> None:
+    """Train a SuperTransformer as HAT does: a random SubTransformer every step.
+
+    \b
+    Examples:
+      hat-edge train --data demo --out-dir runs/demo            # the bundled corpus
+      hat-edge train --data train.tsv --space hat-iwslt --max-steps 50000 --out-dir runs/iwslt
+      hat-edge train --data demo --arch best.yml --init runs/demo/checkpoint_best.pt --out-dir runs/best
+    \b
+    Multi-GPU / multi-node (PyTorch DDP; nccl on GPUs, gloo on CPU):
+      torchrun --nproc-per-node 8 -m hat_edge.cli train --data wmt.tsv --space hat-wmt ...
+    A killed run started again with the same command resumes from OUT_DIR/checkpoint_last.pt with
+    the same data order, archs and dropout masks.
+    """
+    from hat_edge.train import TrainConfig, train
+
+    cfg = TrainConfig(**kw)
+    summary = train(cfg, resume=resume)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    d = {"version": 1, **summary.__dict__}
+    if as_json:
+        click.echo(json.dumps(d))
+        return
+    click.echo(f"trained {summary.steps} steps ({summary.epochs:.2f} epochs) in {summary.elapsed_ms / 60000:.1f} min, "
+               f"stopped by {summary.stopped_by}")
+    for k, v in summary.valid.items():
+        click.echo(f"  valid loss ({k}): {v:.3f}")
+    click.echo(f"  best: {summary.best_checkpoint}\n  last: {summary.last_checkpoint}")
+
+
+@click.command("evaluate", context_settings={"show_default": True})
+@click.option("--checkpoint", "ckpt", default="demo", help="A checkpoint file, or 'demo' (the bundled demo SuperTransformer).")
+@click.option("--bundle", default=None, type=click.Path(file_okay=False),
+              help="Evaluate an exported bundle directory instead (BLEU only, decoded by the device's own loop; "
+              "the corpus is --data, default the checkpoint's).")
+@click.option("--arch", default="largest", help="An arch file, or 'smallest' / 'largest' of the checkpoint's space "
+              "(a checkpoint trained with --arch defaults to its own arch).")
+@click.option("--split", default="test", type=click.Choice(["valid", "test"]), help="Which held-out split of the training corpus.")
+@click.option("--data", default=None, help="Evaluate on another corpus's split (TSV, or with --tgt-data a file pair); default: the checkpoint's corpus.")
+@click.option("--tgt-data", default=None, help="Target file for --data.")
+@click.option("--max-sentences", default=None, type=int, help="Only the first N pairs of the split.")
+@click.option("--beam", default=5, type=int, help="Beam size for BLEU (1: greedy).")
+@click.option("--no-bleu", is_flag=True, help="Loss only (fast).")
+@click.option("--threads", default=None, type=int, help="CPU threads for torch.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (loss, bleu, ...).")
+def evaluate_cmd(ckpt: str, bundle: str | None, arch: str, split: str, data: str | None, tgt_data: str | None,
+                 max_sentences: int | None, beam: int, no_bleu: bool, threads: int | None, as_json: bool) -> None:
+    """Loss and BLEU of one SubTransformer of a trained SuperTransformer (or BLEU of a bundle).
+
+    \b
+    Loss: mean cross-entropy per target token (nats, no smoothing), teacher-forced.
+    BLEU: sacrebleu (13a) on detokenised beam-search output against the raw references.
+    The split is rebuilt from the corpus, sizes and seed recorded in the checkpoint.
+    \b
+    Examples:
+      hat-edge evaluate --checkpoint demo --arch largest --split test --json
+      hat-edge evaluate --checkpoint runs/demo/checkpoint_best.pt --arch winner.yml --max-sentences 200
+      hat-edge evaluate --bundle out/bundle --checkpoint demo --max-sentences 100   # corpus of 'demo'
+    """
+    import torch
+
+    from hat_edge.checkpoint import load_checkpoint, read_checkpoint
+    from hat_edge.data.corpus import DataSpec
+    from hat_edge.evaluate import bleu, evaluate
+    from hat_edge.space import load_arch
+
+    if threads:
+        torch.set_num_threads(threads)
+    if beam < 1:
+        raise UserError(f"--beam must be at least 1, got {beam}")
+    if bundle is not None:
+        meta = (read_checkpoint(ckpt).get("meta") or {}) if data is None else {}
+        base = DataSpec.from_dict(meta["data"]) if meta.get("data") else DataSpec(data or "demo")
+        spec = DataSpec(data, tgt_data, base.n_valid, base.n_test, base.seed) if data else base
+        corpus = spec.load().get(split)
+        if max_sentences is not None:
+            corpus = corpus.head(max_sentences)
+        res = bleu(bundle, None, corpus, beam=beam, progress=not as_json)
+        out = {"version": 1, "bundle": bundle, "split": split, "n_sentences": res.n_sentences, "bleu": res.bleu,
+               "beam": beam, "bleu_signature": res.signature, "bleu_ms": res.elapsed_ms}
+        if as_json:
+            click.echo(json.dumps(out))
+        else:
+            click.echo(f"bundle {bundle}: BLEU {res.bleu:.2f} on {res.n_sentences} {split} sentences (beam {beam})")
+        return
+    cp = load_checkpoint(ckpt)
+    a = cp.arch if (arch == "largest" and cp.arch is not None) else load_arch(arch, cp.space)
+    spec = None
+    if data is not None:
+        base = DataSpec.from_dict(cp.meta["data"]) if cp.meta.get("data") else DataSpec(data)
+        spec = DataSpec(data, tgt_data, base.n_valid, base.n_test, base.seed)
+    res = evaluate(cp, a, split=split, max_sentences=max_sentences, beam=beam, data=spec, do_bleu=not no_bleu,
+                   progress=not as_json)
+    if as_json:
+        click.echo(json.dumps(res))
+        return
+    click.echo(f"checkpoint  {res['checkpoint']}")
+    click.echo(f"arch        {a.describe()}  ({res['params'] / 1e6:.2f}M params)")
+    click.echo(f"split       {split} ({res['n_sentences']} sentences)")
+    click.echo(f"loss        {res['loss']:.3f} nats/token (ppl {res['ppl']:.2f}, {res['loss_ms']:.0f} ms)")
+    if "bleu" in res:
+        click.echo(f"BLEU        {res['bleu']:.2f} (beam {beam}, {res['bleu_ms'] / 1000:.1f} s)  {res['bleu_signature']}")
+
+
+COMMANDS = [train_cmd, evaluate_cmd]

@@ -1,0 +1,349 @@
+"""Deploy a SubTransformer to a device: export, push, verify there, benchmark there.
+
+    deploy(profile, arch=ARCH, checkpoint=CKPT)     export the checkpoint's weights for ARCH first
+    deploy(profile, bundle=DIR)                     an exported bundle as it is
+
+Steps, each reported:
+  1. connect and describe the device (`runner.py env`): an unreachable device fails here, first
+  2. export the bundle (arch + checkpoint) and check it on the host against PyTorch (`verify_bundle`)
+  3. push it to `<work_dir>/deployed/<name>`: every file is sha256-checked and skipped when the
+     device already has it, so deploying again sends nothing (or only a re-written manifest)
+  4. `runner.py check` on the device: manifest version and the sha256 of every file
+  5. `runner.py translate` on the device: test sentences, compared token for token with the same
+     bundle decoded on the host (same runner code, same runtime: they must be identical)
+  6. `runner.py run`: the benchmark, with the profile's measurement settings
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from hat_edge.errors import UserError
+from hat_edge.space import Arch
+
+DEPLOY_FORMAT = "hat-edge-deploy"
+DEPLOY_VERSION = 1
+_FORMAT_OF_RUNTIME = {"onnxruntime": "onnx", "torchscript": "torchscript"}
+
+
+@dataclass(frozen=True)
+class Translation:
+    source: str  # text, or the token ids when there is no tokenizer
+    reference: str | None
+    device: str  # the device's output, detokenised (or ids)
+    device_tokens: tuple[int, ...]
+    host_equal: bool  # the host decoded the same bundle to the same tokens
+
+
+@dataclass(frozen=True)
+class DeployResult:
+    profile: str
+    bundle: str  # local bundle dir
+    remote_dir: str
+    runtime: str
+    precision: str
+    arch: Arch
+    files_total: int
+    files_sent: int
+    hashes_ok: bool
+    parity: bool  # device == host for every test translation
+    translations: tuple[Translation, ...]
+    host_verify: Mapping[str, Any] | None  # bundle vs PyTorch on the host (None for --bundle)
+    bench: Mapping[str, Any]  # median_ms, p90_ms, iqr_ms, cv, mean_10_90_ms, runs, peak_rss_mb
+    env: Mapping[str, Any] = field(default_factory=dict)
+    timings_ms: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def files_skipped(self) -> int:
+        return self.files_total - self.files_sent
+
+    @property
+    def ok(self) -> bool:
+        host_ok = self.host_verify is None or bool(self.host_verify.get("passed", True))
+        return self.hashes_ok and self.parity and host_ok
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": DEPLOY_FORMAT,
+            "version": DEPLOY_VERSION,
+            "profile": self.profile,
+            "bundle": self.bundle,
+            "remote_dir": self.remote_dir,
+            "runtime": self.runtime,
+            "precision": self.precision,
+            "quantize": None if self.precision == "fp32" else self.precision,
+            "arch": self.arch.to_dict(),
+            "params": self.arch.params(),
+            "files_total": self.files_total,
+            "files_sent": self.files_sent,
+            "files_skipped": self.files_skipped,
+            "hashes_ok": self.hashes_ok,
+            "parity": self.parity,
+            "ok": self.ok,
+            "host_verify": dict(self.host_verify) if self.host_verify is not None else None,
+            "translations": [asdict(t) for t in self.translations],
+            "median_ms": self.bench.get("median_ms"),
+            "p90_ms": self.bench.get("p90_ms"),
+            "cv": self.bench.get("cv"),
+            "bench": dict(self.bench),
+            "env": dict(self.env),
+            "timings_ms": dict(self.timings_ms),
+        }
+
+
+def default_bundle_dir(profile_name: str, arch: Arch, quantize: str | None) -> Path:
+    """hat-edge-deploy/<profile>-<arch hash>[-int8]: one bundle per (device, arch, precision)."""
+    h = hashlib.sha256(arch.to_json().encode()).hexdigest()[:10]
+    return Path("hat-edge-deploy") / f"{profile_name}-{h}{'-' + quantize if quantize else ''}"
+
+
+def _remote_name(manifest: Mapping[str, Any]) -> str:
+    """A stable device dir name for a bundle: same arch, runtime, precision and file set -> same dir,
+    so a re-deploy overwrites in place and unchanged files are skipped. The file set is part of the
+    name because the runner rejects a bundle dir holding files its manifest does not list."""
+    arch = json.dumps(manifest["arch"], sort_keys=True, separators=(",", ":"))
+    files = ",".join(sorted(manifest["files"]))
+    key = f"{arch}|{manifest['runtime']}|{manifest.get('precision', 'fp32')}|{files}"
+    return f"{hashlib.sha256(key.encode()).hexdigest()[:16]}-{manifest['runtime']}-{manifest.get('precision', 'fp32')}"
+
+
+def _runner_json(res: Any, what: str) -> dict[str, Any]:
+    from hat_edge.devices.transport import TransportError
+
+    if res.returncode != 0:
+        tail = " | ".join((res.stderr or "").strip().splitlines()[-3:])
+        raise TransportError(f"{what}: exit status {res.returncode}: {tail or 'no output'}")
+    for line in reversed(res.stdout.strip().splitlines()):
+        if line.strip().startswith("{"):
+            return json.loads(line)
+    raise TransportError(f"{what}: no JSON in the runner's output: {res.stdout[-300:]!r}")
+
+
+def deploy(
+    profile: Any,
+    *,
+    bundle: str | Path | None = None,
+    arch: Arch | None = None,
+    checkpoint: Any = None,
+    out_dir: str | Path | None = None,
+    quantize: str | None = None,
+    sentences: Sequence[str] | None = None,
+    references: Sequence[str] | None = None,
+    beam: int = 5,
+    benchmark: bool = True,
+    trust_new_host: bool = False,
+    env: Mapping[str, Any] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> DeployResult:
+    """Export (if given an arch), push, check, translate and benchmark on `profile`'s device.
+
+    sentences: test sentences (text) to translate on the device; without a tokenizer in the bundle
+    a few fixed token-id sources are used instead. `env`: a fresh `device_env` result, when the
+    caller has just checked the device (skips the first step).
+    """
+    from hat_edge.devices.measure import device_env, push_runner, store_settings
+    from hat_edge.devices.transport import open_transport
+    from hat_edge.exporters import export_bundle, load_bundle, verify_bundle
+    from hat_edge.exporters import translate as host_translate
+
+    say = log or (lambda m: print(m, file=sys.stderr))
+    if (bundle is None) == (arch is None):
+        raise UserError("deploy needs either ARCH_FILE with --checkpoint, or --bundle DIR (not both)")
+    if arch is not None and checkpoint is None:
+        raise UserError("ARCH_FILE needs --checkpoint (a checkpoint file or 'demo') for the weights")
+    if bundle is not None and quantize:
+        raise UserError("--quantize applies when exporting an ARCH_FILE; a --bundle is deployed as it is")
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    # 1. the device first: nothing is exported for a device that cannot be reached
+    if env is None:
+        say(f"connecting to '{profile.name}' ...")
+        env = device_env(profile, trust_new_host=trust_new_host)
+    timings["connect_ms"] = (time.perf_counter() - t0) * 1e3
+
+    # 2. the bundle
+    tok = None
+    host_verify = None
+    if arch is not None:
+        from hat_edge.checkpoint import Checkpoint, load_checkpoint
+
+        ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+        ckpt.space.validate(arch, "ARCH_FILE")
+        fmt = _FORMAT_OF_RUNTIME[profile.runtime]
+        out = Path(out_dir) if out_dir else default_bundle_dir(profile.name, arch, quantize)
+        t = time.perf_counter()
+        say(f"exporting {arch.describe()} ({fmt}{', ' + quantize if quantize else ''}) to {out}")
+        sub = ckpt.model.extract(arch).eval()
+        path = export_bundle(sub, out, fmt=fmt, quantize=quantize, tokenizer=ckpt.tokenizer)
+        timings["export_ms"] = (time.perf_counter() - t) * 1e3
+        t = time.perf_counter()
+        host_verify = verify_bundle(sub, path)
+        timings["host_verify_ms"] = (time.perf_counter() - t) * 1e3
+        tok = ckpt.tokenizer
+        b = load_bundle(path)
+    else:
+        b = load_bundle(bundle)  # hashes checked on the host before anything is sent
+        if b.runtime != profile.runtime:
+            raise UserError(
+                f"--bundle {bundle}: runtime '{b.runtime}' but profile '{profile.name}' uses '{profile.runtime}'"
+            )
+        if b.tokenizer_file is not None:
+            from hat_edge.data.tokenizer import Tokenizer
+
+            tok = Tokenizer.load(b.tokenizer_file)
+    local_dir = Path(b.path)
+    manifest = b.manifest
+
+    # Test sources: the sentences as ids, or fixed id sequences without a tokenizer.
+    if tok is not None and sentences:
+        sources = [tok.encode(s) for s in sentences]
+        shown = list(sentences)
+    else:
+        rng = np.random.default_rng(0)
+        V = int(manifest["model"]["vocab_size"])
+        sources = [[int(x) for x in rng.integers(4, V, size=n)] + [3] for n in (7, 12, 5)]
+        shown = [" ".join(map(str, s)) for s in sources]
+        references = None
+
+    with open_transport(profile, trust_new_host=trust_new_host) as tr:
+        # 3. push (sha256-checked, unchanged files skipped)
+        t = time.perf_counter()
+        runner = push_runner(tr)
+        remote_dir = tr.join(tr.work_dir, "deployed", _remote_name(manifest))
+        files = sorted(p for p in local_dir.rglob("*") if p.is_file())
+        sent = tr.push_dir(local_dir, remote_dir)
+        timings["push_ms"] = (time.perf_counter() - t) * 1e3
+        say(f"pushed to {profile.name}:{remote_dir}: {sent} file(s) sent, {len(files) - sent} unchanged")
+        penv = profile.env_dict
+
+        # 4. hashes, checked by the device itself
+        t = time.perf_counter()
+        res = tr.run([tr.python, runner, "check", remote_dir], timeout=120, env=penv)
+        timings["check_ms"] = (time.perf_counter() - t) * 1e3
+        if res.returncode != 0:
+            why = " | ".join(res.stderr.strip().splitlines()[-2:]) or f"exit status {res.returncode}"
+            raise UserError(f"{profile.name}: the pushed bundle failed its check on the device: {why}")
+        hashes_ok = bool(_runner_json(res, f"{profile.name}: runner check").get("ok"))
+
+        # 5. translations on the device vs the same bundle on the host
+        t = time.perf_counter()
+        argv = [tr.python, runner, "translate", remote_dir, "--beam", str(beam)]
+        if profile.threads:
+            argv += ["--threads", str(profile.threads)]
+        for s in sources:
+            argv += ["--src", " ".join(map(str, s))]
+        dev_tokens = _runner_json(tr.run(argv, timeout=300, env=penv), f"{profile.name}: runner translate")["tokens"]
+        host_tokens = host_translate(local_dir, sources, beam=beam)
+        timings["translate_ms"] = (time.perf_counter() - t) * 1e3
+        translations = tuple(
+            Translation(
+                source=shown[i],
+                reference=references[i] if references else None,
+                device=tok.decode(d) if tok is not None else " ".join(map(str, d)),
+                device_tokens=tuple(int(x) for x in d),
+                host_equal=list(map(int, d)) == list(map(int, h)),
+            )
+            for i, (d, h) in enumerate(zip(dev_tokens, host_tokens))
+        )
+        parity = len(dev_tokens) == len(sources) and all(x.host_equal for x in translations)
+
+        # 6. the benchmark, with the profile's settings
+        bench: dict[str, Any] = {}
+        if benchmark:
+            t = time.perf_counter()
+            bench = _benchmark(tr, runner, profile, remote_dir)
+            bench["settings"] = store_settings(profile, None if b.precision == "fp32" else b.precision)
+            timings["bench_ms"] = (time.perf_counter() - t) * 1e3
+    timings["total_ms"] = (time.perf_counter() - t0) * 1e3
+    return DeployResult(
+        profile=profile.name,
+        bundle=str(local_dir),
+        remote_dir=remote_dir,
+        runtime=b.runtime,
+        precision=b.precision,
+        arch=b.arch,
+        files_total=len(files),
+        files_sent=sent,
+        hashes_ok=hashes_ok,
+        parity=parity,
+        translations=translations,
+        host_verify=host_verify,
+        bench=bench,
+        env=env,
+        timings_ms=timings,
+    )
+
+
+def _benchmark(tr: Any, runner: str, profile: Any, remote_dir: str) -> dict[str, Any]:
+    """One runner job with the deployed bundle; returns the result line's statistics."""
+    from hat_edge.devices.measure import JOB_FORMAT, JOB_VERSION
+    from hat_edge.devices.transport import TransportError
+
+    job_dir = tr.join(tr.work_dir, "jobs", f"deploy-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
+    tr.makedirs(job_dir)
+    job_path, out_path = tr.join(job_dir, "job.json"), tr.join(job_dir, "results.jsonl")
+    job = {
+        "format": JOB_FORMAT,
+        "version": JOB_VERSION,
+        "bundles": [{"id": "deployed", "path": remote_dir}],
+        "settings": profile.job_settings(),
+    }
+    tr.write_bytes(job_path, (json.dumps(job, indent=1) + "\n").encode())
+    try:
+        res = tr.run([tr.python, runner, "run", job_path, "--out", out_path],
+                     timeout=profile.measurement.timeout_s, env=profile.env_dict)
+        lines = [json.loads(x) for x in tr.read_from(out_path).decode().splitlines() if x.strip().startswith("{")]
+    finally:
+        tr.remove(job_dir)
+    line = next((x for x in lines if x.get("id") == "deployed"), None)
+    if line is None or "error" in line:
+        why = line.get("error") if line else (" | ".join(res.stderr.strip().splitlines()[-3:]) or "no output")
+        raise TransportError(f"{profile.name}: benchmark of the deployed bundle failed: {why}")
+    keep = ("median_ms", "mean_10_90_ms", "p90_ms", "iqr_ms", "cv", "encoder_median_ms", "decoder_median_ms",
+            "peak_rss_mb", "throttled", "warmup")
+    out = {k: line.get(k) for k in keep}
+    out["runs"] = [float(r["total_ms"]) for r in line.get("runs", [])]
+    return out
+
+
+def render_deploy(r: DeployResult) -> str:
+    """The human report of one deployment."""
+    yes = lambda b: "yes" if b else "NO"  # noqa: E731
+    hv = r.host_verify
+    lines = [
+        f"deployed {r.arch.describe()}",
+        f"  bundle        {r.bundle} ({r.runtime}, {r.precision})",
+        f"  device        {r.profile}:{r.remote_dir}",
+        f"  push          {r.files_sent} file(s) sent, {r.files_skipped} unchanged",
+        f"  hashes        {yes(r.hashes_ok)} (checked on the device)",
+    ]
+    if hv is not None:
+        lines.append(
+            f"  host parity   max |diff| vs PyTorch {hv.get('max_abs_diff', float('nan')):.2e}, "
+            f"tokens equal: {yes(hv.get('tokens_equal'))}"
+        )
+    lines.append(f"  device parity {yes(r.parity)} ({len(r.translations)} translations identical to the host's)")
+    if r.bench:
+        b = r.bench
+        lines.append(
+            f"  benchmark     median {b['median_ms']:.2f} ms, p90 {b['p90_ms']:.2f} ms, CV {b['cv']:.3f} "
+            f"({len(b.get('runs', []))} runs)"
+        )
+    for t in r.translations:
+        lines.append(f"    > {t.source}")
+        lines.append(f"    < {t.device}")
+    return "\n".join(lines)
+
+
+__all__ = ["DeployResult", "Translation", "default_bundle_dir", "deploy", "render_deploy"]

@@ -1,0 +1,493 @@
+"""The closed loop: search with the predictor, measure the best candidates on the device, refit.
+
+HAT searches once against its predictor and trusts the answer; a searched model can then miss its
+budget on the device (one user's 200 ms search measured 270 ms). Here every round ends with real
+measurements:
+
+    measure an initial dataset (random SubTransformers + the smallest and largest)
+    repeat up to `rounds` times:
+        fit the predictor on every measurement of this device so far
+        evolutionary search; latency = measured where known, else predicted
+        measure the top-k candidates under the budget (those not measured yet), and up to
+        `explore` archs that an optimistic search (latency at the low end of the predictor's
+        interval) finds with a lower loss
+        stop once the search's winner measures <= budget * (1 + tolerance) and no explored
+        arch did better
+
+The winner is the lowest-loss candidate whose *measured* latency is within the budget and
+tolerance. The device is anything with `check()` and `measure(archs)`; `ProfileDevice` wraps a
+device profile and the latency store (the devices room), so this module knows nothing of transports.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+import numpy as np
+
+from hat_edge.errors import UserError
+from hat_edge.search.evolution import (
+    CachedFitness,
+    Constraints,
+    EvolutionSettings,
+    FitnessFn,
+    MemoryFn,
+    SearchResult,
+    check_constraints,
+    evolution_search,
+)
+from hat_edge.space import Arch, SearchSpace
+
+LOOP_FORMAT = "hat-edge-loop"
+LOOP_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------
+# The device, as the loop sees it
+# --------------------------------------------------------------------------------------------
+class Device(Protocol):
+    name: str
+
+    def check(self) -> Mapping[str, Any]:
+        """Connect and describe the device; raise UserError when it cannot be reached."""
+
+    def measure(self, archs: Sequence[Arch], progress: bool = True) -> dict[Arch, float]:
+        """Measured latency (median ms) of each arch; stored ones are not measured again."""
+
+    def measured(self) -> dict[Arch, float]:
+        """Every arch measured on this device with the current settings so far."""
+
+
+class ProfileDevice:
+    """A device profile plus the latency store: the devices room's `measure_archs` underneath."""
+
+    def __init__(self, profile: Any, store: Any):
+        self.profile = profile
+        self.store = store
+        self.name = profile.name
+        self.env: Mapping[str, Any] | None = None
+
+    def check(self) -> Mapping[str, Any]:
+        from hat_edge.devices.measure import device_env
+
+        self.env = device_env(self.profile)
+        return self.env
+
+    def measure(self, archs: Sequence[Arch], progress: bool = True) -> dict[Arch, float]:
+        from hat_edge.devices.measure import measure_archs
+
+        archs = list(dict.fromkeys(archs))
+        if not archs:
+            return {}
+        recs = measure_archs(self.profile, archs, self.store, progress=progress)
+        out = {r.arch: float(r.median_ms) for r in recs if r.arch is not None}
+        missing = [a for a in archs if a not in out]
+        if missing:
+            # measure_archs returns what it measured or found stored; anything else failed there.
+            raise UserError(
+                f"device '{self.name}': {len(missing)} of {len(archs)} archs were not measured "
+                f"(first: {missing[0].describe()}); see the runner's error above"
+            )
+        return out
+
+    def _records(self) -> list[Any]:
+        from hat_edge.devices.measure import store_settings
+
+        recs = self.store.records(
+            device=self.profile.name, runtime=self.profile.runtime, settings=store_settings(self.profile)
+        )
+        return [r for r in recs if r.arch is not None]
+
+    def measured(self) -> dict[Arch, float]:
+        return {r.arch: float(r.median_ms) for r in self._records()}
+
+    def split(self) -> dict[Arch, tuple[float, float]]:
+        """Encoder and decode-loop medians of every stored measurement that has them."""
+        return {
+            r.arch: (float(r.encoder_ms), float(r.decoder_ms))
+            for r in self._records()
+            if r.encoder_ms is not None and r.decoder_ms is not None
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Settings and results
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LoopSettings:
+    budget_ms: float
+    rounds: int = 4
+    top_k: int = 3
+    tolerance: float = 0.03  # the winner may measure up to budget * (1 + tolerance)
+    initial: int = 40  # measurements before the first search (random + smallest + largest)
+    predictor: str = "default"
+    evolution: EvolutionSettings = field(default_factory=EvolutionSettings)
+    max_params: int | None = None
+    max_memory_mb: float | None = None
+    seed: int = 0
+    explore: int = 2  # extra candidates per round from an optimistic search (0: off)
+    explore_level: float = 0.5  # their latency: the low end of this central predictor interval
+    explore_iterations: int = 3  # generations of that search (from the round's parents)
+
+    def __post_init__(self) -> None:
+        if self.explore < 0:
+            raise UserError(f"--explore must be >= 0, got {self.explore}")
+        if not 0 < self.explore_level < 1:
+            raise UserError(f"explore_level must be in (0, 1), got {self.explore_level}")
+        if not (isinstance(self.budget_ms, (int, float)) and math.isfinite(self.budget_ms) and self.budget_ms > 0):
+            raise UserError(f"--budget must be a positive number of milliseconds, got {self.budget_ms!r}")
+        if self.rounds < 1:
+            raise UserError(f"--rounds must be >= 1, got {self.rounds}")
+        if self.top_k < 1:
+            raise UserError(f"--top-k must be >= 1, got {self.top_k}")
+        if not 0 <= self.tolerance < 1:
+            raise UserError(f"--tolerance must be in [0, 1), got {self.tolerance}")
+        if self.initial < 5:
+            raise UserError(f"--initial must be >= 5 measurements (the predictor needs data), got {self.initial}")
+
+    @property
+    def limit_ms(self) -> float:
+        return self.budget_ms * (1.0 + self.tolerance)
+
+    def constraints(self) -> Constraints:
+        return Constraints(latency_ms=self.budget_ms, max_params=self.max_params, max_memory_mb=self.max_memory_mb)
+
+
+@dataclass(frozen=True)
+class Measured:
+    """A search candidate after its measurement. `predicted_ms` is the prediction made *before*
+    the arch was measured (out of sample), unless it was measured already (`new` False)."""
+
+    arch: Arch
+    loss: float
+    predicted_ms: float
+    predicted_lo_ms: float
+    predicted_hi_ms: float
+    measured_ms: float
+    round: int
+    new: bool = True
+    kind: str = "exploit"  # "exploit": the search's top-k; "explore": from the optimistic search
+
+    def error(self) -> float:
+        """Relative prediction error, (predicted - measured) / measured."""
+        return (self.predicted_ms - self.measured_ms) / self.measured_ms
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["arch"] = self.arch.to_dict()
+        return d
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    round: int
+    fitted_on: int  # measurements the predictor was fitted on
+    evaluations: int  # fitness evaluations of this round's search
+    search_ms: float
+    measure_ms: float
+    best_loss: float  # the search's winner, before measuring
+    best_predicted_ms: float
+    candidates: tuple[Measured, ...]  # the exploit candidates (best first), then the explore ones
+    met: bool  # the search's winner measured within budget * (1 + tolerance)
+    explored_better: bool = False  # an explore candidate met the budget with a lower loss
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if k != "candidates"}
+        d["candidates"] = [c.to_dict() for c in self.candidates]
+        return d
+
+
+@dataclass(frozen=True)
+class LoopResult:
+    budget_ms: float
+    tolerance: float
+    winner: Measured
+    met: bool
+    rounds: tuple[RoundReport, ...]
+    searches: tuple[SearchResult, ...]  # one per round
+    measured: Mapping[Arch, float]  # every measurement of the device the predictor saw last
+    initial: tuple[Arch, ...]  # the initial dataset's archs
+    device_measurements: int  # models measured by this loop (stored ones not counted)
+    fitness_evaluations: int
+    wall_ms: float
+    predictor: Any = field(compare=False, default=None)
+    device_env: Mapping[str, Any] | None = None
+
+    @property
+    def last_search(self) -> SearchResult:
+        return self.searches[-1]
+
+    def candidates(self) -> list[Measured]:
+        return [c for r in self.rounds for c in r.candidates]
+
+    def to_dict(self) -> dict[str, Any]:
+        w = self.winner
+        return {
+            "format": LOOP_FORMAT,
+            "version": LOOP_VERSION,
+            "arch": w.arch.to_dict(),
+            "budget_ms": self.budget_ms,
+            "tolerance": self.tolerance,
+            "predicted_latency_ms": w.predicted_ms,
+            "predicted_interval_ms": [w.predicted_lo_ms, w.predicted_hi_ms],
+            "measured_latency_ms": w.measured_ms,
+            "loss": w.loss,
+            "params": w.arch.params(),
+            "met": self.met,
+            "rounds": len(self.rounds),
+            "round_reports": [r.to_dict() for r in self.rounds],
+            "device_measurements": self.device_measurements,
+            "initial_measurements": len(self.initial),
+            "fitness_evaluations": self.fitness_evaluations,
+            "wall_ms": self.wall_ms,
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+def initial_archs(space: SearchSpace, n: int, seed: int = 0) -> list[Arch]:
+    """The first latency dataset: the smallest and largest arch (the predictor's range ends, and
+    the baseline of the speed-up) and n - 2 uniform samples."""
+    out = [space.smallest(), space.largest()]
+    for a in space.sample_n(n + 2, seed=seed):
+        if len(out) >= n:
+            break
+        if a not in out:
+            out.append(a)
+    return out
+
+
+def measure_initial(
+    space: SearchSpace,
+    device: Device,
+    n: int,
+    seed: int = 0,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> tuple[dict[Arch, float], list[Arch], int]:
+    """Every stored measurement of `device` inside `space`, plus the initial dataset measured now
+    where missing. Returns (arch -> ms, the initial archs, how many were measured now)."""
+    measured = {a: ms for a, ms in device.measured().items() if space.contains(a)}
+    init = initial_archs(space, n, seed)
+    todo = [a for a in init if a not in measured]
+    if todo:
+        if log:
+            log(f"measuring an initial dataset of {len(todo)} SubTransformers on '{device.name}'")
+        measured.update(device.measure(todo, progress=progress))
+    return measured, init, len(todo)
+
+
+def fit_predictor(
+    kind: str,
+    measured: Mapping[Arch, float],
+    split: Mapping[Arch, tuple[float, float]] | None = None,
+    device: str | None = None,
+) -> Any:
+    """A fresh predictor fitted on every measurement; with the encoder/decoder split of each when
+    all are known (the default predictor fits the two sides separately: more information per row)."""
+    from hat_edge.latency.predictor import make_predictor
+
+    archs = list(measured)
+    y = np.array([measured[a] for a in archs], dtype=float)
+    kw: dict[str, Any] = {}
+    if split is not None and all(a in split for a in archs):
+        kw["encoder_ms"] = np.array([split[a][0] for a in archs], dtype=float)
+        kw["decoder_ms"] = np.array([split[a][1] for a in archs], dtype=float)
+    return make_predictor(kind).fit(archs, y, device=device, **kw)
+
+
+def latency_fn(
+    pred: Any, known: Mapping[Arch, float], optimistic: float | None = None
+) -> Callable[[Sequence[Arch]], np.ndarray]:
+    """The search's latency: measured where known (a measurement beats any prediction), else
+    predicted, for a batch of archs in one predictor call. `optimistic=level`: the low end of the
+    predictor's central `level` interval instead of its point prediction."""
+
+    def latency(archs: Sequence[Arch]) -> np.ndarray:
+        out = np.empty(len(archs))
+        unknown = [i for i, a in enumerate(archs) if a not in known]
+        if unknown:
+            batch = [archs[i] for i in unknown]
+            if optimistic is not None and hasattr(pred, "predict_interval"):
+                v = pred.predict_interval(batch, level=optimistic)[0]
+            else:
+                v = pred.predict(batch)
+            out[unknown] = np.asarray(v, dtype=float).reshape(-1)
+        for i, a in enumerate(archs):
+            if a in known:
+                out[i] = known[a]
+        return out
+
+    return latency
+
+
+def _interval(pred: Any, archs: Sequence[Arch]) -> tuple[np.ndarray, np.ndarray]:
+    if not hasattr(pred, "predict_interval"):
+        p = np.asarray(pred.predict(list(archs)), dtype=float)
+        return p, p
+    lo, hi = pred.predict_interval(list(archs))
+    return np.asarray(lo, dtype=float), np.asarray(hi, dtype=float)
+
+
+def run_loop(
+    space: SearchSpace,
+    fitness: FitnessFn,
+    device: Device,
+    settings: LoopSettings,
+    *,
+    memory_fn: MemoryFn | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    checked_env: Mapping[str, Any] | None = None,
+) -> LoopResult:
+    """Search, measure, refit until the search's winner meets the budget on the device.
+
+    The device is checked (connect + runner env) before any measurement or search work; pass
+    `checked_env` when the caller has just done that.
+    """
+    say = log or (lambda msg: print(msg, file=sys.stderr))
+    t0 = time.perf_counter()
+    env = checked_env if checked_env is not None else device.check()
+    fit = fitness if isinstance(fitness, CachedFitness) else CachedFitness(fitness)
+    s = settings
+    cons = s.constraints()
+
+    # 1. The initial dataset (stored measurements are reused: a rerun measures nothing new).
+    measured, init, n_device = measure_initial(space, device, s.initial, s.seed, progress=progress, log=say)
+
+    rounds: list[RoundReport] = []
+    accepted: list[Measured] = []
+    searches: list[SearchResult] = []
+    pred = None
+    for r in range(1, s.rounds + 1):
+        split_fn = getattr(device, "split", None)
+        pred = fit_predictor(s.predictor, measured, split_fn() if split_fn else None, device.name)
+        known = dict(measured)
+
+        latency = latency_fn(pred, known)
+
+        if r == 1:
+            check_constraints(space, latency, cons, memory_fn)
+        t_search = time.perf_counter()
+        evo = replace(s.evolution, seed=s.evolution.seed + 1000 * (r - 1))
+        # Elitism across rounds: the best archs measured within the budget so far start the search.
+        elite = [c.arch for c in sorted(accepted, key=lambda c: c.loss)][: evo.parents]
+        search = evolution_search(
+            space, fit, latency, cons, evo, memory_fn=memory_fn, progress=progress, check=False, seeds=elite
+        )
+        searches.append(search)
+        top = search.top(s.top_k)
+
+        # Explore: the predictor is an estimate; archs predicted just over the budget may measure
+        # under it. A short search against an optimistic latency (the low end of the predictor's
+        # `explore_level` interval, measured where known), started from this search's parents,
+        # proposes the neighbours across the budget line; measuring the few that would beat this
+        # round's winner is how a biased or noisy predictor gets corrected where it matters,
+        # instead of the loop settling for what the predictor believes.
+        explore: list[Any] = []
+        if s.explore > 0:
+            parents = [c.arch for c in search.population[: evo.parents]]
+            local = replace(evo, population=len(parents), parents=min(evo.parents, len(parents)),
+                            iterations=s.explore_iterations, seed=evo.seed + 500)
+            opt = evolution_search(
+                space, fit, latency_fn(pred, known, optimistic=s.explore_level), cons, local,
+                memory_fn=memory_fn, progress=progress, check=False, seeds=parents,
+            )
+            taken = {c.arch for c in top}
+            explore = [
+                c for c in opt.top(len(opt.evaluated))
+                if c.arch not in taken and c.arch not in known and c.loss < top[0].loss
+            ][: s.explore]
+        search_ms = (time.perf_counter() - t_search) * 1e3
+
+        # 2. Predict (before measuring, for an honest predicted-vs-measured) and measure.
+        picked = [(c, "exploit") for c in top] + [(c, "explore") for c in explore]
+        archs = [c.arch for c, _ in picked]
+        p = np.asarray(pred.predict(archs), dtype=float).reshape(-1)
+        lo, hi = _interval(pred, archs)
+        new = [a for a in archs if a not in measured]
+        t_meas = time.perf_counter()
+        if new:
+            measured.update(device.measure(new, progress=progress))
+            n_device += len(new)
+        measure_ms = (time.perf_counter() - t_meas) * 1e3
+        cands = tuple(
+            Measured(
+                arch=c.arch, loss=c.loss, predicted_ms=float(p[i]), predicted_lo_ms=float(lo[i]),
+                predicted_hi_ms=float(hi[i]), measured_ms=float(measured[c.arch]), round=r,
+                new=c.arch in new, kind=kind,
+            )
+            for i, (c, kind) in enumerate(picked)
+        )
+        accepted += [c for c in cands if c.measured_ms <= s.limit_ms]
+        w = cands[0]
+        met = w.measured_ms <= s.limit_ms
+        better = [c for c in cands if c.kind == "explore" and c.measured_ms <= s.limit_ms and c.loss < w.loss]
+        rounds.append(
+            RoundReport(
+                round=r, fitted_on=len(known), evaluations=search.evaluations, search_ms=search_ms,
+                measure_ms=measure_ms, best_loss=search.best.loss, best_predicted_ms=search.best.latency_ms,
+                candidates=cands, met=met, explored_better=bool(better),
+            )
+        )
+        say(
+            f"round {r}: predictor fitted on {len(known)}, {search.evaluations} evaluations; winner loss "
+            f"{w.loss:.4f}, predicted {w.predicted_ms:.2f} ms, measured {w.measured_ms:.2f} ms "
+            f"(budget {s.budget_ms:.2f} ms) -> {'met' if met else 'missed'}"
+            + (f"; exploring found {len(better)} better within the budget" if better else "")
+        )
+        # Done when the search's own winner holds on the device and exploring found nothing
+        # better; a better explored arch is measured now, so the next search starts from it.
+        if met and not better:
+            break
+
+    assert searches and pred is not None
+    if accepted:
+        winner = min(accepted, key=lambda c: (c.loss, c.measured_ms))
+    else:
+        # Nothing measured within the budget: report the fastest candidate, flagged as not met.
+        winner = min((c for rr in rounds for c in rr.candidates), key=lambda c: (c.measured_ms, c.loss))
+    return LoopResult(
+        budget_ms=s.budget_ms,
+        tolerance=s.tolerance,
+        winner=winner,
+        met=bool(accepted),
+        rounds=tuple(rounds),
+        searches=tuple(searches),
+        measured=measured,
+        initial=tuple(init),
+        device_measurements=n_device,
+        fitness_evaluations=fit.calls,
+        wall_ms=(time.perf_counter() - t0) * 1e3,
+        predictor=pred,
+        device_env=env,
+    )
+
+
+def budget_from_measurements(measured: Mapping[Arch, float], percentile: float = 40.0) -> float:
+    """A default budget: the given percentile of the measured latencies (rounded to 0.1 ms)."""
+    if not measured:
+        raise UserError("no measurements to choose a budget from; pass --budget")
+    return round(float(np.percentile(list(measured.values()), percentile)), 1)
+
+
+__all__ = [
+    "Device",
+    "LoopResult",
+    "LoopSettings",
+    "Measured",
+    "ProfileDevice",
+    "RoundReport",
+    "budget_from_measurements",
+    "fit_predictor",
+    "initial_archs",
+    "latency_fn",
+    "measure_initial",
+    "run_loop",
+]

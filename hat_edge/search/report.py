@@ -1,0 +1,289 @@
+"""The main job's report: `report.md` and three PNG plots (matplotlib, Agg: no display needed).
+
+    predicted_vs_measured.png   the predictor's honesty: every candidate's latency predicted before
+                                it was measured vs its measurement, and the initial dataset's fit
+    search_progress.png         best feasible loss vs fitness evaluations, per loop round, and
+                                random search at the same number of evaluations
+    loss_vs_latency.png         every evaluated SubTransformer, the Pareto front, the budget, the
+                                winner and the largest SubTransformer
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from hat_edge.search.evolution import SearchResult, pareto_front
+from hat_edge.search.loop import LoopResult
+
+REPORT_VERSION = 1
+PLOTS = ("predicted_vs_measured.png", "search_progress.png", "loss_vs_latency.png")
+
+_ROUND_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# --------------------------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------------------------
+def plot_predicted_vs_measured(loop: LoopResult, path: str | Path, device: str = "") -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 5.6), dpi=120)
+    cands = {c.arch: c for c in loop.candidates()}
+    # The fit data: the final predictor on the measurements it was fitted on (in sample).
+    fit_archs = [a for a in loop.measured if a not in cands]
+    if fit_archs and loop.predictor is not None:
+        meas = np.array([loop.measured[a] for a in fit_archs])
+        pred = np.asarray(loop.predictor.predict(fit_archs), dtype=float)
+        ax.scatter(meas, pred, s=14, c="0.65", label=f"fit data ({len(fit_archs)}, in sample)", zorder=2)
+    # The candidates: predicted before they were measured (out of sample), by round.
+    for r in loop.rounds:
+        col = _ROUND_COLORS[(r.round - 1) % len(_ROUND_COLORS)]
+        for kind, marker, what in (("exploit", "o", "search's top"), ("explore", "s", "explored")):
+            new = [c for c in r.candidates if c.new and c.kind == kind]
+            if not new:
+                continue
+            m = np.array([c.measured_ms for c in new])
+            p = np.array([c.predicted_ms for c in new])
+            err = np.array([[c.predicted_ms - c.predicted_lo_ms for c in new],
+                            [c.predicted_hi_ms - c.predicted_ms for c in new]])
+            ax.errorbar(m, p, yerr=np.clip(err, 0, None), fmt=marker, ms=6, color=col, ecolor=col, elinewidth=1,
+                        capsize=2, mfc=col if kind == "exploit" else "white", zorder=3,
+                        label=f"round {r.round}: {what} (predicted before measuring, 90% interval)")
+    w = loop.winner
+    ax.scatter([w.measured_ms], [w.predicted_ms], marker="*", s=260, c="gold", edgecolors="k", zorder=5,
+               label=f"winner: {w.predicted_ms:.1f} predicted / {w.measured_ms:.1f} measured ms")
+    lo, hi = _limits([*loop.measured.values(), *(c.predicted_ms for c in cands.values())])
+    xs = np.array([lo, hi])
+    ax.plot(xs, xs, "k-", lw=1, label="predicted = measured")
+    ax.fill_between(xs, xs * 0.9, xs * 1.1, color="0.85", alpha=0.5, lw=0, label="±10%")
+    ax.axvline(loop.budget_ms, color="tab:red", ls="--", lw=1, label=f"budget {loop.budget_ms:.1f} ms")
+    ax.axhline(loop.budget_ms, color="tab:red", ls="--", lw=1)
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_xlabel("measured latency (ms, median)")
+    ax.set_ylabel("predicted latency (ms)")
+    ax.set_title(f"Latency predictor vs measurement{' on ' + device if device else ''}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7.5, loc="upper left")
+    return _save(fig, path)
+
+
+def plot_search_progress(loop: LoopResult, path: str | Path, random: SearchResult | None = None) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    for r, res in zip(loop.rounds, loop.searches):
+        col = _ROUND_COLORS[(r.round - 1) % len(_ROUND_COLORS)]
+        ev = [h.evaluations for h in res.history]
+        ax.plot(ev, [h.best_loss for h in res.history], "-o", ms=3, color=col,
+                label=f"evolution, round {r.round}: best feasible loss")
+        ax.plot(ev, [h.parents_mean_loss for h in res.history], ":", color=col, lw=1,
+                label=f"round {r.round}: mean loss of the parents")
+    if random is not None:
+        ax.plot([h.evaluations for h in random.history], [h.best_loss for h in random.history], "-s",
+                ms=3, color="0.4", label="random search, same evaluations")
+    ax.set_xlabel("fitness evaluations (validation loss of a SubTransformer)")
+    ax.set_ylabel("validation loss (lower is better)")
+    ax.set_title(f"Search progress under {loop.budget_ms:.1f} ms")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7.5)
+    return _save(fig, path)
+
+
+def plot_front(
+    loop: LoopResult,
+    path: str | Path,
+    references: Mapping[str, tuple[float, float]] | None = None,
+) -> Path:
+    """references: label -> (latency ms, loss) of named archs (e.g. the largest SubTransformer)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    res = loop.last_search
+    lat = np.array([c.latency_ms for c in res.evaluated])
+    loss = np.array([c.loss for c in res.evaluated])
+    ax.scatter(lat, loss, s=8, c="0.7", label=f"evaluated ({len(lat)}, latency predicted or measured)")
+    front = pareto_front(res.evaluated)
+    ax.step([c.latency_ms for c in front], [c.loss for c in front], where="post", color="tab:blue", lw=1.5,
+            label="Pareto front (loss vs latency)")
+    ax.scatter([c.latency_ms for c in front], [c.loss for c in front], s=16, c="tab:blue", zorder=3)
+    ax.axvline(loop.budget_ms, color="tab:red", ls="--", lw=1, label=f"budget {loop.budget_ms:.1f} ms")
+    w = loop.winner
+    ax.scatter([w.measured_ms], [w.loss], marker="*", s=260, c="gold", edgecolors="k", zorder=5,
+               label=f"winner (measured {w.measured_ms:.1f} ms, loss {w.loss:.3f})")
+    for i, (label, (ms, l)) in enumerate((references or {}).items()):
+        ax.scatter([ms], [l], marker="D", s=50, c=["tab:green", "tab:purple", "tab:brown"][i % 3],
+                   edgecolors="k", zorder=4, label=f"{label} ({ms:.1f} ms, loss {l:.3f})")
+    ax.set_xlabel("latency (ms)")
+    ax.set_ylabel("validation loss (lower is better)")
+    ax.set_title("Accuracy vs latency: the searched SubTransformers")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7.5)
+    return _save(fig, path)
+
+
+def _limits(vals: Sequence[float]) -> tuple[float, float]:
+    v = [x for x in vals if x is not None and math.isfinite(x)]
+    lo, hi = min(v), max(v)
+    pad = 0.06 * (hi - lo or hi)
+    return max(0.0, lo - pad), hi + pad
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Markdown
+# --------------------------------------------------------------------------------------------
+def _f(x: Any, nd: int = 2, unit: str = "") -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    if isinstance(x, float):
+        return f"{x:.{nd}f}{unit}"
+    return f"{x}{unit}"
+
+
+def render_markdown(s: Mapping[str, Any]) -> str:
+    """report.md from the main job's summary (the same dict `--json` prints)."""
+    w, L = s["winner"], s.get("largest") or {}
+    lines = [
+        "# hat-edge report",
+        "",
+        f"Device **{s['device']}** ({s.get('device_desc', '')}); checkpoint **{s.get('checkpoint', '')}**, "
+        f"space **{s.get('space', '')}**. Generated {s.get('created_at', '')} in {_f(s.get('wall_s'), 0)} s.",
+        "",
+        "## Result",
+        "",
+        "| | winner | largest SubTransformer |",
+        "|---|---|---|",
+        f"| latency budget | {_f(s['budget_ms'])} ms ({s.get('budget_source', '')}) | |",
+        f"| predicted latency | {_f(w.get('predicted_latency_ms'))} ms "
+        f"[{_f(w.get('predicted_lo_ms'))}, {_f(w.get('predicted_hi_ms'))}] | |",
+        f"| measured latency (median) | **{_f(w.get('measured_latency_ms'))} ms** | {_f(L.get('measured_latency_ms'))} ms |",
+        f"| deployed latency (median, bundle on device) | {_f(w.get('deployed_latency_ms'))} ms | |",
+        f"| validation loss | {_f(w.get('loss'), 4)} | {_f(L.get('loss'), 4)} |",
+        f"| BLEU (test, {s.get('bleu_sentences', '?')} sentences, beam {s.get('bleu_beam', '?')}) | "
+        f"{_f(w.get('bleu'), 1)} | {_f(L.get('bleu'), 1)} |",
+        f"| params (HAT convention) | {_f(w.get('params', 0) / 1e6, 3)} M | {_f(L.get('params', 0) / 1e6, 3)} M |",
+        f"| speed-up over the largest | **{_f(s.get('speedup'), 2)}x** | 1.00x |",
+        "",
+        f"Budget met: **{'yes' if s.get('met') else 'NO'}** (measured <= budget x {1 + s.get('tolerance', 0):.2f}). "
+        f"Winner: `{w.get('describe', '')}`.",
+        "",
+        "## The loop",
+        "",
+        f"{s.get('initial_measurements', '?')} initial measurements, then {len(s.get('rounds', []))} round(s); "
+        f"{s.get('device_measurements', '?')} models measured on the device in all, "
+        f"{s.get('fitness_evaluations', '?')} fitness evaluations.",
+        "",
+        "Each round measures the search's top candidates and a few `explored` ones: archs an optimistic "
+        "search (latency at the low end of the predictor's interval) finds with a lower loss.",
+        "",
+        "| round | fitted on | evaluations | search s | candidates: predicted -> measured ms (loss) | met |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in s.get("rounds", []):
+        cands = "; ".join(
+            f"{'explored ' if c.get('kind') == 'explore' else ''}{c['predicted_ms']:.1f} -> {c['measured_ms']:.1f} "
+            f"({c['loss']:.3f})" for c in r["candidates"]
+        )
+        lines.append(
+            f"| {r['round']} | {r['fitted_on']} | {r['evaluations']} | {r['search_ms'] / 1e3:.1f} | {cands} | "
+            f"{'yes' if r['met'] else 'no'} |"
+        )
+    pe = s.get("predictor_error")
+    if pe:
+        lines += [
+            "",
+            f"Predictor on the candidates, predicted before measuring: mean |error| {_f(pe.get('mape'), 1)}%, "
+            f"{_f(pe.get('within_10'), 0)}% within 10%.",
+        ]
+    rnd = s.get("random_search")
+    if rnd:
+        lines += [
+            "",
+            f"Random search with the same {rnd['evaluations']} evaluations under the same budget: best loss "
+            f"{_f(rnd['best_loss'], 4)} vs evolution {_f(rnd['evolution_best_loss'], 4)}.",
+        ]
+    dep = s.get("deploy")
+    if dep:
+        lines += [
+            "",
+            "## Deployment",
+            "",
+            f"Bundle `{dep.get('bundle', '')}` ({dep.get('runtime', '')}{', ' + dep['quantize'] if dep.get('quantize') else ''}), "
+            f"pushed to `{dep.get('remote_dir', '')}`: {dep.get('files_sent', '?')} file(s) sent, "
+            f"{dep.get('files_skipped', '?')} unchanged. Hashes verified on the device: "
+            f"{'yes' if dep.get('hashes_ok') else 'NO'}; device/host translations identical: "
+            f"{'yes' if dep.get('parity') else 'NO'}. "
+            f"Benchmark there: median {_f(dep.get('median_ms'))} ms, p90 {_f(dep.get('p90_ms'))} ms, CV {_f(dep.get('cv'), 3)}.",
+        ]
+    tr = s.get("translations") or []
+    if tr:
+        lines += ["", "## Translations (on the device, winner)", "", "| source | reference | winner |", "|---|---|---|"]
+        for t in tr:
+            lines.append(f"| {_md(t['source'])} | {_md(t['reference'])} | {_md(t['hypothesis'])} |")
+    lines += [
+        "",
+        "## Plots",
+        "",
+        "![predicted vs measured latency](predicted_vs_measured.png)",
+        "",
+        "![search progress](search_progress.png)",
+        "",
+        "![loss vs latency](loss_vs_latency.png)",
+        "",
+    ]
+    env = s.get("device_env")
+    if env:
+        keep = {k: env[k] for k in ("os", "cpu", "cpu_model", "cores", "memory_mb", "python", "numpy", "onnxruntime", "torch", "governor") if k in env}
+        lines += ["## Device environment", "", "```json", json.dumps(keep, indent=1), "```", ""]
+    lines += ["Reproduce: `" + s.get("command", "hat-edge run") + "`", ""]
+    return "\n".join(lines)
+
+
+def _md(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def write_report(
+    out_dir: str | Path,
+    summary: Mapping[str, Any],
+    loop: LoopResult,
+    random: SearchResult | None = None,
+    references: Mapping[str, tuple[float, float]] | None = None,
+) -> list[Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [
+        plot_predicted_vs_measured(loop, out / PLOTS[0], device=str(summary.get("device", ""))),
+        plot_search_progress(loop, out / PLOTS[1], random=random),
+        plot_front(loop, out / PLOTS[2], references=references),
+    ]
+    md = out / "report.md"
+    md.write_text(render_markdown(summary))
+    js = out / "report.json"
+    js.write_text(json.dumps({"format": "hat-edge-report", "version": REPORT_VERSION, **summary}, indent=1, default=str) + "\n")
+    return [md, js, *paths]
+
+
+__all__ = ["PLOTS", "plot_front", "plot_predicted_vs_measured", "plot_search_progress", "render_markdown", "write_report"]
