@@ -7,6 +7,7 @@ let the tests know the true optimum, which a trained SuperTransformer cannot tel
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import numpy as np
@@ -288,3 +289,53 @@ def test_seeds_start_the_search_when_feasible():
     first = [c.arch for c in res.evaluated[:10]]
     assert good in first and too_slow not in {c.arch for c in res.evaluated}
     assert res.best.loss <= capacity_loss(good)
+
+
+# ------------------------------------------------------------------------------------------------
+# The `hat-edge search` command: the demo checkpoint's loss, a saved predictor's latency
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def flops_predictor(tmp_path_factory):
+    """A real default predictor, fitted on synthetic (FLOPs-based) latencies of 30 demo archs."""
+    from hat_edge.latency.predictor import make_predictor
+
+    archs = DEMO.sample_n(30, seed=4) + [DEMO.smallest(), DEMO.largest()]
+    pred = make_predictor("default").fit(archs, flops_latency(archs), device="synthetic")
+    return pred.save(tmp_path_factory.mktemp("pred") / "pred.json"), pred
+
+
+@pytest.mark.slow
+def test_search_command_with_a_saved_predictor(tmp_path, flops_predictor):
+    from click.testing import CliRunner
+
+    from hat_edge.cli import cli
+
+    path, pred = flops_predictor
+    budget = float(np.median(pred.predict(DEMO.sample_n(100, seed=1))))
+    out = tmp_path / "winner.yml"
+    small = ["--population", "8", "--parents", "3", "--mutations", "3", "--crossovers", "2", "--iterations", "2",
+             "--valid-sentences", "20", "--no-progress"]
+    r = CliRunner().invoke(cli, ["search", "--predictor", str(path), "--budget", f"{budget:.3f}", *small,
+                                 "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output.strip().splitlines()[-1])
+    assert d["predicted_latency_ms"] <= budget and d["budget_ms"] == pytest.approx(budget, abs=1e-3)
+    assert d["loss"] > 0 and d["evaluations"] <= 8 + 5
+    assert Arch.load(out) == Arch.from_dict(d["arch"])
+
+    fastest = float(min(pred.predict([DEMO.smallest()] + DEMO.sample_n(1000, seed=7919))))
+    r = CliRunner().invoke(cli, ["search", "--predictor", str(path), "--budget", f"{fastest * 0.5:.3f}", *small])
+    assert r.exit_code != 0
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and "below the fastest SubTransformer" in lines[0] and "predicted" in lines[0]
+
+
+def test_search_command_argument_errors():
+    from click.testing import CliRunner
+
+    from hat_edge.cli import cli
+
+    r = CliRunner().invoke(cli, ["search", "--profile", "local-cpu"])
+    assert r.exit_code != 0 and "--budget" in r.output
+    r = CliRunner().invoke(cli, ["search", "--budget", "10"])
+    assert r.exit_code != 0 and "--predictor" in r.output

@@ -98,7 +98,7 @@ def search_cmd(checkpoint: str, budget_ms: float | None, predictor_path: str | N
       hat-edge search --pareto --predictor pi4.json --iterations 10 --json
     """
     from hat_edge.checkpoint import load_checkpoint
-    from hat_edge.search.evolution import Constraints, estimate_memory_mb, evolution_search
+    from hat_edge.search.evolution import Constraints, check_constraints, estimate_memory_mb, evolution_search
     from hat_edge.search.mainjob import make_fitness
 
     settings = _evolution(evo)
@@ -112,10 +112,12 @@ def search_cmd(checkpoint: str, budget_ms: float | None, predictor_path: str | N
     cons = Constraints(
         latency_ms=budget_ms, max_params=int(max_params * 1e6) if max_params else None, max_memory_mb=max_memory_mb
     )
+    memory_fn = (lambda a: estimate_memory_mb(a, vocab)) if max_memory_mb else None
+    check_constraints(ckpt.space, pred.predict, cons, memory_fn)  # before building the fitness
     fit = make_fitness(ckpt, valid_sentences)
     res = evolution_search(
-        ckpt.space, fit, pred.predict, cons, settings, pareto=pareto,
-        memory_fn=(lambda a: estimate_memory_mb(a, vocab)) if max_memory_mb else None, progress=not no_progress,
+        ckpt.space, fit, pred.predict, cons, settings, pareto=pareto, memory_fn=memory_fn,
+        progress=not no_progress, check=False,
     )
     _write_arch(res.best.arch, out_path)
     if as_json:
