@@ -54,6 +54,13 @@ def read_curve(run: Path | None) -> list[dict]:
     return [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines() if line.strip()]
 
 
+def _rel(path: str) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return path
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -146,7 +153,7 @@ def main() -> int:
     lines = [
         "# Demo SuperTransformer: SubTransformers from smallest to largest",
         "",
-        f"Checkpoint `{ck.path}` ({doc['checkpoint_bytes'] / 1e6:.2f} MB, fp16), trained "
+        f"Checkpoint `{_rel(ck.path)}` ({doc['checkpoint_bytes'] / 1e6:.2f} MB, fp16), trained "
         f"{doc['train_steps']} steps in {(doc['train_elapsed_ms'] or 0) / 60000:.0f} min on {doc['hardware']['cpu']} "
         f"({doc['hardware']['cores']} cores, shared). Test split: {len(test)} pairs, beam {args.beam}, "
         f"`{res.signature}`.",
@@ -157,6 +164,9 @@ def main() -> int:
     for r in rows:
         lines.append(f"| {r['name']} | {r['params'] / 1e6:.2f} | {r['flops'] / 1e9:.2f} | {r['test_loss']:.3f} | "
                      f"{r['bleu']:.2f} | {r['valid_loss_ms']:.0f} |")
+    lines += ["", "Fitness ms: one `ValidLoss.loss(arch)` call (300 validation pairs, the search's fitness) "
+              f"with {args.threads} threads, measured in passing on a machine shared with other jobs: "
+              "it swings with their load.", ""]
     lines += ["", "Archs:", ""] + [f"- {r['name']}: {r['describe']}" for r in rows]
     lines += ["", f"Example (largest): `{rows[-1]['example']['src']}` -> `{rows[-1]['example']['hyp']}` "
               f"(reference `{rows[-1]['example']['ref']}`)", ""]

@@ -78,13 +78,17 @@ def _write_arch(arch, path: str | None) -> None:
               help="Also require estimated model memory (weights + caches, fp32) <= this many MB.")
 @click.option("--valid-sentences", default=200, show_default=True, type=click.IntRange(min=1),
               help="Validation sentences for the fitness (loss).")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(min=0),
+              help="Torch threads on the host for the fitness (0: torch's default). One is fastest on a "
+                   "busy machine and keeps local measurements undisturbed.")
 @_evolution_options
 @click.option("--out", "out_path", default=None, help="Write the winner here (HAT YAML, or .json).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def search_cmd(checkpoint: str, budget_ms: float | None, predictor_path: str | None, profile_name: str | None,
                store_path: str | None, pareto: bool, max_params: float | None, max_memory_mb: float | None,
-               valid_sentences: int, out_path: str | None, as_json: bool, no_progress: bool, **evo: Any) -> None:
+               valid_sentences: int, threads: int, out_path: str | None, as_json: bool, no_progress: bool,
+               **evo: Any) -> None:
     """HAT's evolutionary search against a latency predictor (no device needed).
 
     Fitness: the validation loss each SubTransformer inherits from the SuperTransformer. Constraint:
@@ -99,9 +103,10 @@ def search_cmd(checkpoint: str, budget_ms: float | None, predictor_path: str | N
     """
     from hat_edge.checkpoint import load_checkpoint
     from hat_edge.search.evolution import Constraints, check_constraints, estimate_memory_mb, evolution_search
-    from hat_edge.search.mainjob import make_fitness
+    from hat_edge.search.mainjob import make_fitness, set_host_threads
 
     settings = _evolution(evo)
+    set_host_threads(threads)
     if budget_ms is None and not pareto:
         raise UserError("--budget MS is required (or use --pareto to get the loss-vs-latency front)")
     if (predictor_path is None) == (profile_name is None):
@@ -189,6 +194,9 @@ def _predictor(predictor_path: str | None, profile_name: str | None, store_path:
               help="Latency store. Default: $HAT_EDGE_STORE or .hat-edge/latency.sqlite.")
 @click.option("--valid-sentences", default=200, show_default=True, type=click.IntRange(min=1),
               help="Validation sentences for the fitness (loss).")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(min=0),
+              help="Torch threads on the host for the fitness (0: torch's default). One is fastest on a "
+                   "busy machine and keeps local measurements undisturbed.")
 @_evolution_options
 @click.option("--small", is_flag=True,
               help="A CPU-sized search (population 40, parents 10, 15 + 15 children, 10 iterations).")
@@ -197,7 +205,7 @@ def _predictor(predictor_path: str | None, profile_name: str | None, store_path:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def loop_cmd(profile_name: str, budget_ms: float, checkpoint: str, rounds: int, top_k: int, tolerance: float,
-             initial: int, explore: int, store_path: str | None, valid_sentences: int, small: bool, out_path: str | None,
+             initial: int, explore: int, store_path: str | None, valid_sentences: int, threads: int, small: bool, out_path: str | None,
              trust_new_host: bool, as_json: bool, no_progress: bool, **evo: Any) -> None:
     """Search, measure the best candidates on the device, refit the predictor, repeat.
 
@@ -216,9 +224,10 @@ def loop_cmd(profile_name: str, budget_ms: float, checkpoint: str, rounds: int, 
     from hat_edge.latency.store import DEFAULT_STORE_PATH, LatencyStore
     from hat_edge.search.evolution import EvolutionSettings
     from hat_edge.search.loop import LoopSettings, ProfileDevice, run_loop
-    from hat_edge.search.mainjob import make_fitness, prepare_profile
+    from hat_edge.search.mainjob import make_fitness, prepare_profile, set_host_threads
 
     settings = _evolution(evo)
+    set_host_threads(threads)
     if small:
         settings = EvolutionSettings.small(seed=settings.seed)
     ls = LoopSettings(budget_ms=budget_ms, rounds=rounds, top_k=top_k, tolerance=tolerance, initial=initial,
@@ -342,12 +351,15 @@ def deploy_cmd(profile_name: str, arch_file: str | None, checkpoint: str | None,
               help="Default budget: this percentile of the initial measurements.")
 @click.option("--initial", default=24, show_default=True, type=click.IntRange(min=5),
               help="SubTransformers measured before the first search.")
-@click.option("--rounds", default=3, show_default=True, type=click.IntRange(min=1), help="Most loop rounds.")
+@click.option("--rounds", default=2, show_default=True, type=click.IntRange(min=1), help="Most loop rounds.")
 @click.option("--top-k", default=3, show_default=True, type=click.IntRange(min=1), help="Candidates measured per round.")
 @click.option("--search-size", type=click.Choice(["quick", "small", "hat"]), default="quick", show_default=True,
               help="Evolution size: quick (24 x 6), small (40 x 10), or HAT's own (125 x 30).")
 @click.option("--valid-sentences", default=60, show_default=True, type=click.IntRange(min=1),
               help="Validation sentences for the fitness (loss).")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(min=0),
+              help="Torch threads on the host for the fitness (0: torch's default). One is fastest on a "
+                   "busy machine and keeps local measurements undisturbed.")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None, help="Deploy the winner as int8.")
 @click.option("--out", "out_dir", default="hat-edge-run", show_default=True,
               help="Output directory: report.md, plots, report.json, the bundle, the latency store.")
@@ -358,7 +370,7 @@ def deploy_cmd(profile_name: str, arch_file: str | None, checkpoint: str | None,
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def run_cmd(profile_name: str, checkpoint: str, budget_ms: float | None, budget_percentile: float, initial: int,
-            rounds: int, top_k: int, search_size: str, valid_sentences: int, quantize: str | None, out_dir: str, compare_random: bool,
+            rounds: int, top_k: int, search_size: str, valid_sentences: int, threads: int, quantize: str | None, out_dir: str, compare_random: bool,
             seed: int, trust_new_host: bool, as_json: bool, no_progress: bool) -> None:
     """The whole job: measure, fit, search under a budget, deploy, benchmark, report.
 
@@ -385,7 +397,7 @@ def run_cmd(profile_name: str, checkpoint: str, budget_ms: float | None, budget_
         initial=initial, rounds=rounds, top_k=top_k, quantize=quantize, out_dir=out_dir,
         evolution={"quick": EvolutionSettings.quick, "small": EvolutionSettings.small,
                    "hat": EvolutionSettings}[search_size](seed=seed),
-        valid_sentences=valid_sentences,
+        valid_sentences=valid_sentences, threads=threads or None,
         compare_random=compare_random, seed=seed, trust_new_host=trust_new_host,
     )
     argv = " ".join(sys.argv[1:]) if sys.argv and "hat-edge" in Path(sys.argv[0]).name else "run"

@@ -49,9 +49,12 @@ def plot_predicted_vs_measured(loop: LoopResult, path: str | Path, device: str =
         pred = np.asarray(loop.predictor.predict(fit_archs), dtype=float)
         ax.scatter(meas, pred, s=14, c="0.65", label=f"fit data ({len(fit_archs)}, in sample)", zorder=2)
     # The candidates: predicted before they were measured (out of sample), by round.
+    from matplotlib.lines import Line2D
+
+    handles: list[Any] = []
     for r in loop.rounds:
         col = _ROUND_COLORS[(r.round - 1) % len(_ROUND_COLORS)]
-        for kind, marker, what in (("exploit", "o", "search's top"), ("explore", "s", "explored")):
+        for kind, marker in (("exploit", "o"), ("explore", "s")):
             new = [c for c in r.candidates if c.new and c.kind == kind]
             if not new:
                 continue
@@ -59,9 +62,14 @@ def plot_predicted_vs_measured(loop: LoopResult, path: str | Path, device: str =
             p = np.array([c.predicted_ms for c in new])
             err = np.array([[c.predicted_ms - c.predicted_lo_ms for c in new],
                             [c.predicted_hi_ms - c.predicted_ms for c in new]])
-            ax.errorbar(m, p, yerr=np.clip(err, 0, None), fmt=marker, ms=6, color=col, ecolor=col, elinewidth=1,
-                        capsize=2, mfc=col if kind == "exploit" else "white", zorder=3,
-                        label=f"round {r.round}: {what} (predicted before measuring, 90% interval)")
+            ax.errorbar(m, p, yerr=np.clip(err, 0, None), fmt=marker, ms=6, color=col, ecolor=col, elinewidth=0.8,
+                        capsize=2, alpha=0.9, mfc=col if kind == "exploit" else "white", zorder=3)
+        handles.append(Line2D([], [], color=col, marker="o", ls="", label=f"round {r.round}"))
+    # Marker legend: filled = the search's top candidates, open = explored ones; bars = 90% interval.
+    handles += [
+        Line2D([], [], color="k", marker="o", ls="", label="search's top (predicted before measuring)"),
+        Line2D([], [], color="k", marker="s", mfc="white", ls="", label="explored (optimistic search)"),
+    ]
     w = loop.winner
     ax.scatter([w.measured_ms], [w.predicted_ms], marker="*", s=260, c="gold", edgecolors="k", zorder=5,
                label=f"winner: {w.predicted_ms:.1f} predicted / {w.measured_ms:.1f} measured ms")
@@ -77,7 +85,10 @@ def plot_predicted_vs_measured(loop: LoopResult, path: str | Path, device: str =
     ax.set_ylabel("predicted latency (ms)")
     ax.set_title(f"Latency predictor vs measurement{' on ' + device if device else ''}")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7.5, loc="upper left")
+    first = ax.legend(fontsize=7.5, loc="upper left")
+    ax.add_artist(first)
+    ax.legend(handles=handles, fontsize=7.5, loc="lower right", title="candidates (bars: 90% interval)",
+              title_fontsize=7.5)
     return _save(fig, path)
 
 
