@@ -258,3 +258,64 @@ def test_measure_in_process_honours_min_repeats_and_time(bundles) -> None:
                                       "min_time_s": 0.3})
     res = runner.measure(model, s)
     assert len(res["runs"]) >= 3 and sum(r["total_ms"] for r in res["runs"]) >= 300 * 0.9
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_weightless_measurement_bundle_ships_graphs_and_the_device_writes_the_weights(tmp_path, quantize) -> None:
+    """A measurement bundle leaves its weights to the device: the copy that travels is the graphs
+    and the manifest; the runner (run from a bare copy, as on a board) writes random weights of the
+    right sizes, and the model runs with the same output shapes as the full bundle."""
+    import shutil
+
+    from hat_edge.exporters import export_bundle
+    from hat_edge.exporters.bundle import make_weightless
+    from hat_edge.model import SubTransformer
+
+    sub = SubTransformer.random(SMALL, 3000, seed=2)
+    full = export_bundle(sub, tmp_path / "full", fmt="onnx", exporter="torchscript", quantize=quantize,
+                         parity_check=False)
+    light = tmp_path / "light"
+    shutil.copytree(full, light)
+    b = make_weightless(light)
+    gen = b.manifest["generated"]
+    assert set(gen) == {"encoder.weights", "decoder_step.weights"}
+    size = lambda d: sum(p.stat().st_size for p in d.iterdir())  # noqa: E731
+    assert size(light) < size(full) / 3  # only the graphs and the manifest are left to ship
+    assert "random" in b.manifest["weights"]
+
+    # "Ship" it: copy what a device receives, and run the runner file there.
+    dev = tmp_path / "device"
+    dev.mkdir()
+    shutil.copytree(light, dev / "b")
+    copy = dev / "runner.py"
+    copy.write_text(RUNNER.read_text())
+    r = subprocess.run([sys.executable, str(copy), "translate", str(dev / "b"), "--src", "5 9 17 3",
+                        "--beam", "2", "--max-len", "6"], capture_output=True, text=True, cwd=dev)
+    assert r.returncode == 0, r.stderr
+    assert all((dev / "b" / name).stat().st_size == spec["bytes"] for name, spec in gen.items())
+    job = _job(dev, [("w", str(dev / "b"))])
+    r = _run("run", str(job), "--out", str(dev / "res.jsonl"))
+    assert r.returncode == 0, r.stderr
+    rec = json.loads((dev / "res.jsonl").read_text())
+    assert rec["median_ms"] > 0 and len(rec["runs"]) >= 4
+
+    m_full, m_light = runner.open_model(full, threads=1), runner.open_model(dev / "b", threads=1)
+    src = np.array([[5, 9, 17, 3]], dtype=np.int64)
+    for x, y in zip(m_full.encode(src), m_light.encode(src)):
+        assert x.shape == y.shape and np.isfinite(y).all()
+    # A generated file of the wrong size (an interrupted write) is written again, not used.
+    w = dev / "b" / "encoder.weights"
+    w.write_bytes(b"\0" * 10)
+    assert runner.materialize_generated(dev / "b", runner.read_manifest(dev / "b")) == gen["encoder.weights"]["bytes"]
+    # The layout is sealed by the manifest digest: editing it is refused like any tampering.
+    mpath = dev / "b" / "manifest.json"
+    m = json.loads(mpath.read_text())
+    m["generated"]["encoder.weights"]["bytes"] += 4096
+    mpath.write_text(json.dumps(m))
+    with pytest.raises(runner.RunnerError, match="manifest_sha256"):
+        runner.read_manifest(dev / "b")
+    # A stray file is still refused; the generated ones are not strays.
+    mpath.write_text(json.dumps(b.manifest))
+    (dev / "b" / "extra.bin").write_bytes(b"x")
+    with pytest.raises(runner.RunnerError, match="extra.bin"):
+        runner.read_manifest(dev / "b")

@@ -324,7 +324,8 @@ def read_manifest(bundle_dir: str | Path, verify_hashes: bool = True) -> dict:
                 raise RunnerError(f"{where}: file '{name}' has no sha256 in {MANIFEST}")
             if sha256_file(p) != want:
                 raise RunnerError(f"{where}: sha256 of '{name}' does not match {MANIFEST} (modified or corrupt)")
-    extra = [f for f in bundle_files(d) if f not in files]
+    generated = _check_generated(manifest.get("generated"), where)
+    extra = [f for f in bundle_files(d) if f not in files and f not in generated]
     if extra:
         raise RunnerError(f"{where}: file '{extra[0]}' is not listed in {MANIFEST}")
     for g in ("encoder", "decoder_step"):
@@ -332,6 +333,74 @@ def read_manifest(bundle_dir: str | Path, verify_hashes: bool = True) -> dict:
         if gf not in files:
             raise RunnerError(f"{where}: graph '{g}' names no file listed in {MANIFEST}")
     return manifest
+
+
+# Measurement bundles may leave their weights to the device: latency does not depend on weight
+# values, so `hat-edge measure` ships the graphs (a few hundred kB, hashed like any bundle file)
+# and the device writes random weights of the right sizes into the external-data files the graphs
+# name, instead of receiving ~100 MB of random numbers per model over the link. The manifest's
+# `generated` field ({file: {"bytes", "seed", "tensors": [[offset, nbytes, dtype], ...]}}) is
+# covered by manifest_sha256; the generated files themselves are random by design and unhashed.
+GENERATED_DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8, "uint8": np.uint8}
+_GEN_CHUNK = 1 << 22  # values per write: bounded memory on a small board
+
+
+def _check_generated(gen: Any, where: str) -> dict:
+    if gen is None:
+        return {}
+    if not isinstance(gen, dict):
+        raise RunnerError(f"{where}: field 'generated' must map file names to their layout")
+    for name, spec in gen.items():
+        if not isinstance(name, str) or ".." in Path(name).parts or Path(name).is_absolute() or "/" in name:
+            raise RunnerError(f"{where}: generated file name {name!r} is not a plain file name")
+        ok = isinstance(spec, dict) and isinstance(spec.get("bytes"), int) and isinstance(spec.get("tensors"), list)
+        if ok:
+            for t in spec["tensors"]:
+                ok = ok and isinstance(t, list) and len(t) == 3 and isinstance(t[0], int) and isinstance(t[1], int) \
+                    and t[2] in GENERATED_DTYPES and 0 <= t[0] and t[0] + t[1] <= spec["bytes"]
+        if not ok:
+            raise RunnerError(f"{where}: generated file '{name}' has a malformed layout in {MANIFEST}")
+    return gen
+
+
+def _random_values(rng: "np.random.Generator", count: int, dtype: str) -> bytes:
+    if dtype in ("float32", "float16"):
+        v = rng.random(count, dtype=np.float32)
+        v *= 0.1
+        v -= 0.05  # small uniform weights: no overflow, no denormals
+        return v.astype(GENERATED_DTYPES[dtype], copy=False).tobytes()
+    lo, hi = (-127, 128) if dtype == "int8" else (0, 256)
+    return rng.integers(lo, hi, size=count, dtype=GENERATED_DTYPES[dtype]).tobytes()
+
+
+def materialize_generated(bundle_dir: str | Path, manifest: dict) -> int:
+    """Write the random weight files of a measurement bundle that are missing or of the wrong
+    size (atomically: temp file, then rename). Returns the bytes written (0: all were there)."""
+    d = Path(bundle_dir)
+    written = 0
+    for name, spec in _check_generated(manifest.get("generated"), f"bundle {d}").items():
+        path = d / name
+        if path.is_file() and path.stat().st_size == spec["bytes"]:
+            continue
+        rng = np.random.default_rng(int(spec.get("seed", 0)))
+        tmp = d / f".{name}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "wb") as f:
+                f.truncate(spec["bytes"])
+                for off, nbytes, dtype in spec["tensors"]:
+                    size = np.dtype(GENERATED_DTYPES[dtype]).itemsize
+                    f.seek(off)
+                    left = nbytes // size
+                    while left > 0:
+                        n = min(left, _GEN_CHUNK)
+                        f.write(_random_values(rng, n, dtype))
+                        left -= n
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise RunnerError(f"bundle {d}: cannot write generated weights '{name}': {e.strerror or e}") from None
+        written += spec["bytes"]
+    return written
 
 
 # ------------------------------------------------------------------------------------------------
@@ -518,6 +587,7 @@ def open_model(bundle_dir: str | Path, threads: Optional[int] = None, device: st
     if have == "onnxruntime":
         if ort_opt_level not in ORT_OPT_LEVELS:
             raise RunnerError(f"ort_opt_level '{ort_opt_level}' not allowed: {', '.join(ORT_OPT_LEVELS)}")
+        materialize_generated(d, manifest)
         return OrtModel(d, manifest, threads=threads, device=device, opt_level=ort_opt_level)
     if have == "torchscript":
         return TorchScriptModel(d, manifest, threads=threads, device=device)

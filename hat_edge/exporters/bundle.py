@@ -300,3 +300,60 @@ def quantize_bundle(src: str | Path, out_dir: str | Path, sub: Any = None) -> Pa
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+# ONNX TensorProto data types whose values a measurement bundle may leave to the device.
+_GENERATED_TYPES = {1: "float32", 10: "float16", 3: "int8", 2: "uint8"}
+_ALIGN = 4096  # external-data offsets page-aligned, so the runtime may map them
+
+
+def make_weightless(bundle_dir: str | Path, min_bytes: int = 4096, seed: int = 0) -> Bundle:
+    """Turn an ONNX bundle into a *measurement* bundle, in place: every float or int8 initializer
+    of at least `min_bytes` moves to an external-data file (`<graph>.weights`) that is not shipped:
+    the device writes random values of the same sizes there before loading (`runner.
+    materialize_generated`). Latency does not depend on weight values, and the graphs alone are a
+    few hundred kB instead of ~100 MB per demo model at a 32k vocabulary, so measuring over SSH is
+    no longer dominated by uploads. Integer tensors (shapes, indices) stay inline, exact.
+
+    Never for deployment: the weights are random; the manifest says so (`weights`)."""
+    import onnx
+    from onnx import TensorProto, external_data_helper
+
+    b = load_bundle(bundle_dir)
+    if b.runtime != "onnxruntime":
+        raise UserError(f"bundle {bundle_dir}: only ONNX bundles can leave their weights to the device "
+                        f"(this one is {b.runtime})")
+    if b.manifest.get("generated"):
+        return b
+    generated: dict[str, dict] = {}
+    for g in b.manifest["graphs"].values():
+        path = b.path / g["file"]
+        model = onnx.load(str(path))
+        wname = f"{Path(g['file']).stem}.weights"
+        off, tensors = 0, []
+        for t in model.graph.initializer:
+            dtype = _GENERATED_TYPES.get(t.data_type)
+            if dtype is None or t.data_location == TensorProto.EXTERNAL:
+                continue
+            nbytes = onnx.numpy_helper.to_array(t).nbytes if not t.HasField("raw_data") else len(t.raw_data)
+            if nbytes < min_bytes:
+                continue
+            off = -(-off // _ALIGN) * _ALIGN
+            if not t.HasField("raw_data"):  # typed fields -> raw bytes first (set_external_data needs them)
+                t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t), t.name))
+            external_data_helper.set_external_data(t, location=wname, offset=off, length=nbytes)
+            t.data_location = TensorProto.EXTERNAL
+            for f in ("raw_data", "float_data", "int32_data"):
+                t.ClearField(f)
+            tensors.append([off, nbytes, dtype])
+            off += nbytes
+        if tensors:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_bytes(model.SerializeToString())
+            os.replace(tmp, path)
+            generated[wname] = {"bytes": off, "seed": seed, "tensors": tensors}
+    manifest = {k: v for k, v in b.manifest.items() if k not in ("files", "manifest_sha256")}
+    manifest.update(generated=generated, parity=None,
+                    weights="random, written on the device from `generated` (latency measurement only)")
+    return Bundle(b.path, write_manifest(b.path, manifest))
+
