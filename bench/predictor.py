@@ -2,8 +2,9 @@
 
 Protocol (HAT data README): `idx = list(range(2000)); random.Random(0).shuffle(idx)`;
 test = idx[1800:] (200 rows); train = the first N of idx[:1600], N in {30, 100, 1600}. Each
-predictor sees only its training rows (the default's choices are cross-validated inside them);
-the test rows are used for this table only.
+predictor sees only its training rows (the default's choices are cross-validated inside them,
+and its configuration was chosen by nested validation inside the training pools,
+bench/predictor_select.py); the test rows are used for this table only.
 
     .venv/bin/python bench/predictor.py                 # full run (HAT's 5,000 MLP steps)
     .venv/bin/python bench/predictor.py --kinds default # the default only (seconds)
@@ -37,8 +38,10 @@ FILES = {
     "titanxp": "wmt14ende_gpu_titanxp_all.csv",
 }
 SIZES = (30, 100, 1600)
-# Named variants of a kind ("kind+name"): the default with its acc10 centring switched on.
-VARIANTS = {"default+centre": {"centre_max": 0.03}}
+# Named variants of a kind ("kind+name"): the default with its acc10 centring switched off (the
+# default before bench/predictor_select.py chose centre_max=0.03 on training rows only); shown for
+# reference, the issue's targets are about `default`.
+VARIANTS = {"default+nocentre": {"centre_max": 0.0}}
 # HAT's MLP on these files and this split, as the data README reports it (N=1600 acc10).
 README_HAT_ACC10_1600 = {"raspberrypi": 96.0, "xeon": 91.5, "titanxp": 88.5}
 
@@ -51,8 +54,8 @@ def split(n_rows: int = 2000, seed: int = 0) -> tuple[list[int], list[int]]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kinds", default="hat-mlp,default,default+centre",
-                    help="comma-separated predictor kinds (and variants: default+centre)")
+    ap.add_argument("--kinds", default="hat-mlp,default,default+nocentre",
+                    help="comma-separated predictor kinds (and variants: default+nocentre)")
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)))
     ap.add_argument("--devices", default=",".join(FILES))
     ap.add_argument("--mlp-steps", type=int, default=5000, help="HAT: 5000")
@@ -123,11 +126,11 @@ def _get(results, dev, n, kind):
 
 
 def _targets(results, devices, kinds, sizes) -> list[dict]:
-    """The issue's targets, checked for the default and each of its variants."""
+    """The issue's targets, checked for the default (variants are in the table for reference)."""
     checks = []
     if "hat-mlp" not in kinds:
         return checks
-    for kind in (k for k in kinds if k.startswith("default")):
+    for kind in (k for k in kinds if k == "default"):
         for dev in devices:
             mlp = _get(results, dev, 1600, "hat-mlp")
             dft = _get(results, dev, 1600, kind)
