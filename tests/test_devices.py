@@ -531,6 +531,15 @@ def test_cli_bench_json_and_measure_resume(tmp_path: Path, demo_archs, export_ca
     for o in out:
         assert o["median_ms"] > 0 and o["p90_ms"] > 0 and o["cv"] >= 0
         assert len(o["runs"]) >= 3 and all(isinstance(x, float) for x in o["runs"])
+    # --side-by-side: the same archs timed in rotation, one run of each in turn.
+    res = runner.invoke(cli, ["bench", "--profile", str(prof), str(arch_file), "smallest", "--space", "demo",
+                              "--json", "--side-by-side"])
+    assert res.exit_code == 0, res.output
+    side = json.loads(res.stdout)
+    assert len(side[0]["runs"]) == len(side[1]["runs"]) >= 3 and side[0]["settings"] == out[0]["settings"]
+    res = runner.invoke(cli, ["bench", "--profile", str(prof), "smallest", "smallest", "--space", "demo",
+                              "--side-by-side"])
+    assert res.exit_code != 0 and "twice" in res.output and "Traceback" not in res.output
 
     store = tmp_path / "lat.sqlite"
     args = ["measure", "--profile", str(prof), "-n", "2", "--seed", "5", "--store", str(store), "--json", "--no-progress"]

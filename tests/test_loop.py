@@ -298,3 +298,43 @@ def test_deploy_argument_errors(tmp_path: Path):
     assert r.exit_code != 0 and "--checkpoint" in r.output
     r = CliRunner().invoke(cli, ["deploy", "--profile", "nope-profile", "--bundle", str(tmp_path)])
     assert r.exit_code != 0 and "unknown profile 'nope-profile'" in r.output
+
+
+# ------------------------------------------------------------------------------------------------
+# The main job (`hat-edge run`), end to end at a small size
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_main_job_end_to_end_writes_the_report(tmp_path: Path, monkeypatch):
+    """The whole job on local-cpu with the bundled demo model, cut small (8 initial measurements,
+    one round, a tiny evolution, 0.3 s per model): a real device check, measurements, predictor,
+    search, deploy through the local transport, side-by-side benchmark, BLEU, report and plots."""
+    from hat_edge.cli import cli
+
+    monkeypatch.setenv("HAT_EDGE_CACHE", str(tmp_path / "cache"))
+    from hat_edge.search.mainjob import RunSettings, render_summary, run_main_job
+
+    out = tmp_path / "run"
+    s = RunSettings(initial=8, rounds=1, top_k=1, explore=1, evolution=TINY_EVO, valid_sentences=20,
+                    bleu_sentences=12, translations=2, out_dir=str(out), min_time_s=0.3, min_repeats=5)
+    logs: list[str] = []
+    summary, loop, _ = run_main_job(s, progress=False, log=logs.append)
+    assert [m[:5] for m in logs if m.startswith("[")] == [f"[{i}/7]" for i in range(1, 8) if i != 5]
+    w = summary["winner"]
+    assert summary["budget_ms"] > 0 and w["measured_latency_ms"] > 0 and w["predicted_latency_ms"] > 0
+    assert summary["met"] == (w["measured_latency_ms"] <= summary["budget_ms"] * 1.03)
+    assert 0 < w["bleu"] <= 100 and 0 < summary["largest"]["bleu"] <= 100
+    d = summary["deploy"]
+    assert d["hashes_ok"] and d["parity"] and d["median_ms"] > 0 and len(summary["translations"]) == 2
+    side = summary["side_by_side"]
+    assert side is None or summary["speedup"] == pytest.approx(side["largest_ms"] / side["winner_ms"])
+    for name in ("report.md", "report.json", "predicted_vs_measured.png", "search_progress.png",
+                 "loss_vs_latency.png", "latency.sqlite"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    md = (out / "report.md").read_text()
+    assert "## Result" in md and f"{summary['budget_ms']:.2f} ms" in md
+    assert json.loads((out / "report.json").read_text())["winner"]["arch"] == w["arch"]
+    text = render_summary(summary)
+    assert "speed-up vs largest" in text and "budget" in text
+    # A second run reuses every stored measurement: nothing new is measured before the search.
+    summary2, _, _ = run_main_job(s, progress=False, log=lambda m: None)
+    assert summary2["device_measurements"] <= summary["device_measurements"]

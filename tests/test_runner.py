@@ -319,3 +319,23 @@ def test_weightless_measurement_bundle_ships_graphs_and_the_device_writes_the_we
     (dev / "b" / "extra.bin").write_bytes(b"x")
     with pytest.raises(runner.RunnerError, match="extra.bin"):
         runner.read_manifest(dev / "b")
+
+
+def test_interleaved_job_times_bundles_in_rotation(bundles, tmp_path) -> None:
+    """interleave: every bundle gets the same number of timed runs, taken in turn, and a bundle
+    that cannot be opened is reported without stopping the others."""
+    job = _job(tmp_path, [("onnx", str(bundles["onnx"])), ("missing", str(tmp_path / "nope")),
+                          ("ts", str(bundles["ts"]))], interleave=True, min_repeats=5, min_time_s=0.1)
+    out = tmp_path / "res.jsonl"
+    r = _run("run", str(job), "--out", str(out))
+    assert r.returncode == 1, r.stderr
+    lines = {x["id"]: x for x in map(json.loads, out.read_text().splitlines())}
+    assert set(lines) == {"onnx", "missing", "ts"} and "error" in lines["missing"]
+    a, b = lines["onnx"], lines["ts"]
+    assert len(a["runs"]) == len(b["runs"]) >= 5
+    assert a["interleaved_with"] == b["interleaved_with"] == 2 and a["settings"]["interleave"] is True
+    # The rotation lasted min_time_s per model: 2 x 0.1 s of timed runs in all.
+    assert sum(x["total_ms"] for x in a["runs"] + b["runs"]) >= 200 * 0.9
+    bad = _job(tmp_path, [("onnx", str(bundles["onnx"]))], interleave="yes")
+    r = _run("run", str(bad), "--out", str(tmp_path / "bad.jsonl"))
+    assert r.returncode == 2 and "interleave" in r.stderr and r.stderr.strip().count("\n") == 0

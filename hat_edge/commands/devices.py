@@ -229,11 +229,14 @@ def measure_cmd(profiles: tuple[str, ...], space_name: str, n: int, seed: int, s
 @click.option("--space", "space_name", default=None,
               help="Space for the names `smallest` / `largest` (hat-wmt, hat-iwslt, demo or a file).")
 @click.option("--store", "store_path", default=None, help="Also record the results in this latency store.")
+@click.option("--side-by-side", is_flag=True,
+              help="Time the archs in rotation (one run of each in turn) instead of one after another: "
+                   "on a device whose speed drifts their ratios stay fair. Results arrive at the end.")
 @click.option("--trust-new-host", is_flag=True, help=_TRUST_HELP)
 @click.option("--json", "as_json", is_flag=True,
               help="Print a JSON list: arch, median_ms, p90_ms, iqr_ms, cv, runs (total ms of each timed run), ...")
 def bench_cmd(profile_name: str, arch_files: tuple[str, ...], runtime: str | None, space_name: str | None,
-              store_path: str | None, trust_new_host: bool, as_json: bool) -> None:
+              store_path: str | None, side_by_side: bool, trust_new_host: bool, as_json: bool) -> None:
     """Measure the given ARCH_FILE... on a device now and print their latencies.
 
     ARCH_FILE is a HAT `*-subtransformer` YAML, a hat-edge arch JSON, transformer-base /
@@ -241,8 +244,9 @@ def bench_cmd(profile_name: str, arch_files: tuple[str, ...], runtime: str | Non
     consulted); --store also records the results.
 
     \b
-    Example:
+    Examples:
       hat-edge bench --profile raspberrypi4 HAT_wmt14ende_raspberrypi@3.5s_bleu@25.8.yml --json
+      hat-edge bench --profile local-cpu --space demo smallest largest --side-by-side
     """
     from hat_edge.devices.measure import measure_archs
     from hat_edge.devices.profiles import load_profile
@@ -255,7 +259,10 @@ def bench_cmd(profile_name: str, arch_files: tuple[str, ...], runtime: str | Non
     space = get_space(space_name) if space_name else None
     archs = [load_arch(f, space) for f in arch_files]
     scratch = LatencyStore(":memory:")
-    recs = measure_archs(p, archs, scratch, progress=not as_json, trust_new_host=trust_new_host)
+    if side_by_side and len(set(archs)) < len(archs):
+        raise UserError("--side-by-side: the same arch is given twice; give each once")
+    recs = measure_archs(p, archs, scratch, progress=not as_json, trust_new_host=trust_new_host,
+                         interleave=side_by_side)
     by_arch = {r.arch: r for r in recs}
     if store_path:
         store = LatencyStore(store_path)

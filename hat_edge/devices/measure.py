@@ -280,6 +280,7 @@ class _DeviceWorker:
         self.on_error = on_error
         self.cancel = cancel or threading.Event()
         self.settings = store_settings(profile, quantize)
+        self.interleave = False  # time the whole batch in rotation (measure_archs(interleave=True))
         self.done: dict[str, LatencyRecord] = {}
         self.errors: list[MeasureError] = []
         # After a dropped link: (results path, runner pid, bytes already read, runner marker).
@@ -380,7 +381,7 @@ class _DeviceWorker:
             "format": JOB_FORMAT,
             "version": JOB_VERSION,
             "bundles": [{"id": it.id, "path": it.remote_dir} for it in todo],
-            "settings": self.p.job_settings(),
+            "settings": {**self.p.job_settings(), **({"interleave": True} if self.interleave else {})},
         }
         self._job_dirs.append(job_dir)
         t.write_bytes(job_path, (json.dumps(job, indent=1) + "\n").encode())
@@ -525,9 +526,11 @@ def measure_archs(
     cancel: threading.Event | None = None,
     on_record: Callable[[LatencyRecord], None] | None = None,
     on_error: Callable[[MeasureError], None] | None = None,
+    interleave: bool = False,
 ) -> list[LatencyRecord]:
     """Measure each arch not yet stored for this device and settings; return a record per arch
-    (stored or new), in input order. Archs that failed are missing from the list (each failure is
+    (stored or new), in input order. `interleave`: all of them in one batch, timed in rotation
+    (side by side: their ratios survive a drifting device; results arrive at the end). Archs that failed are missing from the list (each failure is
     reported on stderr and to `on_error`); a lost device raises ConnectionLost after retrying.
 
     Exports are cached in `cache_dir` (default `default_cache_dir()`) and deleted once stored,
@@ -553,12 +556,13 @@ def measure_archs(
             bar.write(f"{profile.name}: {len(have)} of {len(unique)} already stored, measuring {len(todo)}",
                       file=sys.stderr)
     worker = _DeviceWorker(
-        profile, store, trust_new_host=trust_new_host, batch_size=batch_size,
+        profile, store, trust_new_host=trust_new_host, batch_size=max(len(todo), 1) if interleave else batch_size,
         cache_dir=Path(cache_dir) if cache_dir else default_cache_dir(), keep_exports=keep_exports,
         quantize=quantize, seed=seed,
         reconnect_tries=reconnect_tries, backoff_s=backoff_s, poll_s=poll_s, bar=bar,
         on_record=on_record, on_error=on_error, cancel=cancel,
     )
+    worker.interleave = interleave
     try:
         if todo:
             worker.run(todo)

@@ -644,6 +644,10 @@ class Settings:
     cpu_affinity: Optional[List[int]] = None  # pin the process to these CPUs
     ort_opt_level: str = "all"
     seed: int = 0  # source tokens of the measurement
+    # Time the job's bundles in rotation (one run of each in turn) instead of one after another:
+    # a machine whose speed drifts then slows all of them alike, and their ratios are measured
+    # side by side. Results arrive together at the end of the job.
+    interleave: bool = False
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "settings") -> Tuple["Settings", List[str]]:
@@ -679,6 +683,8 @@ class Settings:
             raise RunnerError(f"{where}: field 'env' must map variable names to strings")
         else:
             kw["env"] = {k: str(v) for k, v in env.items()}
+        if not isinstance(kw.get("interleave", False), bool):
+            raise RunnerError(f"{where}: field 'interleave' must be true or false, got {kw['interleave']!r}")
         aff = kw.get("cpu_affinity")
         if aff is not None:
             if not isinstance(aff, list) or not aff or not all(isinstance(c, int) and c >= 0 for c in aff):
@@ -785,14 +791,7 @@ def peak_rss_mb() -> Optional[float]:
     return r / (1024.0 * 1024.0) if sys.platform == "darwin" else r / 1024.0  # bytes on macOS
 
 
-def measure(model: Model, s: Settings) -> dict:
-    """Warm up until stable, then time full translations until min_repeats AND min_time_s."""
-    src = measurement_source(s.src_len, model.vocab_size, model.eos_id, s.seed)
-    cuda_events = None
-    if s.device == "cuda" and isinstance(model, TorchScriptModel):
-        torch = model.torch
-        cuda_events = tuple(torch.cuda.Event(enable_timing=True) for _ in range(3))
-    timing = "cuda_events" if cuda_events is not None else "perf_counter"
+def _warm_up(model: Model, src: np.ndarray, s: Settings, cuda_events: Optional[Any]) -> list:
     warm: list[float] = []
     if s.warmup > 0:
         while len(warm) < s.warmup_cap():
@@ -800,13 +799,17 @@ def measure(model: Model, s: Settings) -> dict:
             warm.append(e + dcd)
             if len(warm) >= s.warmup and warmed_up(warm):
                 break
-    runs: list[dict] = []
-    t_start = time.perf_counter()
-    while len(runs) < s.max_repeats:
-        e, dcd = _time_once(model, src, s, cuda_events)
-        runs.append({"encoder_ms": e, "decode_ms": dcd, "total_ms": e + dcd})
-        if len(runs) >= s.min_repeats and time.perf_counter() - t_start >= s.min_time_s:
-            break
+    return warm
+
+
+def _cuda_events(model: Model, s: Settings) -> Optional[Any]:
+    if s.device == "cuda" and isinstance(model, TorchScriptModel):
+        torch = model.torch
+        return tuple(torch.cuda.Event(enable_timing=True) for _ in range(3))
+    return None
+
+
+def _result(runs: list, warm: list, s: Settings, timing: str) -> dict:
     stats = summarize([r["total_ms"] for r in runs])
     return {
         "runs": runs,
@@ -818,6 +821,43 @@ def measure(model: Model, s: Settings) -> dict:
         "decoder_median_ms": percentile(sorted(r["decode_ms"] for r in runs), 50),
         "timing": timing,
     }
+
+
+def measure(model: Model, s: Settings) -> dict:
+    """Warm up until stable, then time full translations until min_repeats AND min_time_s."""
+    src = measurement_source(s.src_len, model.vocab_size, model.eos_id, s.seed)
+    cuda_events = _cuda_events(model, s)
+    warm = _warm_up(model, src, s, cuda_events)
+    runs: list[dict] = []
+    t_start = time.perf_counter()
+    while len(runs) < s.max_repeats:
+        e, dcd = _time_once(model, src, s, cuda_events)
+        runs.append({"encoder_ms": e, "decode_ms": dcd, "total_ms": e + dcd})
+        if len(runs) >= s.min_repeats and time.perf_counter() - t_start >= s.min_time_s:
+            break
+    return _result(runs, warm, s, "cuda_events" if cuda_events is not None else "perf_counter")
+
+
+def measure_interleaved(models: Sequence[Model], s: Settings) -> list:
+    """Several models timed in rotation: each warmed up, then one timed run of each in turn until
+    every model has min_repeats runs and the rotation has lasted min_time_s per model. A drift in
+    the machine's speed (a neighbour on a shared host, a clock change) then hits every model alike,
+    so their ratios hold even when the absolute times move."""
+    srcs = [measurement_source(s.src_len, m.vocab_size, m.eos_id, s.seed) for m in models]
+    events = [_cuda_events(m, s) for m in models]
+    warms = [_warm_up(m, src, s, ev) for m, src, ev in zip(models, srcs, events)]
+    runs: list[list] = [[] for _ in models]
+    t_start = time.perf_counter()
+    while len(runs[0]) < s.max_repeats:
+        for m, src, ev, rr in zip(models, srcs, events, runs):
+            e, dcd = _time_once(m, src, s, ev)
+            rr.append({"encoder_ms": e, "decode_ms": dcd, "total_ms": e + dcd})
+        if len(runs[0]) >= s.min_repeats and time.perf_counter() - t_start >= s.min_time_s * len(models):
+            break
+    return [
+        {**_result(rr, w, s, "cuda_events" if ev is not None else "perf_counter"), "interleaved_with": len(models)}
+        for rr, w, ev in zip(runs, warms, events)
+    ]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1046,7 +1086,6 @@ def run_job(job_path: str | Path, out_path: str | Path, resume: bool = False,
     env = collect_env()
     settings_out = asdict(settings)
     failures = 0
-    first = True
     with open(out, "a") as f:
 
         def emit(rec: dict) -> None:
@@ -1054,55 +1093,88 @@ def run_job(job_path: str | Path, out_path: str | Path, resume: bool = False,
             f.flush()
             os.fsync(f.fileno())  # a board that reboots keeps every finished line
 
+        def record(bid: str, model: Model, manifest: dict, res: dict, rss_scope: str, thr: tuple, temps: tuple) -> dict:
+            rec = {
+                "version": RESULT_VERSION,
+                "id": bid,
+                "runtime": model.runtime,
+                "precision": manifest.get("precision", "fp32"),
+                "arch": manifest.get("arch"),
+                "settings": settings_out,
+                **res,
+                "peak_rss_mb": peak_rss_mb(),
+                "peak_rss_scope": rss_scope,
+                "throttled": throttled_during(*thr),
+                "throttle_bits": [hex(x) if x is not None else None for x in thr],
+                "temperature_c": list(temps),
+                "env": env,
+                "ignored_settings": unknown,
+            }
+            if rec["cv"] > 0.1:
+                log(f"runner: {bid}: CV {rec['cv']:.2f} is high; the machine may be busy")
+            return rec
+
+        def fail(i: int, bid: str, e: Exception) -> None:
+            nonlocal failures
+            failures += 1
+            msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+            if not isinstance(e, RunnerError):
+                msg = f"{e.__class__.__name__}: {msg}"
+            emit({"id": bid, "error": msg})
+            log(f"runner: [{i + 1}/{len(bundles)}] {bid}: error: {msg}")
+
+        def load(b: dict) -> Tuple[Model, dict]:
+            path = Path(b["path"])
+            if not path.is_absolute():
+                path = (job_path.parent / path).resolve() if not path.exists() else path
+            manifest = read_manifest(path)
+            return open_model(path, settings.threads, settings.device, settings.runtime,
+                              settings.ort_opt_level, manifest=manifest), manifest
+
+        todo = [(i, b) for i, b in enumerate(bundles) if b["id"] not in skip]
         for i, b in enumerate(bundles):
+            if b["id"] in skip:
+                log(f"runner: [{i + 1}/{len(bundles)}] {b['id']}: already in {out}, skipped")
+
+        if settings.interleave:
+            opened = []
+            for i, b in todo:
+                try:
+                    opened.append((i, b["id"], *load(b)))
+                except Exception as e:  # one bad bundle must not stop the others
+                    fail(i, b["id"], e)
+            if opened:
+                rss_scope = "process"  # all models are loaded together
+                thr0, temp0 = get_throttled(), temperature_c()
+                try:
+                    results = measure_interleaved([m for _, _, m, _ in opened], settings)
+                except Exception as e:
+                    for i, bid, _, _ in opened:
+                        fail(i, bid, e)
+                    return failures
+                thr1, temp1 = get_throttled(), temperature_c()
+                for (i, bid, model, manifest), res in zip(opened, results):
+                    emit(record(bid, model, manifest, res, rss_scope, (thr0, thr1), (temp0, temp1)))
+                    log(f"runner: [{i + 1}/{len(bundles)}] {bid}: median {res['median_ms']:.1f} ms "
+                        f"({len(res['runs'])} runs in rotation with {len(opened) - 1} other(s))")
+            return failures
+
+        for n, (i, b) in enumerate(todo):
             bid = b["id"]
-            if bid in skip:
-                log(f"runner: [{i + 1}/{len(bundles)}] {bid}: already in {out}, skipped")
-                continue
-            if settings.cooldown_s > 0 and not first:
+            if settings.cooldown_s > 0 and n > 0:
                 time.sleep(settings.cooldown_s)
-            first = False
             try:
-                path = Path(b["path"])
-                if not path.is_absolute():
-                    path = (job_path.parent / path).resolve() if not path.exists() else path
-                manifest = read_manifest(path)
-                model = open_model(path, settings.threads, settings.device, settings.runtime,
-                                   settings.ort_opt_level, manifest=manifest)
+                model, manifest = load(b)
                 rss_scope = "bundle" if _reset_peak_rss() else "process"
                 thr0, temp0 = get_throttled(), temperature_c()
                 res = measure(model, settings)
                 thr1, temp1 = get_throttled(), temperature_c()
-                rec = {
-                    "version": RESULT_VERSION,
-                    "id": bid,
-                    "runtime": model.runtime,
-                    "precision": manifest.get("precision", "fp32"),
-                    "arch": manifest.get("arch"),
-                    "settings": settings_out,
-                    **res,
-                    "peak_rss_mb": peak_rss_mb(),
-                    "peak_rss_scope": rss_scope,
-                    "throttled": throttled_during(thr0, thr1),
-                    "throttle_bits": [hex(thr0) if thr0 is not None else None,
-                                      hex(thr1) if thr1 is not None else None],
-                    "temperature_c": [temp0, temp1],
-                    "env": env,
-                    "ignored_settings": unknown,
-                }
-                if rec["cv"] > 0.1:
-                    log(f"runner: {bid}: CV {rec['cv']:.2f} is high; the machine may be busy")
-                emit(rec)
-                log(f"runner: [{i + 1}/{len(bundles)}] {bid}: median {rec['median_ms']:.1f} ms "
+                emit(record(bid, model, manifest, res, rss_scope, (thr0, thr1), (temp0, temp1)))
+                log(f"runner: [{i + 1}/{len(bundles)}] {bid}: median {res['median_ms']:.1f} ms "
                     f"({len(res['runs'])} runs, {res['warmup']} warm-up)")
                 del model
             except Exception as e:  # one bad bundle must not stop the batch
-                failures += 1
-                msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
-                if not isinstance(e, RunnerError):
-                    msg = f"{e.__class__.__name__}: {msg}"
-                emit({"id": bid, "error": msg})
-                log(f"runner: [{i + 1}/{len(bundles)}] {bid}: error: {msg}")
+                fail(i, bid, e)
     return failures
 
 

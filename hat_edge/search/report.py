@@ -195,7 +195,10 @@ def render_markdown(s: Mapping[str, Any]) -> str:
         f"| BLEU (test, {s.get('bleu_sentences', '?')} sentences, beam {s.get('bleu_beam', '?')}) | "
         f"{_f(w.get('bleu'), 1)} | {_f(L.get('bleu'), 1)} |",
         f"| params (HAT convention) | {_f(w.get('params', 0) / 1e6, 3)} M | {_f(L.get('params', 0) / 1e6, 3)} M |",
-        f"| speed-up over the largest | **{_f(s.get('speedup'), 2)}x** | 1.00x |",
+        *([f"| side by side (timed in rotation, one process) | {_f(s['side_by_side']['winner_ms'])} ms | "
+           f"{_f(s['side_by_side']['largest_ms'])} ms |"] if s.get("side_by_side") else []),
+        f"| speed-up over the largest{' (side by side)' if s.get('side_by_side') else ''} | "
+        f"**{_f(s.get('speedup'), 2)}x** | 1.00x |",
         "",
         f"Budget met: **{'yes' if s.get('met') else 'NO'}** (measured <= budget x {1 + s.get('tolerance', 0):.2f}). "
         f"Winner: `{w.get('describe', '')}`.",
