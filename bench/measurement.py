@@ -48,10 +48,10 @@ def demo_archs(n: int = 5):
     return [space.smallest(), space.largest(), *space.sample_n(n - 2, seed=1)]
 
 
-def timed_measure(profile, archs, cache: Path):
+def timed_measure(profile, archs, cache: Path, interleave: bool = False):
     t0 = time.perf_counter()
     recs = measure_archs(profile, archs, LatencyStore(":memory:"), progress=False, cache_dir=cache,
-                         keep_exports=True, batch_size=len(archs))
+                         keep_exports=True, batch_size=len(archs), interleave=interleave)
     wall = time.perf_counter() - t0
     if len(recs) != len(archs):
         raise SystemExit(f"{profile.name}: only {len(recs)} of {len(archs)} archs measured")
@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--throughput-n", type=int, default=8, help="new archs measured for (c)")
     ap.add_argument("--vocab-size", type=int, default=None, help="default: the profile's")
     ap.add_argument("--no-ssh", action="store_true", help="skip (b)")
+    ap.add_argument("--no-side-by-side", dest="side_by_side", action="store_false",
+                    help="skip (a'): the same archs timed in rotation in each run")
     ap.add_argument("--quick", action="store_true", help="min_repeats 5, min_time_s 0.5, warm-up 2")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "measurement.json"))
     args = ap.parse_args(argv)
@@ -117,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         }, "<bench>")
         remote = replace(remote, measurement=meas)
     medians: list[list[float]] = []
+    side_medians: list[list[float]] = []
     cvs: list[list[float]] = []
     walls: list[float] = []
     ssh_medians: list[list[float]] = []
@@ -131,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
             loads.append(loadavg())
             print(f"local run {i + 1}: {wall:.1f} s, medians {[round(m, 1) for m in medians[-1]]}, "
                   f"load {loads[-1]}", file=sys.stderr)
+            if args.side_by_side:
+                recs, _ = timed_measure(local, archs, cache, interleave=True)
+                side_medians.append([r.median_ms for r in recs])
+                print(f"local side-by-side run {i + 1}: medians {[round(m, 1) for m in side_medians[-1]]}",
+                      file=sys.stderr)
             if remote is not None:
                 recs, wall = timed_measure(remote, archs, cache)
                 ssh_medians.append([r.median_ms for r in recs])
@@ -159,6 +167,24 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": walls,
         "load_average_1m": loads,
     }
+    def rel_spread(runs: list[list[float]]) -> dict:
+        """Spread across runs of each arch's median, and of its median relative to the run's
+        geometric mean (what ranking, predictor fits and speed-up ratios depend on)."""
+        import math
+
+        rel = [[m / math.exp(statistics.mean(math.log(x) for x in run)) for m in run] for run in runs]
+        sp = lambda vals: (max(vals) - min(vals)) / statistics.mean(vals)  # noqa: E731
+        n = len(runs[0])
+        return {
+            "medians_ms": runs,
+            "spread_of_medians": [sp([r[j] for r in runs]) for j in range(n)],
+            "spread_of_relative": [sp([r[j] for r in rel]) for j in range(n)],
+        }
+
+    side = None
+    if side_medians:
+        side = {"runs": len(side_medians), **rel_spread(side_medians)}
+        stability["spread_of_relative_sequential"] = rel_spread(medians)["spread_of_relative"]
     ssh = None
     if remote is not None:
         local_med = [statistics.median(run[j] for run in medians) for j in range(len(archs))]
@@ -200,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "stability": stability,
         "ssh": ssh,
+        "side_by_side": side,
         "throughput": throughput,
     }
     out = Path(args.out)
@@ -218,6 +245,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  median CV within a run {pct(stability['median_cv_within_run'])}; spread of medians across runs: "
           f"median {pct(stability['median_spread_across_runs'])}, max {pct(stability['max_spread_across_runs'])} "
           "(target <= 3%)")
+    if side:
+        seq_rel = stability["spread_of_relative_sequential"]
+        print(f"(a') the same archs timed side by side (in rotation, one runner process), {side['runs']} runs:")
+        print(f"  spread of medians across runs: median {pct(statistics.median(side['spread_of_medians']))}, "
+              f"max {pct(max(side['spread_of_medians']))}")
+        print(f"  spread of each arch's median relative to its run (ratios): side by side median "
+              f"{pct(statistics.median(side['spread_of_relative']))}, max {pct(max(side['spread_of_relative']))}; "
+              f"one after another median {pct(statistics.median(seq_rel))}, max {pct(max(seq_rel))}")
     if ssh:
         print(f"(b) SSH on loopback vs local, {args.runs} runs each, interleaved (medians of the runs' medians)")
         print(f"  ratio of medians ssh/local: {', '.join(f'{r:.3f}' for r in ssh['ratio_ssh_over_local'])} "

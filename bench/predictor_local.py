@@ -21,6 +21,8 @@ the `runs` every record keeps.
     .venv/bin/python bench/predictor_local.py --work-dir /tmp/hat-edge-predictor-local --passes 2
     # (the recorded run: ~12 min for pass 1, ~9 min for pass 2, ~4 min of fits on a busy 2-core box)
     .venv/bin/python bench/predictor_local.py --work-dir ... --fit-only   # no new measurements
+    .venv/bin/python bench/predictor_local.py --work-dir DIR --passes 0 --side-by-side
+    # all 200 archs timed in rotation in one runner process (drift hits every arch alike)
 
 Writes bench/results/predictor_local.json and prints a table.
 """
@@ -269,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunk", type=int, default=25, help="archs between sentinel passes")
     ap.add_argument("--stop-at", default=None, help="HH:MM UTC: launch no measurement chunk after this")
     ap.add_argument("--passes", type=int, default=1, help="measure every arch this many times (separate stores)")
+    ap.add_argument("--side-by-side", action="store_true",
+                    help="also measure all archs in one runner process, timed in rotation (one run of each "
+                         "in turn), into latency-side.sqlite, and fit/score on those")
     ap.add_argument("--kinds", default="default,hat-mlp")
     ap.add_argument("--mlp-stats", default="median", help="statistics to fit hat-mlp on (comma-separated)")
     ap.add_argument("--mlp-steps", type=int, default=5000, help="HAT: 5000")
@@ -288,13 +293,37 @@ def main(argv: list[str] | None = None) -> int:
     sentinels = sentinel_archs([a for a in PRESETS["demo"].sample_n(3, seed=args.seed + 1000)], args.sentinels)
     t0 = time.time()
     run_info: dict[str, Any] = {}
-    if not args.fit_only:
+    if not args.fit_only and args.passes > 0:
         run_info = measure_phase(args, profile, archs, sentinels, stores, work)
     settings = _settings(profile)
-    recs = [r for r in (stores[0].get(profile.name, a, profile.runtime, settings) for a in archs) if r is not None]
-    if len(recs) < 10:
+    side_info: dict[str, Any] = {}
+    side_recs: list[LatencyRecord] = []
+    if args.side_by_side:
+        side_store = LatencyStore(str(work / "latency-side.sqlite"))
+        if not args.fit_only:
+            t_side = time.time()
+            print(f"side by side: {len(archs)} archs in one runner process, in rotation", file=sys.stderr)
+            measure_archs(profile, archs, side_store, progress=True, cache_dir=work / "cache-side",
+                          interleave=True)
+            side_info["wall_s"] = round(time.time() - t_side, 1)
+        side_recs = [r for r in (side_store.get(profile.name, a, profile.runtime, settings) for a in archs)
+                     if r is not None]
+    recs = [r for r in (stores[0].get(profile.name, a, profile.runtime, settings) for a in archs)
+            if r is not None] if stores else []
+    if len(recs) < 10 and len(side_recs) < 10:
         raise SystemExit(f"only {len(recs)} archs stored in {work}: measure first")
-    results = fit_phase(args, recs)
+    results = fit_phase(args, recs, label="pass 1") if len(recs) >= 10 else []
+    if len(side_recs) >= 10:
+        results += fit_phase(args, side_recs, label="side-by-side")
+        side_info["archs"] = len(side_recs)
+        side_info["cv_median_pct"] = float(100 * np.median([r.cv for r in side_recs]))
+        if recs:
+            both = {r.arch: r.median_ms for r in recs}
+            rel = [abs(r.median_ms / both[r.arch] - 1) for r in side_recs if r.arch in both]
+            if rel:
+                side_info["vs_pass1_median_rel_diff_pct"] = float(100 * np.median(rel))
+    if not recs:
+        recs = side_recs
     # Every pass: archs stored in all of them, per-arch lower envelope (min over passes) of each
     # statistic; interference only slows a pass down, so the least-disturbed pass is the closest.
     passes: dict[str, Any] = {"passes": len(stores)}
@@ -340,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             "split_half": noise,
             "repeat_passes": passes,
             "sentinels": sent,
+            "side_by_side": side_info or None,
             **run_info,
             "bench_wall_s_this_run": None,
         },

@@ -239,6 +239,50 @@ def test_loop_on_the_local_device_meets_the_budget_and_beats_random(tmp_path: Pa
           f"{time.perf_counter() - t0:.0f} s")
 
 
+@pytest.mark.slow
+def test_anchored_measurement_corrects_a_real_slowdown(tmp_path: Path, monkeypatch):
+    """A real slowdown: the runner pinned to CPU 0, then a busy process pinned to the same CPU
+    takes half of it. A candidate measured side by side with an anchor comes out on the scale of
+    the anchor's earlier measurement: its ratio to the anchor is what it was when both were timed
+    side by side before the slowdown. The raw runs stay in the store."""
+    import multiprocessing as mp
+
+    from hat_edge.devices.measure import measure_archs
+    from hat_edge.latency.store import LatencyStore
+
+    monkeypatch.setenv("HAT_EDGE_CACHE", str(tmp_path / "cache"))
+    profile = dataclasses.replace(fast_local_profile(tmp_path, 4000, min_time_s=0.5), cpu_affinity=(0,))
+    anchor, cand = DEMO.smallest(), DEMO.sample_n(1, seed=11)[0]
+    before = {r.arch: r.median_ms for r in measure_archs(profile, [anchor, cand], LatencyStore(":memory:"),
+                                                          progress=False, interleave=True)}
+    dev = ProfileDevice(profile, LatencyStore(tmp_path / "latency.sqlite"))
+
+    hog = mp.get_context("spawn").Process(target=_busy, args=(0,), daemon=True)
+    hog.start()
+    try:
+        out, drift = dev.measure_anchored([cand], {anchor: before[anchor]}, progress=False)
+    finally:
+        hog.terminate()
+        hog.join(10)
+    print(f"\nanchored: drift {drift:.2f}; corrected {out[cand]:.2f} ms vs {before[cand]:.2f} ms before")
+    assert drift > 1.4, drift  # the shared core really slowed the runner down
+    assert abs(out[cand] / before[cand] - 1) < 0.1, (out[cand], before[cand], drift)
+    raw = next(r for r in dev._records() if r.arch == cand)
+    assert raw.median_ms == pytest.approx(out[cand] * drift) and raw.env["drift_factor"] == pytest.approx(drift)
+    assert dev.measured() == {cand: pytest.approx(out[cand])}  # the anchor's re-measurement is not stored
+    # Nothing new to measure: no runner, no drift.
+    assert dev.measure_anchored([cand], {anchor: before[anchor]}, progress=False) == (
+        {cand: pytest.approx(out[cand])}, 1.0)
+
+
+def _busy(cpu: int) -> None:
+    import os
+
+    os.sched_setaffinity(0, {cpu})
+    while True:
+        pass
+
+
 def _settings(profile):
     from hat_edge.devices.measure import store_settings
 

@@ -190,6 +190,9 @@ def _predictor(predictor_path: str | None, profile_name: str | None, store_path:
 @click.option("--explore", default=2, show_default=True, type=click.IntRange(min=0),
               help="Extra candidates measured per round: archs with a lower loss that an optimistic "
                    "search finds (latency at the low end of the predictor's interval). 0: off.")
+@click.option("--anchors", default=2, show_default=True, type=click.IntRange(min=0),
+              help="Initial archs near the budget timed again side by side with each round's candidates; "
+                   "how much slower they run now corrects the candidates for the device's drift. 0: off.")
 @click.option("--store", "store_path", default=None,
               help="Latency store. Default: $HAT_EDGE_STORE or .hat-edge/latency.sqlite.")
 @click.option("--valid-sentences", default=200, show_default=True, type=click.IntRange(min=1),
@@ -205,7 +208,7 @@ def _predictor(predictor_path: str | None, profile_name: str | None, store_path:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def loop_cmd(profile_name: str, budget_ms: float, checkpoint: str, rounds: int, top_k: int, tolerance: float,
-             initial: int, explore: int, store_path: str | None, valid_sentences: int, threads: int, small: bool, out_path: str | None,
+             initial: int, explore: int, anchors: int, store_path: str | None, valid_sentences: int, threads: int, small: bool, out_path: str | None,
              trust_new_host: bool, as_json: bool, no_progress: bool, **evo: Any) -> None:
     """Search, measure the best candidates on the device, refit the predictor, repeat.
 
@@ -231,7 +234,7 @@ def loop_cmd(profile_name: str, budget_ms: float, checkpoint: str, rounds: int, 
     if small:
         settings = EvolutionSettings.small(seed=settings.seed)
     ls = LoopSettings(budget_ms=budget_ms, rounds=rounds, top_k=top_k, tolerance=tolerance, initial=initial,
-                      evolution=settings, seed=settings.seed, explore=explore)
+                      evolution=settings, seed=settings.seed, explore=explore, anchors=anchors)
     profile = load_profile(profile_name)
     env = device_env(profile, trust_new_host=trust_new_host)  # before any search work
     ckpt = load_checkpoint(checkpoint)

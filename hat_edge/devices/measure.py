@@ -393,7 +393,8 @@ class _DeviceWorker:
         by_id = {it.id: it for it in todo}
         offset, buf = 0, b""
         last = time.monotonic()
-        timeout = self.p.measurement.timeout_s
+        # In rotation every result arrives at the end: the per-model silence limit covers them all.
+        timeout = self.p.measurement.timeout_s * (len(todo) if self.interleave else 1)
         next_read = 0.0
         try:
             while True:

@@ -94,6 +94,47 @@ class ProfileDevice:
             )
         return out
 
+    def measure_anchored(
+        self, archs: Sequence[Arch], anchors: Mapping[Arch, float], progress: bool = True
+    ) -> tuple[dict[Arch, float], float]:
+        """Measure new archs side by side with anchors: archs measured before (value: their
+        stored, corrected latency), timed in rotation with the new ones in one runner process.
+        The anchors' ratio now / before is the device's drift since (a shared host's neighbours,
+        a clock change): the new archs' latencies are divided by it, so every measurement of the
+        loop is on the scale of the first ones. Records keep their raw runs; the factor is stored
+        in their env (`drift_factor`, `anchors`). Returns (arch -> corrected ms, drift factor)."""
+        from dataclasses import replace as _replace
+
+        from hat_edge.devices.measure import measure_archs, store_settings
+        from hat_edge.latency.store import LatencyStore
+
+        settings = store_settings(self.profile)
+        todo = [a for a in dict.fromkeys(archs)
+                if self.store.get(self.profile.name, a, self.profile.runtime, settings) is None]
+        out = {a: ms for a, ms in self.measured().items() if a in set(archs)}
+        anchors = {a: v for a, v in anchors.items() if a not in set(todo)}
+        if not todo:
+            return out, 1.0
+        if not anchors:
+            return {**out, **self.measure(todo, progress=progress)}, 1.0
+        recs = measure_archs(self.profile, [*todo, *anchors], LatencyStore(":memory:"), progress=progress,
+                             interleave=True)
+        got = {r.arch: r for r in recs if r.arch is not None}
+        ratios = [got[a].median_ms / v for a, v in anchors.items() if a in got and v > 0]
+        drift = float(np.median(ratios)) if ratios else 1.0
+        missing = [a for a in todo if a not in got]
+        if missing:
+            raise UserError(
+                f"device '{self.name}': {len(missing)} of {len(todo)} archs were not measured "
+                f"(first: {missing[0].describe()}); see the runner's error above"
+            )
+        note = {"drift_factor": drift, "anchors": [[a.to_json(), v, got[a].median_ms] for a, v in anchors.items()
+                                                   if a in got]}
+        for a in todo:
+            self.store.add(_replace(got[a], env={**dict(got[a].env), **note}))
+            out[a] = float(got[a].median_ms) / drift
+        return out, drift
+
     def _records(self) -> list[Any]:
         from hat_edge.devices.measure import store_settings
 
@@ -103,15 +144,29 @@ class ProfileDevice:
         return [r for r in recs if r.arch is not None]
 
     def measured(self) -> dict[Arch, float]:
-        return {r.arch: float(r.median_ms) for r in self._records()}
+        """Stored medians, drift-corrected where they were measured against anchors."""
+        return {r.arch: float(r.median_ms) / _drift(r) for r in self._records()}
 
     def split(self) -> dict[Arch, tuple[float, float]]:
-        """Encoder and decode-loop medians of every stored measurement that has them."""
+        """Encoder and decode-loop medians of every stored measurement that has them (corrected)."""
         return {
-            r.arch: (float(r.encoder_ms), float(r.decoder_ms))
+            r.arch: (float(r.encoder_ms) / _drift(r), float(r.decoder_ms) / _drift(r))
             for r in self._records()
             if r.encoder_ms is not None and r.decoder_ms is not None
         }
+
+
+def _drift(rec: Any) -> float:
+    f = (rec.env or {}).get("drift_factor") if isinstance(rec.env, Mapping) else None
+    return float(f) if isinstance(f, (int, float)) and f > 0 else 1.0
+
+
+def pick_anchors(measured: Mapping[Arch, float], initial: Sequence[Arch], budget_ms: float, k: int) -> dict[Arch, float]:
+    """The k archs of the initial dataset measured closest to the budget (in log ratio): the
+    candidates of a round sit near the budget, and an anchor of similar size drifts like them."""
+    pool = [a for a in initial if a in measured and measured[a] > 0]
+    pool.sort(key=lambda a: abs(math.log(measured[a] / budget_ms)))
+    return {a: measured[a] for a in pool[:k]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,10 +187,15 @@ class LoopSettings:
     explore: int = 2  # extra candidates per round from an optimistic search (0: off)
     explore_level: float = 0.9  # their latency: the low end of this central predictor interval
     explore_iterations: int = 3  # generations of that search (from the round's parents)
+    # Archs of the initial dataset re-measured side by side with each round's candidates; their
+    # drift since corrects the candidates (0: off). Used when the device supports it.
+    anchors: int = 2
 
     def __post_init__(self) -> None:
         if self.explore < 0:
             raise UserError(f"--explore must be >= 0, got {self.explore}")
+        if self.anchors < 0:
+            raise UserError(f"--anchors must be >= 0, got {self.anchors}")
         if not 0 < self.explore_level < 1:
             raise UserError(f"explore_level must be in (0, 1), got {self.explore_level}")
         if not (isinstance(self.budget_ms, (int, float)) and math.isfinite(self.budget_ms) and self.budget_ms > 0):
@@ -196,6 +256,7 @@ class RoundReport:
     candidates: tuple[Measured, ...]  # the exploit candidates (best first), then the explore ones
     met: bool  # the search's winner measured within budget * (1 + tolerance)
     explored_better: bool = False  # an explore candidate met the budget with a lower loss
+    drift: float = 1.0  # the device's speed vs the initial dataset's, from the anchors (1: none)
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if k != "candidates"}
@@ -444,10 +505,20 @@ def run_loop(
         archs = [c.arch for c, _ in picked]
         p = np.asarray(pred.predict(archs), dtype=float).reshape(-1)
         lo, hi = _interval(pred, archs)
-        new = [a for a in archs if a not in measured]
+        new = list(dict.fromkeys(a for a in archs if a not in measured))
         t_meas = time.perf_counter()
+        drift = 1.0
         if new:
-            measured.update(device.measure(new, progress=progress))
+            if s.anchors > 0 and hasattr(device, "measure_anchored"):
+                got, drift = device.measure_anchored(new, pick_anchors(measured, init, s.budget_ms, s.anchors),
+                                                     progress=progress)
+                if abs(drift - 1) > 0.05:
+                    say(f"round {r}: the device ran {max(drift, 1 / drift):.2f}x {'slower' if drift > 1 else 'faster'} than when "
+                        f"the anchors were measured (re-measured side by side with the candidates); "
+                        f"the candidates' latencies are corrected by that factor")
+            else:
+                got = device.measure(new, progress=progress)
+            measured.update(got)
             n_device += len(new)
         measure_ms = (time.perf_counter() - t_meas) * 1e3
         cands = tuple(
@@ -466,7 +537,7 @@ def run_loop(
             RoundReport(
                 round=r, fitted_on=len(known), evaluations=search.evaluations, search_ms=search_ms,
                 measure_ms=measure_ms, best_loss=search.best.loss, best_predicted_ms=search.best.latency_ms,
-                candidates=cands, met=met, explored_better=bool(better),
+                candidates=cands, met=met, explored_better=bool(better), drift=drift,
             )
         )
         say(
@@ -541,6 +612,7 @@ __all__ = [
     "initial_archs",
     "latency_fn",
     "p_feasible",
+    "pick_anchors",
     "measure_initial",
     "run_loop",
 ]

@@ -50,6 +50,7 @@ class RunSettings:
     rounds: int = 2
     top_k: int = 3
     explore: int = 2
+    anchors: int = 2  # initial archs re-timed side by side with each round's candidates (drift)
     tolerance: float = 0.03
     evolution: EvolutionSettings = field(default_factory=EvolutionSettings.quick)
     valid_sentences: int = 60  # fitness: validation loss on this many sentences
@@ -175,7 +176,7 @@ def run_main_job(
     fit = make_fitness(ckpt, s.valid_sentences)
     ls = LoopSettings(
         budget_ms=budget, rounds=s.rounds, top_k=s.top_k, tolerance=s.tolerance, initial=s.initial,
-        evolution=s.evolution, seed=s.seed, explore=s.explore,
+        evolution=s.evolution, seed=s.seed, explore=s.explore, anchors=s.anchors,
     )
     loop = run_loop(space, fit, device, ls, progress=progress, log=say, checked_env=env)
     t = lap("loop_s", t)

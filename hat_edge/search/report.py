@@ -210,10 +210,13 @@ def render_markdown(s: Mapping[str, Any]) -> str:
         f"{s.get('fitness_evaluations', '?')} fitness evaluations.",
         "",
         "Each round measures the search's top candidates and a few `explored` ones: archs an optimistic "
-        "search (latency at the low end of the predictor's interval) finds with a lower loss.",
+        "search (latency at the low end of the predictor's interval) finds with a lower loss. They are "
+        "timed side by side with anchors (initial archs near the budget, timed again in rotation with "
+        "them); `device drift` is how much slower the device ran than when the anchors were first "
+        "measured, and the candidates' latencies are divided by it.",
         "",
-        "| round | fitted on | evaluations | search s | candidates: predicted -> measured ms (loss) | met |",
-        "|---|---|---|---|---|---|",
+        "| round | fitted on | evaluations | search s | candidates: predicted -> measured ms (loss) | device drift | met |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in s.get("rounds", []):
         cands = "; ".join(
@@ -222,7 +225,7 @@ def render_markdown(s: Mapping[str, Any]) -> str:
         )
         lines.append(
             f"| {r['round']} | {r['fitted_on']} | {r['evaluations']} | {r['search_ms'] / 1e3:.1f} | {cands} | "
-            f"{'yes' if r['met'] else 'no'} |"
+            f"{r.get('drift', 1.0):.2f}x | {'yes' if r['met'] else 'no'} |"
         )
     pe = s.get("predictor_error")
     if pe:
