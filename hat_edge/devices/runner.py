@@ -342,7 +342,6 @@ def read_manifest(bundle_dir: str | Path, verify_hashes: bool = True) -> dict:
 # `generated` field ({file: {"bytes", "seed", "tensors": [[offset, nbytes, dtype], ...]}}) is
 # covered by manifest_sha256; the generated files themselves are random by design and unhashed.
 GENERATED_DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8, "uint8": np.uint8}
-_GEN_CHUNK = 1 << 22  # values per write: bounded memory on a small board
 
 
 def _check_generated(gen: Any, where: str) -> dict:
@@ -363,14 +362,21 @@ def _check_generated(gen: Any, where: str) -> dict:
     return gen
 
 
-def _random_values(rng: "np.random.Generator", count: int, dtype: str) -> bytes:
+_GEN_BLOCK = 1 << 16  # distinct random values; longer tensors repeat them (latency cannot tell)
+
+
+def _random_block(rng: "np.random.Generator", count: int, dtype: str) -> bytes:
+    """min(count, 64k) random values of `dtype`. Drawing every value of a demo model at a 32k
+    vocabulary cost ~0.15 s, most of the device-side price of shipping a model without its
+    weights; repeating a block costs only the writes."""
+    n = min(count, _GEN_BLOCK)
     if dtype in ("float32", "float16"):
-        v = rng.random(count, dtype=np.float32)
+        v = rng.random(n, dtype=np.float32)
         v *= 0.1
         v -= 0.05  # small uniform weights: no overflow, no denormals
         return v.astype(GENERATED_DTYPES[dtype], copy=False).tobytes()
     lo, hi = (-127, 128) if dtype == "int8" else (0, 256)
-    return rng.integers(lo, hi, size=count, dtype=GENERATED_DTYPES[dtype]).tobytes()
+    return rng.integers(lo, hi, size=n, dtype=GENERATED_DTYPES[dtype]).tobytes()
 
 
 def materialize_generated(bundle_dir: str | Path, manifest: dict) -> int:
@@ -389,12 +395,13 @@ def materialize_generated(bundle_dir: str | Path, manifest: dict) -> int:
                 f.truncate(spec["bytes"])
                 for off, nbytes, dtype in spec["tensors"]:
                     size = np.dtype(GENERATED_DTYPES[dtype]).itemsize
+                    block = _random_block(rng, nbytes // size, dtype)
                     f.seek(off)
-                    left = nbytes // size
+                    left = nbytes
                     while left > 0:
-                        n = min(left, _GEN_CHUNK)
-                        f.write(_random_values(rng, n, dtype))
-                        left -= n
+                        piece = block if left >= len(block) else block[:left]
+                        f.write(piece)
+                        left -= len(piece)
             os.replace(tmp, path)
         except OSError as e:
             tmp.unlink(missing_ok=True)
