@@ -27,6 +27,7 @@ readable name (`batch`, `src_len`, `src_len*2`, `past_len`, `past_len+1`).
 
 from __future__ import annotations
 
+import logging
 import re
 import warnings
 from pathlib import Path
@@ -53,28 +54,40 @@ EXPORTERS = ("dynamo", "torchscript")
 
 def _export_one(module: nn.Module, args: tuple, path: Path, in_names: list[str], out_names: list[str],
                 dynamic: dict[str, dict[int, str]], opset: int, exporter: str) -> None:
+    # The exporter's chatter: warnings (deprecations) and log lines ("torchvision is not installed").
+    quiet = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            _export_quietly(module, args, path, in_names, out_names, dynamic, opset, exporter)
+        finally:
+            quiet.setLevel(level)
+
+
+def _export_quietly(module: nn.Module, args: tuple, path: Path, in_names: list[str], out_names: list[str],
+                    dynamic: dict[str, dict[int, str]], opset: int, exporter: str) -> None:
     from torch.export import Dim
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # exporter chatter (deprecations, torchvision absent)
-        if exporter == "dynamo":
-            # dynamic_shapes mirror forward's signature: positional args, then *caches as one tuple
-            per_arg = [{ax: Dim.AUTO for ax in dynamic.get(n, {})} or None for n in in_names]
-            n_fixed = 3 if len(in_names) > 1 else 1
-            shapes: tuple = tuple(per_arg[:n_fixed])
-            if len(in_names) > n_fixed:
-                shapes = shapes + (tuple(per_arg[n_fixed:]),)
-            prog = torch.onnx.export(
-                module, args, None, input_names=in_names, output_names=out_names,
-                dynamic_shapes=shapes, dynamo=True, opset_version=opset, external_data=False,
-                verbose=False, optimize=True,
-            )
-            prog.save(str(path), external_data=False)
-        else:
-            torch.onnx.export(
-                module, args, str(path), input_names=in_names, output_names=out_names,
-                dynamic_axes=dynamic, dynamo=False, opset_version=opset, do_constant_folding=True,
-            )
+    if exporter == "dynamo":
+        # dynamic_shapes mirror forward's signature: positional args, then *caches as one tuple
+        per_arg = [{ax: Dim.AUTO for ax in dynamic.get(n, {})} or None for n in in_names]
+        n_fixed = 3 if len(in_names) > 1 else 1
+        shapes: tuple = tuple(per_arg[:n_fixed])
+        if len(in_names) > n_fixed:
+            shapes = shapes + (tuple(per_arg[n_fixed:]),)
+        prog = torch.onnx.export(
+            module, args, None, input_names=in_names, output_names=out_names,
+            dynamic_shapes=shapes, dynamo=True, opset_version=opset, external_data=False,
+            verbose=False, optimize=True,
+        )
+        prog.save(str(path), external_data=False)
+    else:
+        torch.onnx.export(
+            module, args, str(path), input_names=in_names, output_names=out_names,
+            dynamic_axes=dynamic, dynamo=False, opset_version=opset, do_constant_folding=True,
+        )
 
 
 def _name_dims(model: onnx.ModelProto, known: dict[str, dict[int, str]]) -> None:
