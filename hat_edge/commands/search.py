@@ -50,6 +50,12 @@ def _evolution(kw: dict[str, Any]):
     )
 
 
+_threads_option = click.option(
+    "--threads", default=1, show_default=True, type=click.IntRange(min=0),
+    help="Torch threads on the host for the fitness (0: torch's default). One is fastest on a "
+         "busy machine and keeps local measurements undisturbed.")
+
+
 def _write_arch(arch, path: str | None) -> None:
     if path:
         try:
@@ -78,9 +84,7 @@ def _write_arch(arch, path: str | None) -> None:
               help="Also require estimated model memory (weights + caches, fp32) <= this many MB.")
 @click.option("--valid-sentences", default=200, show_default=True, type=click.IntRange(min=1),
               help="Validation sentences for the fitness (loss).")
-@click.option("--threads", default=1, show_default=True, type=click.IntRange(min=0),
-              help="Torch threads on the host for the fitness (0: torch's default). One is fastest on a "
-                   "busy machine and keeps local measurements undisturbed.")
+@_threads_option
 @_evolution_options
 @click.option("--out", "out_path", default=None, help="Write the winner here (HAT YAML, or .json).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -197,9 +201,7 @@ def _predictor(predictor_path: str | None, profile_name: str | None, store_path:
               help="Latency store. Default: $HAT_EDGE_STORE or .hat-edge/latency.sqlite.")
 @click.option("--valid-sentences", default=200, show_default=True, type=click.IntRange(min=1),
               help="Validation sentences for the fitness (loss).")
-@click.option("--threads", default=1, show_default=True, type=click.IntRange(min=0),
-              help="Torch threads on the host for the fitness (0: torch's default). One is fastest on a "
-                   "busy machine and keeps local measurements undisturbed.")
+@_threads_option
 @_evolution_options
 @click.option("--small", is_flag=True,
               help="A CPU-sized search (population 40, parents 10, 15 + 15 children, 10 iterations).")
@@ -360,9 +362,7 @@ def deploy_cmd(profile_name: str, arch_file: str | None, checkpoint: str | None,
               help="Evolution size: quick (24 x 6), small (40 x 10), or HAT's own (125 x 30).")
 @click.option("--valid-sentences", default=60, show_default=True, type=click.IntRange(min=1),
               help="Validation sentences for the fitness (loss).")
-@click.option("--threads", default=1, show_default=True, type=click.IntRange(min=0),
-              help="Torch threads on the host for the fitness (0: torch's default). One is fastest on a "
-                   "busy machine and keeps local measurements undisturbed.")
+@_threads_option
 @click.option("--quantize", type=click.Choice(["int8"]), default=None, help="Deploy the winner as int8.")
 @click.option("--out", "out_dir", default="hat-edge-run", show_default=True,
               help="Output directory: report.md, plots, report.json, the bundle, the latency store.")
