@@ -213,10 +213,12 @@ def render_markdown(s: Mapping[str, Any]) -> str:
         "search (latency at the low end of the predictor's interval) finds with a lower loss. They are "
         "timed side by side with anchors (initial archs near the budget, timed again in rotation with "
         "them); `device drift` is how much slower the device ran than when the anchors were first "
-        "measured, and the candidates' latencies are divided by it.",
+        "measured, and the candidates' latencies are divided by it. `calibration` scales the round's "
+        "predictions by how far the earlier rounds' picks measured over theirs (a search picks the archs "
+        "its predictor underestimates most); the predictions shown are the calibrated ones.",
         "",
-        "| round | fitted on | evaluations | search s | candidates: predicted -> measured ms (loss) | device drift | met |",
-        "|---|---|---|---|---|---|---|",
+        "| round | fitted on | evaluations | search s | candidates: predicted -> measured ms (loss) | calibration | device drift | met |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in s.get("rounds", []):
         cands = "; ".join(
@@ -225,7 +227,7 @@ def render_markdown(s: Mapping[str, Any]) -> str:
         )
         lines.append(
             f"| {r['round']} | {r['fitted_on']} | {r['evaluations']} | {r['search_ms'] / 1e3:.1f} | {cands} | "
-            f"{r.get('drift', 1.0):.2f}x | {'yes' if r['met'] else 'no'} |"
+            f"{r.get('calibration', 1.0):.2f}x | {r.get('drift', 1.0):.2f}x | {'yes' if r['met'] else 'no'} |"
         )
     pe = s.get("predictor_error")
     if pe:
