@@ -552,6 +552,24 @@ def test_cli_bench_json_and_measure_resume(tmp_path: Path, demo_archs, export_ca
     assert (s["stored_before"], s["measured"]) == (2, 0)
     assert not any((tmp_path / "cache" / "bundles").iterdir())  # exports removed once stored
 
+    # --side-by-side: 3 more (the same seed's first 2 are stored), in groups of 3 with the 2 anchors
+    # taken from the stored ones, timed again beside each new arch: 3 runner jobs, 3 new records,
+    # each with its drift factor; the anchors' re-timing is not stored.
+    res = runner.invoke(cli, ["measure", "--profile", str(prof), "-n", "5", "--seed", "5", "--store", str(store),
+                              "--json", "--no-progress", "--side-by-side", "--group", "3"])
+    assert res.exit_code == 0, res.output
+    s = json.loads(res.stdout)[0]
+    assert (s["archs"], s["stored_before"], s["measured"], s["failed"]) == (5, 2, 3, 0)
+    from hat_edge.latency.store import LatencyStore
+
+    recs = LatencyStore(store).records(device="fast")
+    anchored = [r for r in recs if "drift_factor" in r.env]
+    assert len(recs) == 5 and len(anchored) == 3
+    assert all(len(r.env["anchors"]) == 2 and r.corrected_ms == r.median_ms / r.drift_factor for r in anchored)
+    res = runner.invoke(cli, ["measure", "--profile", str(prof), "-n", "5", "--seed", "5", "--store", str(store),
+                              "--side-by-side", "--group", "2"])
+    assert res.exit_code != 0 and "--group" in res.output and "Traceback" not in res.output
+
 
 @pytest.mark.ssh
 def test_cli_profile_check_over_ssh(sshd_server, ssh_profile, tmp_path: Path) -> None:

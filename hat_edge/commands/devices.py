@@ -159,11 +159,18 @@ def _env_warnings(p, env: dict[str, Any]) -> list[str]:
               help="Latency store (SQLite). Default: $HAT_EDGE_STORE or .hat-edge/latency.sqlite.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
               help="Models per runner invocation (one connection each).")
+@click.option("--side-by-side", is_flag=True,
+              help="Time the models in rotation, --group at a time, each group anchored to archs already "
+                   "measured (timed again beside it): on a device whose speed drifts (a shared host) the "
+                   "latencies stay on one scale. A group is committed when it ends.")
+@click.option("--group", default=12, show_default=True, type=click.IntRange(min=3),
+              help="With --side-by-side: models open at once (anchors included); mind a board's memory.")
 @click.option("--trust-new-host", is_flag=True, help=_TRUST_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary per device.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def measure_cmd(profiles: tuple[str, ...], space_name: str, n: int, seed: int, store_path: str | None,
-                batch_size: int, trust_new_host: bool, as_json: bool, no_progress: bool) -> None:
+                batch_size: int, side_by_side: bool, group: int, trust_new_host: bool, as_json: bool,
+                no_progress: bool) -> None:
     """Sample N SubTransformers and measure their latency on each device into the store.
 
     Each model is exported with random weights (latency does not depend on weight values), run
@@ -175,6 +182,7 @@ def measure_cmd(profiles: tuple[str, ...], space_name: str, n: int, seed: int, s
     Examples:
       hat-edge measure --profile local-cpu -n 100
       hat-edge measure --profile raspberrypi4 --profile jetson-nano --space hat-wmt -n 500
+      hat-edge measure --profile local-cpu -n 100 --side-by-side   # a shared, drifting machine
     """
     from hat_edge.devices.measure import measure_many, store_settings
     from hat_edge.devices.profiles import load_profile
@@ -192,11 +200,11 @@ def measure_cmd(profiles: tuple[str, ...], space_name: str, n: int, seed: int, s
         errors[err.device] += 1
 
     results = measure_many(profs, archs, store, progress=not no_progress, trust_new_host=trust_new_host,
-                           batch_size=batch_size, on_error=on_error)
+                           batch_size=batch_size, on_error=on_error, side_by_side=side_by_side, group=group)
     summary = []
     for p in profs:
         recs = results[p.name]
-        med = [r.median_ms for r in recs]
+        med = [r.corrected_ms for r in recs]  # anchored records on their anchors' scale
         summary.append({
             "device": p.name, "runtime": p.runtime, "archs": len(archs), "stored_before": before[p.name],
             "measured": len(recs) - before[p.name], "failed": errors[p.name],

@@ -60,11 +60,12 @@ def _data_from_store(store_path: str, profile: str, runtime: str | None):
     for i, r in enumerate(recs, start=1):
         if not (r.median_ms == r.median_ms and r.median_ms > 0):
             raise UserError(f"{src}: record {i}: median_ms is {r.median_ms!r}, expected a positive number")
+    # Anchored records (measured side by side with earlier ones) on their anchors' scale.
     data = LatencyData(
         features=np.array([r.features for r in recs], float),
-        latency_ms=np.array([r.median_ms for r in recs], float),
-        encoder_ms=np.array([r.encoder_ms for r in recs], float) if split else None,
-        decoder_ms=np.array([r.decoder_ms for r in recs], float) if split else None,
+        latency_ms=np.array([r.corrected_ms for r in recs], float),
+        encoder_ms=np.array([r.corrected_split()[0] for r in recs], float) if split else None,
+        decoder_ms=np.array([r.corrected_split()[1] for r in recs], float) if split else None,
         archs=tuple(archs) if all(a is not None for a in archs) else None,  # type: ignore[arg-type]
         source=src,
     )

@@ -21,8 +21,10 @@ import hashlib
 import inspect
 import json
 import logging
+import math
 import os
 import shutil
+import statistics
 import sys
 import threading
 import time
@@ -574,28 +576,121 @@ def measure_archs(
     return [have[a.to_json()] for a in unique if a.to_json() in have]
 
 
+def measure_anchored(
+    profile: DeviceProfile,
+    archs: Sequence[Arch],
+    store: LatencyStore,
+    anchors: Mapping[Arch, float],
+    progress: bool = True,
+    **kw: Any,
+) -> tuple[list[LatencyRecord], float]:
+    """Measure the archs not yet stored side by side with `anchors` (archs measured before, value:
+    their latency on the scale to keep), all timed in rotation in one runner process. The
+    anchors' median ratio now / before is the device's drift since (a shared host's neighbours, a
+    clock change); each new record keeps its raw runs and stores that factor in its env
+    (`drift_factor`, `anchors`): `LatencyRecord.corrected_ms` is on the anchors' scale. The
+    anchors' re-timing is not stored. Returns (a record per arch, stored or new, in input order;
+    the drift factor, 1.0 when nothing was measured). `kw` goes to `measure_archs`."""
+    from dataclasses import replace as _replace
+
+    settings = store_settings(profile, kw.get("quantize"))
+    unique = list(dict.fromkeys(archs))
+    have = {a: store.get(profile.name, a, profile.runtime, settings) for a in unique}
+    todo = [a for a in unique if have[a] is None]
+    anchors = {a: float(v) for a, v in anchors.items() if a not in set(todo) and v > 0}
+    if not todo:
+        return [r for r in have.values() if r is not None], 1.0
+    if not anchors:
+        return measure_archs(profile, unique, store, progress, interleave=True, **kw), 1.0
+    recs = measure_archs(profile, [*todo, *anchors], LatencyStore(":memory:"), progress, interleave=True, **kw)
+    got = {r.arch: r for r in recs if r.arch is not None}
+    ratios = [got[a].median_ms / v for a, v in anchors.items() if a in got]
+    drift = float(statistics.median(ratios)) if ratios else 1.0
+    note = {"drift_factor": drift,
+            "anchors": [[a.to_json(), v, got[a].median_ms] for a, v in anchors.items() if a in got]}
+    for a in todo:
+        if a in got:
+            rec = _replace(got[a], env={**dict(got[a].env), **note})
+            store.add(rec)
+            have[a] = rec
+    return [r for r in (have[a] for a in unique) if r is not None], drift
+
+
+def measure_side_by_side(
+    profile: DeviceProfile,
+    archs: Sequence[Arch],
+    store: LatencyStore,
+    progress: bool = True,
+    *,
+    group: int = 12,
+    anchors: int = 2,
+    **kw: Any,
+) -> list[LatencyRecord]:
+    """Measure archs side by side, so that their ratios survive a device whose speed drifts
+    (this project's shared 2-core VM: 10-17% within three minutes; two models timed in rotation
+    kept their ratio within 3%). At most `group` models are open at once (a board's memory); every
+    group is anchored (`measure_anchored`) to `anchors` archs already stored for this device and
+    settings (the middle of their latencies), or, in an empty store, to the first group. Each
+    group is committed when it finishes: a crash loses at most the group in flight. Returns a
+    record per arch (stored or new), in input order; read `corrected_ms`."""
+    if group < anchors + 1:
+        raise UserError(f"--group must be at least {anchors + 1} (the {anchors} anchors and one arch), got {group}")
+    settings = store_settings(profile, kw.get("quantize"))
+    unique = list(dict.fromkeys(archs))
+    todo = [a for a in unique if not store.has(profile.name, a, profile.runtime, settings)]
+    stored = [r for r in store.records(device=profile.name, runtime=profile.runtime, settings=settings)
+              if r.arch is not None]
+
+    def pick(recs: Sequence[LatencyRecord]) -> dict[Arch, float]:
+        if not recs or anchors == 0:
+            return {}
+        mid = statistics.median(r.corrected_ms for r in recs)
+        near = sorted(recs, key=lambda r: abs(math.log(r.corrected_ms / mid)))[:anchors]
+        return {r.arch: r.corrected_ms for r in near}
+
+    ref = pick(stored)
+    i = 0
+    while i < len(todo):
+        step = group - len(ref) if ref else group
+        part = todo[i:i + step]
+        recs, _ = measure_anchored(profile, part, store, ref, progress, **kw)
+        if not ref:
+            ref = pick([r for r in recs if r.arch in set(part)])
+        i += step
+    return [r for r in (store.get(profile.name, a, profile.runtime, settings) for a in unique) if r is not None]
+
+
 def measure_many(
     profiles: Sequence[DeviceProfile],
     archs: Sequence[Arch],
     store: LatencyStore,
     progress: bool = True,
+    *,
+    side_by_side: bool = False,
+    group: int = 12,
     **kw: Any,
 ) -> dict[str, list[LatencyRecord]]:
     """Measure the same archs on several devices at once: one worker thread per device, each
     with its own connection and progress bar. A device that fails does not stop the others; the
-    first failure is raised once all are done."""
+    first failure is raised once all are done. `side_by_side`: `measure_side_by_side` in groups
+    of `group` per device, else `measure_archs` one model after another."""
+    if side_by_side:
+        fn: Callable[..., list[LatencyRecord]] = measure_side_by_side
+        kw = {**kw, "group": group}
+    else:
+        fn = measure_archs
     names = [p.name for p in profiles]
     if len(set(names)) != len(names):
         raise UserError(f"profile names must differ, got {', '.join(names)}")
     if sum(p.is_local for p in profiles) > 1:
         log.warning("several local profiles measured at once share this machine's CPU: timings interfere")
     if len(profiles) == 1:  # no thread: Ctrl-C reaches the measurement directly
-        return {profiles[0].name: measure_archs(profiles[0], archs, store, progress, **kw)}
+        return {profiles[0].name: fn(profiles[0], archs, store, progress, **kw)}
     results: dict[str, list[LatencyRecord]] = {}
     errors: list[BaseException] = []
     cancel = threading.Event()
     with ThreadPoolExecutor(max_workers=len(profiles), thread_name_prefix="measure") as ex:
-        futs = {p.name: ex.submit(measure_archs, p, archs, store, progress, position=i, cancel=cancel, **kw)
+        futs = {p.name: ex.submit(fn, p, archs, store, progress, position=i, cancel=cancel, **kw)
                 for i, p in enumerate(profiles)}
         try:
             while not all(f.done() for f in futs.values()):
@@ -624,8 +719,10 @@ __all__ = [
     "bundle_key",
     "device_env",
     "export_for_measurement",
+    "measure_anchored",
     "measure_archs",
     "measure_many",
+    "measure_side_by_side",
     "record_from_result",
     "store_settings",
 ]

@@ -96,6 +96,26 @@ class LatencyRecord:
     def arch_key(self) -> str:
         return self.arch.to_json() if self.arch is not None else ""
 
+    @property
+    def drift_factor(self) -> float:
+        """How much slower the device ran, when this was measured, than on the scale the record is
+        anchored to: archs measured earlier, timed again side by side with this one (env
+        `drift_factor`, set by the devices room's anchored measurement). 1.0 when not anchored.
+        The stored runs and statistics are raw; divide by this for the corrected latency."""
+        f = self.env.get("drift_factor") if isinstance(self.env, Mapping) else None
+        return float(f) if isinstance(f, (int, float)) and math.isfinite(f) and f > 0 else 1.0
+
+    @property
+    def corrected_ms(self) -> float:
+        """The median on the anchored scale (`median_ms / drift_factor`)."""
+        return self.median_ms / self.drift_factor
+
+    def corrected_split(self) -> tuple[float | None, float | None]:
+        """Encoder and decode-loop medians on the anchored scale (None where unknown)."""
+        f = self.drift_factor
+        return (None if self.encoder_ms is None else self.encoder_ms / f,
+                None if self.decoder_ms is None else self.decoder_ms / f)
+
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -319,7 +339,8 @@ class LatencyStore:
         """Write `device`'s records as HAT's latency CSV (what HAT's predictor trains on).
 
         latency_mean_encoder/decoder are 10-90% means of the per-run encoder and decode-loop times
-        (HAT's statistic), their std the population std of the same runs.
+        (HAT's statistic), their std the population std of the same runs; records measured
+        against anchors are divided by their drift factor (`LatencyRecord.drift_factor`).
         """
         recs = self.records(device=device, runtime=runtime, settings=settings)
         if not recs:
@@ -336,7 +357,8 @@ class LatencyStore:
                 dec = mean_10_90(dec_runs) if dec_runs else (r.decoder_ms if r.decoder_ms is not None else r.mean_10_90_ms - enc)
                 enc_std = statistics.pstdev(enc_runs) if len(enc_runs) > 1 else (r.encoder_std_ms or 0.0)
                 dec_std = statistics.pstdev(dec_runs) if len(dec_runs) > 1 else (r.decoder_std_ms or 0.0)
-                w.writerow([_fmt(x) for x in (*r.features, enc, dec, enc_std, dec_std)])
+                f = r.drift_factor
+                w.writerow([_fmt(x) for x in (*r.features, enc / f, dec / f, enc_std / f, dec_std / f)])
         return len(recs)
 
 

@@ -83,92 +83,37 @@ class ProfileDevice:
         archs = list(dict.fromkeys(archs))
         if not archs:
             return {}
-        recs = measure_archs(self.profile, archs, self.store, progress=progress)
-        out = {r.arch: float(r.median_ms) for r in recs if r.arch is not None}
-        missing = [a for a in archs if a not in out]
-        if missing:
-            # measure_archs returns what it measured or found stored; anything else failed there.
-            raise UserError(
-                f"device '{self.name}': {len(missing)} of {len(archs)} archs were not measured "
-                f"(first: {missing[0].describe()}); see the runner's error above"
-            )
-        return out
+        # measure_archs returns what it measured or found stored; anything else failed there.
+        return self._corrected(archs, measure_archs(self.profile, archs, self.store, progress=progress))
 
     def measure_anchored(
         self, archs: Sequence[Arch], anchors: Mapping[Arch, float], progress: bool = True
     ) -> tuple[dict[Arch, float], float]:
-        """Measure new archs side by side with anchors: archs measured before (value: their
-        stored, corrected latency), timed in rotation with the new ones in one runner process.
-        The anchors' ratio now / before is the device's drift since (a shared host's neighbours,
-        a clock change): the new archs' latencies are divided by it, so every measurement of the
-        loop is on the scale of the first ones. Records keep their raw runs; the factor is stored
-        in their env (`drift_factor`, `anchors`). Returns (arch -> corrected ms, drift factor)."""
-        from dataclasses import replace as _replace
+        """Measure new archs side by side with anchors (archs measured before; value: their
+        corrected latency): the devices room's `measure_anchored`, whose drift factor puts the new
+        ones on the scale of the first measurements. Returns (arch -> corrected ms, drift)."""
+        from hat_edge.devices.measure import measure_anchored
 
-        from hat_edge.devices.measure import measure_archs, store_settings
-        from hat_edge.latency.store import LatencyStore
+        recs, drift = measure_anchored(self.profile, archs, self.store, anchors, progress=progress)
+        return self._corrected(archs, recs), drift
 
-        settings = store_settings(self.profile)
-        todo = [a for a in dict.fromkeys(archs)
-                if self.store.get(self.profile.name, a, self.profile.runtime, settings) is None]
-        out = {a: ms for a, ms in self.measured().items() if a in set(archs)}
-        anchors = {a: v for a, v in anchors.items() if a not in set(todo)}
-        if not todo:
-            return out, 1.0
-        if not anchors:
-            return {**out, **self.measure(todo, progress=progress)}, 1.0
-        recs = measure_archs(self.profile, [*todo, *anchors], LatencyStore(":memory:"), progress=progress,
-                             interleave=True)
-        got = {r.arch: r for r in recs if r.arch is not None}
-        ratios = [got[a].median_ms / v for a, v in anchors.items() if a in got and v > 0]
-        drift = float(np.median(ratios)) if ratios else 1.0
-        missing = [a for a in todo if a not in got]
+    def measure_side_by_side(self, archs: Sequence[Arch], progress: bool = True, group: int = 12,
+                             anchors: int = 2) -> dict[Arch, float]:
+        """Measure archs side by side in anchored groups (the devices room's
+        `measure_side_by_side`). Returns arch -> corrected ms."""
+        from hat_edge.devices.measure import measure_side_by_side
+
+        recs = measure_side_by_side(self.profile, archs, self.store, progress=progress, group=group, anchors=anchors)
+        return self._corrected(archs, recs)
+
+    def _corrected(self, archs: Sequence[Arch], recs: Sequence[Any]) -> dict[Arch, float]:
+        out = {r.arch: float(r.corrected_ms) for r in recs if r.arch is not None}
+        missing = [a for a in dict.fromkeys(archs) if a not in out]
         if missing:
             raise UserError(
-                f"device '{self.name}': {len(missing)} of {len(todo)} archs were not measured "
+                f"device '{self.name}': {len(missing)} of {len(set(archs))} archs were not measured "
                 f"(first: {missing[0].describe()}); see the runner's error above"
             )
-        note = {"drift_factor": drift, "anchors": [[a.to_json(), v, got[a].median_ms] for a, v in anchors.items()
-                                                   if a in got]}
-        for a in todo:
-            self.store.add(_replace(got[a], env={**dict(got[a].env), **note}))
-            out[a] = float(got[a].median_ms) / drift
-        return out, drift
-
-    def measure_side_by_side(
-        self, archs: Sequence[Arch], progress: bool = True, group: int = 12, anchors: int = 2
-    ) -> dict[Arch, float]:
-        """Measure archs side by side: timed in rotation in one runner process, so that their
-        ratios survive a device whose speed drifts (a shared host's neighbours: 10-70% within
-        minutes here, while one arch after another is timed). At most `group` models are open at
-        once (a board's memory); each later group is anchored to the first by `anchors` of its
-        archs, re-timed alongside (`measure_anchored`). Returns arch -> ms (corrected)."""
-        from hat_edge.devices.measure import measure_archs
-
-        archs = list(dict.fromkeys(archs))
-        have = self.measured()
-        todo = [a for a in archs if a not in have]
-        out = {a: have[a] for a in archs if a in have}
-        if not todo:
-            return out
-        first, rest = todo[:group], todo[group:]
-        recs = measure_archs(self.profile, first, self.store, progress=progress, interleave=True)
-        got = {r.arch: float(r.median_ms) for r in recs if r.arch is not None}
-        missing = [a for a in first if a not in got]
-        if missing:
-            raise UserError(
-                f"device '{self.name}': {len(missing)} of {len(first)} archs were not measured "
-                f"(first: {missing[0].describe()}); see the runner's error above"
-            )
-        out.update(got)
-        # The anchors: archs of the first group around its median latency (a group's archs span
-        # the space; the middle drifts like most of them).
-        mid = float(np.median(list(got.values())))
-        ref = dict(sorted(got.items(), key=lambda kv: abs(math.log(kv[1] / mid)))[:anchors])
-        step = max(group - len(ref), 1)
-        for i in range(0, len(rest), step):
-            part, _ = self.measure_anchored(rest[i:i + step], ref, progress=progress)
-            out.update(part)
         return out
 
     def _records(self) -> list[Any]:
@@ -181,20 +126,16 @@ class ProfileDevice:
 
     def measured(self) -> dict[Arch, float]:
         """Stored medians, drift-corrected where they were measured against anchors."""
-        return {r.arch: float(r.median_ms) / _drift(r) for r in self._records()}
+        return {r.arch: float(r.corrected_ms) for r in self._records()}
 
     def split(self) -> dict[Arch, tuple[float, float]]:
         """Encoder and decode-loop medians of every stored measurement that has them (corrected)."""
-        return {
-            r.arch: (float(r.encoder_ms) / _drift(r), float(r.decoder_ms) / _drift(r))
-            for r in self._records()
-            if r.encoder_ms is not None and r.decoder_ms is not None
-        }
-
-
-def _drift(rec: Any) -> float:
-    f = (rec.env or {}).get("drift_factor") if isinstance(rec.env, Mapping) else None
-    return float(f) if isinstance(f, (int, float)) and f > 0 else 1.0
+        out = {}
+        for r in self._records():
+            e, d = r.corrected_split()
+            if e is not None and d is not None:
+                out[r.arch] = (float(e), float(d))
+        return out
 
 
 def pick_anchors(measured: Mapping[Arch, float], initial: Sequence[Arch], budget_ms: float, k: int) -> dict[Arch, float]:
