@@ -9,6 +9,12 @@
     included (target <= 10% of the local time per model).
 (c) throughput: new demo archs measured per minute at HAT's settings, export included.
 
+This shared VM's speed drifts (10-17% within three minutes, seen with the same model timed in a
+loop), so (a) and (b) are also given drift-corrected: each run times the 5 archs side by side with
+3 reference archs (not among the 5), and divides by how much slower the references ran than in the
+first local run (`hat-edge measure --side-by-side` and the loop's anchors do the same). Raw and
+corrected figures are both printed.
+
 Settings are the `local-cpu` profile's (HAT's: 30 source tokens, 30 decoder steps, beam 5, 5
 warm-up runs; 1 thread; >= 10 timed runs and >= 2 s per model), unless --quick.
 
@@ -48,6 +54,14 @@ def demo_archs(n: int = 5):
     return [space.smallest(), space.largest(), *space.sample_n(n - 2, seed=1)]
 
 
+def reference_archs(exclude, n: int = 3):
+    """Archs to time beside the measured ones, their drift corrects the runs: spread over sizes
+    (FLOPs quantiles of a sample), since an arch drifts most like archs of its own size."""
+    space = PRESETS["demo"]
+    pool = sorted((a for a in space.sample_n(40, seed=7) if a not in exclude), key=lambda a: a.flops())
+    return [pool[round((k + 0.5) * len(pool) / n)] for k in range(n)]
+
+
 def timed_measure(profile, archs, cache: Path, interleave: bool = False):
     t0 = time.perf_counter()
     recs = measure_archs(profile, archs, LatencyStore(":memory:"), progress=False, cache_dir=cache,
@@ -56,6 +70,13 @@ def timed_measure(profile, archs, cache: Path, interleave: bool = False):
     if len(recs) != len(archs):
         raise SystemExit(f"{profile.name}: only {len(recs)} of {len(archs)} archs measured")
     return recs, wall
+
+
+def model_time_s(recs) -> float:
+    """Seconds the runner spent running the models (warm-up and timed runs): the rest of a job's
+    wall time is transport, start-up and export, what the SSH overhead is about."""
+    return sum(sum(r.total_runs_ms) + float(r.env.get("measurement", {}).get("warmup_total_ms", 0.0))
+               for r in recs) / 1e3
 
 
 def loadavg() -> float | None:
@@ -94,9 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="hat-edge-bench-"))
     local = replace(base, measurement=meas, work_dir=str(work / "local-work"))
     archs = demo_archs()
+    refs = reference_archs(archs)
     cache = work / "cache"
     t0 = time.perf_counter()
-    for a in archs:
+    for a in [*archs, *refs]:
         export_for_measurement(a, local, cache)
     export_s = (time.perf_counter() - t0) / len(archs)
     print(f"exported {len(archs)} demo archs ({export_s:.1f} s each); settings {local.job_settings()}",
@@ -122,8 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     side_medians: list[list[float]] = []
     cvs: list[list[float]] = []
     walls: list[float] = []
+    model_s: list[float] = []
+    ssh_model_s: list[float] = []
     ssh_medians: list[list[float]] = []
     ssh_walls: list[float] = []
+    ssh_side_medians: list[list[float]] = []
+    local_refs: list[list[float]] = []  # the references' medians in each local side-by-side run
+    ssh_refs: list[list[float]] = []
     loads: list[float | None] = [loadavg()]
     try:
         for i in range(args.runs):
@@ -131,21 +158,30 @@ def main(argv: list[str] | None = None) -> int:
             medians.append([r.median_ms for r in recs])
             cvs.append([r.cv for r in recs])
             walls.append(wall)
+            model_s.append(model_time_s(recs))
             loads.append(loadavg())
             print(f"local run {i + 1}: {wall:.1f} s, medians {[round(m, 1) for m in medians[-1]]}, "
                   f"load {loads[-1]}", file=sys.stderr)
             if args.side_by_side:
-                recs, _ = timed_measure(local, archs, cache, interleave=True)
-                side_medians.append([r.median_ms for r in recs])
-                print(f"local side-by-side run {i + 1}: medians {[round(m, 1) for m in side_medians[-1]]}",
-                      file=sys.stderr)
+                recs, _ = timed_measure(local, [*archs, *refs], cache, interleave=True)
+                side_medians.append([r.median_ms for r in recs[: len(archs)]])
+                local_refs.append([r.median_ms for r in recs[len(archs):]])
+                print(f"local side-by-side run {i + 1}: medians {[round(m, 1) for m in side_medians[-1]]}, "
+                      f"references {[round(m, 1) for m in local_refs[-1]]}", file=sys.stderr)
             if remote is not None:
                 recs, wall = timed_measure(remote, archs, cache)
                 ssh_medians.append([r.median_ms for r in recs])
                 ssh_walls.append(wall)
+                ssh_model_s.append(model_time_s(recs))
                 loads.append(loadavg())
                 print(f"ssh run {i + 1}: {wall:.1f} s, medians {[round(m, 1) for m in ssh_medians[-1]]}, "
                       f"load {loads[-1]}", file=sys.stderr)
+                if args.side_by_side:
+                    recs, _ = timed_measure(remote, [*archs, *refs], cache, interleave=True)
+                    ssh_side_medians.append([r.median_ms for r in recs[: len(archs)]])
+                    ssh_refs.append([r.median_ms for r in recs[len(archs):]])
+                    print(f"ssh side-by-side run {i + 1}: medians {[round(m, 1) for m in ssh_side_medians[-1]]}, "
+                          f"references {[round(m, 1) for m in ssh_refs[-1]]}", file=sys.stderr)
     finally:
         if server is not None:
             server.stop()
@@ -181,10 +217,24 @@ def main(argv: list[str] | None = None) -> int:
             "spread_of_relative": [sp([r[j] for r in rel]) for j in range(n)],
         }
 
+    def drift(ref_now: list[float]) -> float:
+        """How much slower the references ran than in the first local side-by-side run (geometric
+        mean over the references)."""
+        import math
+
+        return math.exp(statistics.mean(math.log(n / b) for n, b in zip(ref_now, local_refs[0])))
+
     side = None
     if side_medians:
         side = {"runs": len(side_medians), **rel_spread(side_medians)}
         stability["spread_of_relative_sequential"] = rel_spread(medians)["spread_of_relative"]
+        drifts = [drift(r) for r in local_refs]
+        corrected = [[m / d for m in run] for run, d in zip(side_medians, drifts)]
+        side["references"] = [a.describe() for a in refs]
+        side["reference_medians_ms"] = local_refs
+        side["drift"] = drifts
+        side["corrected_medians_ms"] = corrected
+        side["spread_of_corrected"] = rel_spread(corrected)["spread_of_medians"]
     ssh = None
     if remote is not None:
         local_med = [statistics.median(run[j] for run in medians) for j in range(len(archs))]
@@ -201,7 +251,30 @@ def main(argv: list[str] | None = None) -> int:
             "overhead_s_per_model": (ssh_wall - local_wall) / len(archs),
             "overhead_fraction_of_local": (ssh_wall - local_wall) / local_wall,
             "board_python": remote.python,
+            # The same overhead without the timing noise: wall minus the time spent running the
+            # models (warm-up until stable varies from run to run; the device's speed drifts).
+            "model_s": ssh_model_s,
+            "local_model_s": model_s,
+            "non_model_overhead_s_per_model": statistics.median(
+                (sw - sm) - (lw - lm) for sw, sm, lw, lm in zip(ssh_walls, ssh_model_s, walls, model_s)) / len(archs),
         }
+        ssh["non_model_overhead_fraction_of_local"] = ssh["non_model_overhead_s_per_model"] * len(archs) / local_wall
+        if ssh_side_medians and local_refs:
+            # Each side's run corrected by its own references against the first local run: the two
+            # paths are compared on one scale although they ran minutes apart on a drifting machine.
+            loc = [[m / drift(r) for m in run] for run, r in zip(side_medians, local_refs)]
+            rem = [[m / drift(r) for m in run] for run, r in zip(ssh_side_medians, ssh_refs)]
+            cr = [statistics.median(rem[i][j] / loc[i][j] for i in range(len(rem))) for j in range(len(archs))]
+            ssh["side_by_side"] = {
+                "medians_ms": ssh_side_medians,
+                "reference_medians_ms": ssh_refs,
+                "drift": [drift(r) for r in ssh_refs],
+                "raw_ratio_ssh_over_local": [
+                    statistics.median(ssh_side_medians[i][j] / side_medians[i][j] for i in range(len(rem)))
+                    for j in range(len(archs))],
+                "corrected_ratio_ssh_over_local": cr,
+                "max_abs_corrected_ratio_deviation": max(abs(x - 1) for x in cr),
+            }
 
     # (c) throughput, export included
     space = PRESETS["demo"]
@@ -253,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  spread of each arch's median relative to its run (ratios): side by side median "
               f"{pct(statistics.median(side['spread_of_relative']))}, max {pct(max(side['spread_of_relative']))}; "
               f"one after another median {pct(statistics.median(seq_rel))}, max {pct(max(seq_rel))}")
+        print(f"  drift-corrected by {len(refs)} reference archs timed beside them (drift per run: "
+              f"{', '.join(f'{d:.3f}' for d in side['drift'])}): spread of medians across runs median "
+              f"{pct(statistics.median(side['spread_of_corrected']))}, max {pct(max(side['spread_of_corrected']))} "
+              "(target <= 3%)")
     if ssh:
         print(f"(b) SSH on loopback vs local, {args.runs} runs each, interleaved (medians of the runs' medians)")
         print(f"  ratio of medians ssh/local: {', '.join(f'{r:.3f}' for r in ssh['ratio_ssh_over_local'])} "
@@ -261,6 +338,15 @@ def main(argv: list[str] | None = None) -> int:
               f"{statistics.median(ssh['local_wall_s']):.1f} s for {len(archs)} models: "
               f"overhead {ssh['overhead_s_per_model']:.2f} s per model = {pct(ssh['overhead_fraction_of_local'])} "
               "of the local time (target <= 10%)")
+        print(f"  the same without the models' own time (wall minus warm-up and timed runs, paired runs): overhead "
+              f"{ssh['non_model_overhead_s_per_model']:.2f} s per model = {pct(ssh['non_model_overhead_fraction_of_local'])} "
+              "of the local time")
+        sb = ssh.get("side_by_side")
+        if sb:
+            print(f"  side by side with the references, each path's run corrected by its own references' drift: "
+                  f"ratio ssh/local {', '.join(f'{r:.3f}' for r in sb['corrected_ratio_ssh_over_local'])} "
+                  f"(max deviation {pct(sb['max_abs_corrected_ratio_deviation'])}, target <= 3%); raw "
+                  f"{', '.join(f'{r:.3f}' for r in sb['raw_ratio_ssh_over_local'])}")
     print(f"(c) throughput: {throughput['archs']} new demo archs in {wall:.1f} s = "
           f"{throughput['archs_per_minute']:.1f} archs/minute (export {export_s:.1f} s of each)")
     print(f"wrote {out}")

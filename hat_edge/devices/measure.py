@@ -235,6 +235,8 @@ def record_from_result(profile: DeviceProfile, arch: Arch, res: Mapping[str, Any
     env["measurement"] = {
         k: res.get(k) for k in ("warmup", "warmup_stable", "timing", "peak_rss_mb", "throttled", "temperature_c", "settings") if k in res
     }
+    if isinstance(res.get("warmup_ms"), list):  # time spent running the model before the timed runs
+        env["measurement"]["warmup_total_ms"] = float(sum(float(x) for x in res["warmup_ms"]))
     return LatencyRecord(
         device=profile.name, arch=arch, features=tuple(arch.features()), runtime=profile.runtime,
         settings=dict(settings), median_ms=float(res["median_ms"]), mean_10_90_ms=float(res["mean_10_90_ms"]),
@@ -630,7 +632,7 @@ def measure_side_by_side(
     (this project's shared 2-core VM: 10-17% within three minutes; two models timed in rotation
     kept their ratio within 3%). At most `group` models are open at once (a board's memory); every
     group is anchored (`measure_anchored`) to `anchors` archs already stored for this device and
-    settings (the middle of their latencies), or, in an empty store, to the first group. Each
+    settings (spread over their latencies), or, in an empty store, to the first group. Each
     group is committed when it finishes: a crash loses at most the group in flight. Returns a
     record per arch (stored or new), in input order; read `corrected_ms`."""
     if group < anchors + 1:
@@ -642,11 +644,13 @@ def measure_side_by_side(
               if r.arch is not None]
 
     def pick(recs: Sequence[LatencyRecord]) -> dict[Arch, float]:
+        """Anchors spread over the stored latencies (the 1/3 and 2/3 quantiles for two): a batch
+        spans the space, and an anchor drifts most like archs of its own size."""
         if not recs or anchors == 0:
             return {}
-        mid = statistics.median(r.corrected_ms for r in recs)
-        near = sorted(recs, key=lambda r: abs(math.log(r.corrected_ms / mid)))[:anchors]
-        return {r.arch: r.corrected_ms for r in near}
+        by = sorted(recs, key=lambda r: r.corrected_ms)
+        idx = sorted({min(len(by) - 1, round((k + 1) * len(by) / (anchors + 1) - 0.5)) for k in range(anchors)})
+        return {by[i].arch: by[i].corrected_ms for i in idx}
 
     ref = pick(stored)
     i = 0
