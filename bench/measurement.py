@@ -152,6 +152,15 @@ def main(argv: list[str] | None = None) -> int:
     local_refs: list[list[float]] = []  # the references' medians in each local side-by-side run
     ssh_refs: list[list[float]] = []
     loads: list[float | None] = [loadavg()]
+
+    def side_run(profile, label: str, i: int, meds: list, ref_meds: list) -> None:
+        """The archs and the references timed side by side, one runner job."""
+        recs, _ = timed_measure(profile, [*archs, *refs], cache, interleave=True)
+        meds.append([r.median_ms for r in recs[: len(archs)]])
+        ref_meds.append([r.median_ms for r in recs[len(archs):]])
+        print(f"{label} side-by-side run {i + 1}: medians {[round(m, 1) for m in meds[-1]]}, "
+              f"references {[round(m, 1) for m in ref_meds[-1]]}", file=sys.stderr)
+
     try:
         for i in range(args.runs):
             recs, wall = timed_measure(local, archs, cache)
@@ -163,11 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"local run {i + 1}: {wall:.1f} s, medians {[round(m, 1) for m in medians[-1]]}, "
                   f"load {loads[-1]}", file=sys.stderr)
             if args.side_by_side:
-                recs, _ = timed_measure(local, [*archs, *refs], cache, interleave=True)
-                side_medians.append([r.median_ms for r in recs[: len(archs)]])
-                local_refs.append([r.median_ms for r in recs[len(archs):]])
-                print(f"local side-by-side run {i + 1}: medians {[round(m, 1) for m in side_medians[-1]]}, "
-                      f"references {[round(m, 1) for m in local_refs[-1]]}", file=sys.stderr)
+                side_run(local, "local", i, side_medians, local_refs)
             if remote is not None:
                 recs, wall = timed_measure(remote, archs, cache)
                 ssh_medians.append([r.median_ms for r in recs])
@@ -177,11 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"ssh run {i + 1}: {wall:.1f} s, medians {[round(m, 1) for m in ssh_medians[-1]]}, "
                       f"load {loads[-1]}", file=sys.stderr)
                 if args.side_by_side:
-                    recs, _ = timed_measure(remote, [*archs, *refs], cache, interleave=True)
-                    ssh_side_medians.append([r.median_ms for r in recs[: len(archs)]])
-                    ssh_refs.append([r.median_ms for r in recs[len(archs):]])
-                    print(f"ssh side-by-side run {i + 1}: medians {[round(m, 1) for m in ssh_side_medians[-1]]}, "
-                          f"references {[round(m, 1) for m in ssh_refs[-1]]}", file=sys.stderr)
+                    side_run(remote, "ssh", i, ssh_side_medians, ssh_refs)
     finally:
         if server is not None:
             server.stop()
