@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import random
 import sys
 import tempfile
@@ -48,6 +47,7 @@ from typing import Any, Callable, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from _results import write_json  # noqa: E402  (bench/, the script's own folder)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -384,9 +384,7 @@ def main() -> int:
         "summary": summary,
         "export_paths": paths,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2) + "\n")
+    out = write_json(args.out, doc)
     print_tables(doc)
     print(f"\nwrote {out}")
     if tmp is not None:

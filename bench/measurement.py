@@ -27,7 +27,6 @@ Writes bench/results/measurement.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -39,6 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # the loopback sshd and board venv of the device tests
+from _results import write_json  # noqa: E402  (bench/, the script's own folder)
 
 from hat_edge.devices.measure import export_for_measurement, measure_archs  # noqa: E402
 from hat_edge.devices.profiles import load_profile, profile_from_dict  # noqa: E402
@@ -303,9 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         "side_by_side": side,
         "throughput": throughput,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_json(args.out, result)
 
     known = [x for x in loads if x is not None]
     if known:

@@ -15,7 +15,6 @@ Writes bench/results/predictor.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import random
 import sys
@@ -26,6 +25,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from _results import write_json  # noqa: E402  (bench/, the script's own folder)
 
 from hat_edge.latency.features import read_latency_csv  # noqa: E402
 from hat_edge.latency.fitting import accuracy_metrics  # noqa: E402
@@ -105,8 +105,6 @@ def main(argv: list[str] | None = None) -> int:
 
     checks = _targets(results, devices, kinds, sizes)
     _table(results, checks)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     doc = {
         "format": "hat-edge-bench-predictor",
         "version": 1,
@@ -116,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "targets": checks,
     }
-    out.write_text(json.dumps(doc, indent=2) + "\n")
+    out = write_json(args.out, doc)
     print(f"\nwrote {out}")
     return 0
 

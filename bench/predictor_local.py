@@ -43,6 +43,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from _results import write_json  # noqa: E402  (bench/, the script's own folder)
 
 from hat_edge.devices.measure import measure_archs  # noqa: E402
 from hat_edge.devices.profiles import DeviceProfile, profile_from_dict  # noqa: E402
@@ -382,9 +383,7 @@ def main(argv: list[str] | None = None) -> int:
                      "pass_store_median": next((r["acc10_pct"] >= 95 for r in results if r["kind"] == "default"
                                                 and r["statistic"] == "median" and r["targets"] == "pass 1"), None)}
     doc["measurement"]["bench_wall_s_this_run"] = round(time.time() - t0, 1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2) + "\n")
+    out = write_json(args.out, doc)
 
     m = doc["measurement"]
     print(f"\nlocal CPU, {len(recs)} demo archs (train {results[0]['n_train']}, test {results[0]['n_test']}); "

@@ -31,7 +31,6 @@ Writes bench/results/predictor_select.json and prints the table and the decision
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -46,6 +45,7 @@ from hat_edge.latency.fitting import accuracy_metrics  # noqa: E402
 from hat_edge.latency.predictor import AnalyticPredictor  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
+from _results import write_json  # noqa: E402  (bench/, the script's own folder)
 from predictor import DATA, FILES, split  # noqa: E402
 
 CONFIGS = {"current": {}, "centre": {"centre_max": 0.03}}
@@ -126,9 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         "table": table,
         "rows": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2) + "\n")
+    out = write_json(args.out, doc)
     print(f"wrote {out}")
     return 0
 

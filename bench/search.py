@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import platform
 import statistics
 import sys
@@ -31,6 +30,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from _results import write_json  # noqa: E402  (bench/, the script's own folder)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -176,7 +176,7 @@ def main() -> int:
         "wall_s": time.perf_counter() - t_all,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    write_json(args.out, out, indent=1)
 
     print(f"\nsearch bench on {profile.name} ({out['machine']['cpu']}), demo checkpoint, "
           f"{len(init)} initial measurements in {initial_s:.0f} s; fitness {per_eval_ms:.0f} ms/evaluation")
