@@ -153,6 +153,27 @@ def test_export_measured_rows_as_hat_csv(tmp_path: Path, archs) -> None:
         store.export_hat_csv(out, device="nope")
 
 
+def test_anchored_record_is_corrected_everywhere_it_is_read(tmp_path: Path, archs) -> None:
+    """A record measured while the device ran 2x slow (drift_factor 2 in its env, as anchored
+    measurement stores it) keeps its raw runs, and is read at half: corrected_ms, the split and
+    the HAT CSV export."""
+    from dataclasses import replace
+
+    store = LatencyStore(tmp_path / "lat.sqlite")
+    raw = _rec(archs[0], median=20.0)
+    store.add(replace(raw, env={**raw.env, "drift_factor": 2.0}))
+    store.add(_rec(archs[1], median=20.0))
+    got = {r.arch: r for r in store.records(device="dev")}
+    slow, plain = got[archs[0]], got[archs[1]]
+    assert slow.median_ms == 20.0 and slow.runs == raw.runs  # raw kept
+    assert (slow.drift_factor, slow.corrected_ms, slow.corrected_split()) == (2.0, 10.0, (0.5, 9.5))
+    assert (plain.drift_factor, plain.corrected_ms) == (1.0, 20.0)
+    out = tmp_path / "m.csv"
+    store.export_hat_csv(out, device="dev")
+    enc = [float(r["latency_mean_encoder"]) for r in csv.DictReader(out.open())]
+    assert sorted(enc) == pytest.approx(sorted([mean_10_90([1.0 + i * 0.1 for i in range(10)]) / f for f in (1, 2)]))
+
+
 def test_import_bad_csv_names_column(tmp_path: Path) -> None:
     bad = tmp_path / "bad.csv"
     bad.write_text(",".join(HAT_CSV_COLUMNS[:-1]) + "\n" + ",".join(["1"] * 13) + "\n")

@@ -21,7 +21,6 @@ import hashlib
 import inspect
 import json
 import logging
-import math
 import os
 import shutil
 import statistics
@@ -599,7 +598,8 @@ def measure_anchored(
     unique = list(dict.fromkeys(archs))
     have = {a: store.get(profile.name, a, profile.runtime, settings) for a in unique}
     todo = [a for a in unique if have[a] is None]
-    anchors = {a: float(v) for a, v in anchors.items() if a not in set(todo) and v > 0}
+    new = set(todo)
+    anchors = {a: float(v) for a, v in anchors.items() if a not in new and v > 0}
     if not todo:
         return [r for r in have.values() if r is not None], 1.0
     if not anchors:
@@ -649,7 +649,7 @@ def measure_side_by_side(
         if not recs or anchors == 0:
             return {}
         by = sorted(recs, key=lambda r: r.corrected_ms)
-        idx = sorted({min(len(by) - 1, round((k + 1) * len(by) / (anchors + 1) - 0.5)) for k in range(anchors)})
+        idx = sorted({(k + 1) * len(by) // (anchors + 1) for k in range(anchors)})
         return {by[i].arch: by[i].corrected_ms for i in idx}
 
     ref = pick(stored)
@@ -659,7 +659,7 @@ def measure_side_by_side(
         part = todo[i:i + step]
         recs, _ = measure_anchored(profile, part, store, ref, progress, **kw)
         if not ref:
-            ref = pick([r for r in recs if r.arch in set(part)])
+            ref = pick(recs)  # the first group, in an empty store
         i += step
     return [r for r in (store.get(profile.name, a, profile.runtime, settings) for a in unique) if r is not None]
 
