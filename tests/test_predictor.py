@@ -30,7 +30,7 @@ from hat_edge.latency.predictor import (
 )
 from hat_edge.space import FEATURE_NAMES, PRESETS, Arch, n_ende_layers
 
-HAT_LATENCY = Path(__file__).parents[1].parent / "shared" / "data" / "hat" / "latency"
+from shared_data import HAT_LATENCY  # noqa: E402
 XEON = HAT_LATENCY / "wmt14ende_cpu_xeon_all.csv"
 PI = HAT_LATENCY / "wmt14ende_cpu_raspberrypi_all.csv"
 

@@ -23,7 +23,7 @@ from hat_edge.space import (
     n_ende_layers,
 )
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hat"
+from shared_data import HAT_DATA as SHARED  # noqa: E402
 SUBTRANSFORMERS = SHARED / "configs" / "wmt14.en-de" / "subtransformer"
 
 

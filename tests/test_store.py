@@ -20,7 +20,7 @@ from hat_edge.latency.store import (
 )
 from hat_edge.space import PRESETS
 
-HAT_DATA = Path("/work/shared/data/hat/latency")
+from shared_data import HAT_LATENCY as HAT_DATA  # noqa: E402
 SETTINGS = {"src_len": 30, "steps": 30, "beam": 5, "threads": 1}
 
 
