@@ -172,6 +172,29 @@ def test_ssh_run_push_fetch_and_hostile_work_dir(sshd_server, ssh_profile, tmp_p
 
 
 @pytest.mark.ssh
+def test_ssh_remove_walks_trees_over_sftp_without_following_links(sshd_server, ssh_profile, tmp_path: Path) -> None:
+    work = tmp_path / "board"
+    keep = tmp_path / "outside"
+    keep.mkdir()
+    (keep / "precious").write_text("x")
+    p = ssh_profile(sshd_server, work_dir=str(work))
+    with open_transport(p) as t:
+        t.makedirs(t.join(t.work_dir, "job", "deep", "er"))
+        (work / "job" / "deep" / "er" / "f.bin").write_bytes(b"1")
+        (work / "job" / "top.json").write_text("{}")
+        (work / "job" / "link-to-outside").symlink_to(keep, target_is_directory=True)
+        (work / "lone").write_text("y")
+        t.remove(t.join(t.work_dir, "job"), t.join(t.work_dir, "lone"), t.join(t.work_dir, "never-there"))
+        assert sorted(x.name for x in work.iterdir()) == []
+        assert (keep / "precious").read_text() == "x"  # the link was removed, not what it points to
+        # A removed directory is made again on the next upload (the known-directories cache forgot it).
+        src = tmp_path / "m.onnx"
+        src.write_bytes(b"abc")
+        assert t.push(src, t.join(t.work_dir, "job", "deep", "m.onnx")) is True
+        assert (work / "job" / "deep" / "m.onnx").read_bytes() == b"abc"
+
+
+@pytest.mark.ssh
 def test_ssh_command_timeout_kills_the_command(sshd_server, ssh_profile, tmp_path: Path) -> None:
     p = ssh_profile(sshd_server)
     flag = tmp_path / "still-running"

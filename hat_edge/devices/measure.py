@@ -357,12 +357,13 @@ class _DeviceWorker:
 
     def _measure_on(self, t: Transport, todo: list[_Item], finished: set[str]) -> None:
         """Push what the batch needs, run the runner, store results as they appear."""
-        runner = push_runner(t)
+        runner = runner_remote_path(t)
         if t.is_local:
             for it in todo:
                 it.remote_dir = str(it.local_dir)
         else:
-            pairs: list[tuple[Path, str]] = []
+            # The runner and the bundles in one push: one hash command on the device, not two.
+            pairs: list[tuple[Path, str]] = [(RUNNER_PATH, runner)]
             known: dict[Path, str] = {}
             for it in todo:
                 local_dir: Path = it.local_dir  # type: ignore[assignment]
@@ -374,9 +375,10 @@ class _DeviceWorker:
                           for f in sorted(local_dir.rglob("*"))
                           if f.is_file() and (f in hashes or f.name == "manifest.json")]
                 known.update(hashes)
-            # No second hashing pass on the device: the runner checks every bundle file against
-            # the manifest's sha256 before it measures, so a damaged upload is that model's error.
-            t.push_many(pairs, known_sha256=known, verify=False)
+            # A second hashing pass on the device for the runner only (when it was sent): the runner
+            # checks every bundle file against the manifest's sha256 before it measures, so a
+            # damaged bundle upload is that model's error.
+            t.push_many(pairs, known_sha256=known, verify={runner})
         job_dir = t.join(t.work_dir, "jobs", f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
         t.makedirs(job_dir)
         job_path, out_path = t.join(job_dir, "job.json"), t.join(job_dir, "results.jsonl")
