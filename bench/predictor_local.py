@@ -23,6 +23,10 @@ the `runs` every record keeps.
     .venv/bin/python bench/predictor_local.py --work-dir ... --fit-only   # no new measurements
     .venv/bin/python bench/predictor_local.py --work-dir DIR --passes 0 --side-by-side
     # all 200 archs timed in rotation in one runner process (drift hits every arch alike)
+    .venv/bin/python bench/predictor_local.py --work-dir DIR --passes 0 --anchored \
+        --out bench/results/predictor_local_anchored.json
+    # as `hat-edge measure --side-by-side`: groups of 12 in rotation, each anchored to archs
+    # measured before, fitted on the drift-corrected latencies (~7 min on 2 cores)
 
 Writes bench/results/predictor_local.json and prints a table.
 """
@@ -45,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from _results import write_json  # noqa: E402  (bench/, the script's own folder)
 
-from hat_edge.devices.measure import measure_archs  # noqa: E402
+from hat_edge.devices.measure import measure_archs, measure_side_by_side  # noqa: E402
 from hat_edge.devices.profiles import DeviceProfile, profile_from_dict  # noqa: E402
 from hat_edge.latency.features import LatencyData  # noqa: E402
 from hat_edge.latency.fitting import accuracy_metrics  # noqa: E402
@@ -180,7 +184,7 @@ def _stat_rows(recs: list[LatencyRecord], stat: Callable[[np.ndarray], float]):
     for r in recs:
         tot = np.array(r.total_runs_ms)
         e = np.array([float(x["encoder_ms"]) for x in r.runs])
-        v = stat(tot)
+        v = stat(tot) / r.drift_factor  # 1.0 unless anchored (--anchored): the corrected scale
         share = float(np.median(e) / np.median(tot))  # encoder share of the run; split v the same way
         y.append(v)
         enc.append(v * share)
@@ -275,6 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--side-by-side", action="store_true",
                     help="also measure all archs in one runner process, timed in rotation (one run of each "
                          "in turn), into latency-side.sqlite, and fit/score on those")
+    ap.add_argument("--anchored", action="store_true",
+                    help="measure as `hat-edge measure --side-by-side` does (groups of --group in rotation, "
+                         "each anchored to archs measured before) and fit on the corrected latencies")
+    ap.add_argument("--group", type=int, default=12, help="models in rotation per group, with --anchored")
     ap.add_argument("--kinds", default="default,hat-mlp")
     ap.add_argument("--mlp-stats", default="median", help="statistics to fit hat-mlp on (comma-separated)")
     ap.add_argument("--mlp-steps", type=int, default=5000, help="HAT: 5000")
@@ -309,9 +317,22 @@ def main(argv: list[str] | None = None) -> int:
             side_info["wall_s"] = round(time.time() - t_side, 1)
         side_recs = [r for r in (side_store.get(profile.name, a, profile.runtime, settings) for a in archs)
                      if r is not None]
+    anch_recs: list[LatencyRecord] = []
+    if args.anchored:
+        anch_store = LatencyStore(str(work / "latency-anchored.sqlite"))
+        if not args.fit_only:
+            t_anch = time.time()
+            print(f"anchored: {len(archs)} archs in groups of {args.group} in rotation", file=sys.stderr)
+            measure_side_by_side(profile, archs, anch_store, progress=True, group=args.group,
+                                 cache_dir=work / "cache-anchored")
+            side_info["anchored_wall_s"] = round(time.time() - t_anch, 1)
+        anch_recs = [r for r in (anch_store.get(profile.name, a, profile.runtime, settings) for a in archs)
+                     if r is not None]
+        side_info["anchored_group"] = args.group
+        side_info["anchored_drift_factors"] = [round(r.drift_factor, 4) for r in anch_recs]
     recs = [r for r in (stores[0].get(profile.name, a, profile.runtime, settings) for a in archs)
             if r is not None] if stores else []
-    if len(recs) < 10 and len(side_recs) < 10:
+    if len(recs) < 10 and len(side_recs) < 10 and len(anch_recs) < 10:
         raise SystemExit(f"only {len(recs)} archs stored in {work}: measure first")
     results = fit_phase(args, recs, label="pass 1") if len(recs) >= 10 else []
     if len(side_recs) >= 10:
@@ -323,8 +344,11 @@ def main(argv: list[str] | None = None) -> int:
             rel = [abs(r.median_ms / both[r.arch] - 1) for r in side_recs if r.arch in both]
             if rel:
                 side_info["vs_pass1_median_rel_diff_pct"] = float(100 * np.median(rel))
+    if len(anch_recs) >= 10:
+        results += fit_phase(args, anch_recs, label="anchored")
+        side_info["anchored_archs"] = len(anch_recs)
     if not recs:
-        recs = side_recs
+        recs = side_recs or anch_recs
     # Every pass: archs stored in all of them, per-arch lower envelope (min over passes) of each
     # statistic; interference only slows a pass down, so the least-disturbed pass is the closest.
     passes: dict[str, Any] = {"passes": len(stores)}

@@ -655,14 +655,30 @@ def measure_side_by_side(
         return {by[i].arch: by[i].corrected_ms for i in idx}
 
     ref = pick(stored)
+    # One bar for all the groups (a group's results arrive together when its rotation ends).
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(todo), desc=f"{profile.name} side by side", unit="model", file=sys.stderr,
+               disable=not progress or not todo, dynamic_ncols=True, leave=True,
+               position=kw.get("position", 0))
+    if todo and len(todo) < len(unique):
+        bar.write(f"{profile.name}: {len(unique) - len(todo)} of {len(unique)} already stored, measuring {len(todo)}",
+                  file=sys.stderr)
     i = 0
-    while i < len(todo):
-        step = group - len(ref) if ref else group
-        part = todo[i:i + step]
-        recs, _ = measure_anchored(profile, part, store, ref, progress, **kw)
-        if not ref:
-            ref = pick(recs)  # the first group, in an empty store
-        i += step
+    try:
+        while i < len(todo):
+            step = group - len(ref) if ref else group
+            part = todo[i:i + step]
+            bar.set_postfix_str(f"group of {len(part) + len(ref)} in rotation", refresh=True)
+            recs, drift = measure_anchored(profile, part, store, ref, False, **kw)
+            bar.update(len(part))
+            if ref:
+                bar.set_postfix_str(f"drift {drift:.3f}", refresh=True)
+            else:
+                ref = pick(recs)  # the first group, in an empty store
+            i += step
+    finally:
+        bar.close()
     return [r for r in (store.get(profile.name, a, profile.runtime, settings) for a in unique) if r is not None]
 
 
