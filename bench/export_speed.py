@@ -283,7 +283,8 @@ def bench_arch(name: str, arch: Arch, work: Path, rounds: int, full_prefix: bool
         hat = res["methods"]["hat"][mode]["median_ms"]
         for k in runners:
             res["methods"][k][mode]["speedup_vs_hat"] = hat / res["methods"][k][mode]["median_ms"]
-    del runners, sup, sub
+    del runners  # the step functions hold the models: free them before the next arch
+    sup = sub = None
     gc.collect()
     return res
 

@@ -32,7 +32,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from _results import write_json  # noqa: E402  (bench/, the script's own folder)
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from hat_edge.search.evolution import (  # noqa: E402

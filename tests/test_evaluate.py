@@ -20,7 +20,7 @@ from hat_edge.data.tokenizer import train_tokenizer
 from hat_edge.errors import UserError
 from hat_edge.evaluate import ValidLoss, bleu, evaluate, loss_sums, mean_loss, translate
 from hat_edge.space import SpaceError
-from hat_edge.train import TrainConfig, train
+from hat_edge.train import train
 
 
 # ------------------------------------------------------------------------------------------------

@@ -410,8 +410,6 @@ def test_main_job_end_to_end_writes_the_report(tmp_path: Path, monkeypatch):
     """The whole job on local-cpu with the bundled demo model, cut small (8 initial measurements,
     one round, a tiny evolution, 0.3 s per model): a real device check, measurements, predictor,
     search, deploy through the local transport, side-by-side benchmark, BLEU, report and plots."""
-    from hat_edge.cli import cli
-
     monkeypatch.setenv("HAT_EDGE_CACHE", str(tmp_path / "cache"))
     from hat_edge.search.mainjob import RunSettings, render_summary, run_main_job
 

@@ -69,7 +69,7 @@ def _enc_flops(arch: Arch) -> float:
 
 def _dec_flops(arch: Arch) -> float:
     # one decoder step over 30 source tokens: projections, FFN, cross attention over n_i*30 keys
-    d, e, q = arch.decoder_embed_dim, arch.encoder_embed_dim, arch.qkv_dim
+    d, q = arch.decoder_embed_dim, arch.qkv_dim
     total = 0.0
     for f, c in zip(arch.decoder_ffn_embed_dim, arch.decoder_arbitrary_ende_attn):
         kv = 30 * n_ende_layers(c)

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
