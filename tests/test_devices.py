@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -190,6 +191,11 @@ def test_ssh_remove_walks_trees_over_sftp_without_following_links(sshd_server, s
         # A removed directory is made again on the next upload (the known-directories cache forgot it).
         src = tmp_path / "m.onnx"
         src.write_bytes(b"abc")
+        assert t.push(src, t.join(t.work_dir, "job", "deep", "m.onnx")) is True
+        assert (work / "job" / "deep" / "m.onnx").read_bytes() == b"abc"
+        # Removed behind the connection's back (by hand on the board): made again, not an error.
+        shutil.rmtree(work / "job")
+        shutil.rmtree(work / ".incoming")
         assert t.push(src, t.join(t.work_dir, "job", "deep", "m.onnx")) is True
         assert (work / "job" / "deep" / "m.onnx").read_bytes() == b"abc"
 

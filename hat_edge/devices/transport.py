@@ -700,8 +700,17 @@ class SSHTransport(Transport):
         tmp = self._incoming_name(remote)
         self.makedirs(str(PurePosixPath(tmp).parent))
         try:
-            self._sftp_call(self._sftp.put, str(local), tmp)
-            self._sftp_call(self._sftp.posix_rename, tmp, remote)
+            try:
+                self._sftp_call(self._sftp.put, str(local), tmp)
+                self._sftp_call(self._sftp.posix_rename, tmp, remote)
+            except FileNotFoundError:
+                # A directory this connection had seen was removed meanwhile (by hand, another
+                # host): forget what is known, make them again, one more try.
+                self._dirs.clear()
+                self.makedirs(str(PurePosixPath(tmp).parent))
+                self.makedirs(str(PurePosixPath(remote).parent))
+                self._sftp_call(self._sftp.put, str(local), tmp)
+                self._sftp_call(self._sftp.posix_rename, tmp, remote)
         except BaseException:
             if self.alive():
                 try:
