@@ -306,28 +306,25 @@ def main(argv: list[str] | None = None) -> int:
         run_info = measure_phase(args, profile, archs, sentinels, stores, work)
     settings = _settings(profile)
     side_info: dict[str, Any] = {}
+
+    def measured_in(name: str, what: str, wall_key: str, measure: Callable[..., Any]) -> list[LatencyRecord]:
+        """Measure the archs into their own store (unless --fit-only); their records, in sample order."""
+        store = LatencyStore(str(work / f"latency-{name}.sqlite"))
+        if not args.fit_only:
+            t_m = time.time()
+            print(f"{name}: {len(archs)} archs {what}", file=sys.stderr)
+            measure(profile, archs, store, progress=True, cache_dir=work / f"cache-{name}")
+            side_info[wall_key] = round(time.time() - t_m, 1)
+        return [r for r in (store.get(profile.name, a, profile.runtime, settings) for a in archs) if r is not None]
+
     side_recs: list[LatencyRecord] = []
     if args.side_by_side:
-        side_store = LatencyStore(str(work / "latency-side.sqlite"))
-        if not args.fit_only:
-            t_side = time.time()
-            print(f"side by side: {len(archs)} archs in one runner process, in rotation", file=sys.stderr)
-            measure_archs(profile, archs, side_store, progress=True, cache_dir=work / "cache-side",
-                          interleave=True)
-            side_info["wall_s"] = round(time.time() - t_side, 1)
-        side_recs = [r for r in (side_store.get(profile.name, a, profile.runtime, settings) for a in archs)
-                     if r is not None]
+        side_recs = measured_in("side", "in one runner process, in rotation", "wall_s",
+                                lambda *a, **kw: measure_archs(*a, interleave=True, **kw))
     anch_recs: list[LatencyRecord] = []
     if args.anchored:
-        anch_store = LatencyStore(str(work / "latency-anchored.sqlite"))
-        if not args.fit_only:
-            t_anch = time.time()
-            print(f"anchored: {len(archs)} archs in groups of {args.group} in rotation", file=sys.stderr)
-            measure_side_by_side(profile, archs, anch_store, progress=True, group=args.group,
-                                 cache_dir=work / "cache-anchored")
-            side_info["anchored_wall_s"] = round(time.time() - t_anch, 1)
-        anch_recs = [r for r in (anch_store.get(profile.name, a, profile.runtime, settings) for a in archs)
-                     if r is not None]
+        anch_recs = measured_in("anchored", f"in groups of {args.group} in rotation", "anchored_wall_s",
+                                lambda *a, **kw: measure_side_by_side(*a, group=args.group, **kw))
         side_info["anchored_group"] = args.group
         side_info["anchored_drift_factors"] = [round(r.drift_factor, 4) for r in anch_recs]
     recs = [r for r in (stores[0].get(profile.name, a, profile.runtime, settings) for a in archs)
