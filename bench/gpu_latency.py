@@ -19,18 +19,15 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from _results import write_json  # noqa: E402  (bench/, the script's own folder)
-from measurement import demo_archs  # noqa: E402  (the same 5 archs as the measurement bench)
+from measurement import demo_archs, timed_measure  # noqa: E402  (the measurement bench's archs and call)
 
-from hat_edge.devices.measure import measure_archs  # noqa: E402
 from hat_edge.devices.profiles import load_profile  # noqa: E402
-from hat_edge.latency.store import LatencyStore  # noqa: E402
 
 RESULT_FORMAT = "hat-edge-bench-gpu-latency"
 RESULT_VERSION = 1
@@ -59,21 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     archs = demo_archs()
     cache = work / "cache"
 
-    def measure(interleave: bool):
-        t0 = time.perf_counter()
-        recs = measure_archs(profile, archs, LatencyStore(":memory:"), progress=False, cache_dir=cache,
-                             keep_exports=True, batch_size=len(archs), interleave=interleave)
-        if len(recs) != len(archs):
-            raise SystemExit(f"{profile.name}: only {len(recs)} of {len(archs)} archs measured")
-        return recs, time.perf_counter() - t0
-
     runs, walls = [], []
     for i in range(args.runs):
-        recs, wall = measure(False)
+        recs, wall = timed_measure(profile, archs, cache)
         runs.append(recs)
         walls.append(wall)
         print(f"run {i + 1}: {wall:.1f} s, medians {[round(r.median_ms, 2) for r in recs]}", file=sys.stderr)
-    side, side_wall = measure(True)
+    side, side_wall = timed_measure(profile, archs, cache, interleave=True)
     env = runs[0][0].env
     per_arch = []
     for j, a in enumerate(archs):

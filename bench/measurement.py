@@ -27,6 +27,7 @@ Writes bench/results/measurement.json and prints a table.
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import statistics
 import sys
@@ -207,8 +208,6 @@ def main(argv: list[str] | None = None) -> int:
     def rel_spread(runs: list[list[float]]) -> dict:
         """Spread across runs of each arch's median, and of its median relative to the run's
         geometric mean (what ranking, predictor fits and speed-up ratios depend on)."""
-        import math
-
         rel = [[m / math.exp(statistics.mean(math.log(x) for x in run)) for m in run] for run in runs]
         sp = lambda vals: (max(vals) - min(vals)) / statistics.mean(vals)  # noqa: E731
         n = len(runs[0])
@@ -221,8 +220,6 @@ def main(argv: list[str] | None = None) -> int:
     def drift(ref_now: list[float]) -> float:
         """How much slower the references ran than in the first local side-by-side run (geometric
         mean over the references)."""
-        import math
-
         return math.exp(statistics.mean(math.log(n / b) for n, b in zip(ref_now, local_refs[0])))
 
     side = None

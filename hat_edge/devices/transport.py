@@ -235,12 +235,8 @@ class Transport(ABC):
         want = {remote: known.get(local) or sha256_file(local) for local, remote in pairs}
         have = self.remote_hashes(list(want))
         todo = [(local, remote) for local, remote in pairs if have.get(remote) != want[remote]]
-        made: set[str] = set()
         for local, remote in todo:
-            parent = str(PurePosixPath(remote).parent)
-            if parent not in made:
-                self.makedirs(parent)
-                made.add(parent)
+            self.makedirs(str(PurePosixPath(remote).parent))  # cheap when known (SSH caches them)
             self._upload(local, remote)
         check = [r for _, r in todo if verify is True or (verify is not False and r in verify)]
         if check:
@@ -698,19 +694,20 @@ class SSHTransport(Transport):
 
     def _upload(self, local: Path, remote: str) -> None:
         tmp = self._incoming_name(remote)
-        self.makedirs(str(PurePosixPath(tmp).parent))
         try:
-            try:
-                self._sftp_call(self._sftp.put, str(local), tmp)
-                self._sftp_call(self._sftp.posix_rename, tmp, remote)
-            except FileNotFoundError:
-                # A directory this connection had seen was removed meanwhile (by hand, another
-                # host): forget what is known, make them again, one more try.
-                self._dirs.clear()
+            for attempt in (1, 2):
                 self.makedirs(str(PurePosixPath(tmp).parent))
                 self.makedirs(str(PurePosixPath(remote).parent))
-                self._sftp_call(self._sftp.put, str(local), tmp)
-                self._sftp_call(self._sftp.posix_rename, tmp, remote)
+                try:
+                    self._sftp_call(self._sftp.put, str(local), tmp)
+                    self._sftp_call(self._sftp.posix_rename, tmp, remote)
+                    return
+                except FileNotFoundError:
+                    if attempt == 2:
+                        raise
+                    # A directory this connection had seen was removed meanwhile (by hand, another
+                    # host): forget the known ones and make them again.
+                    self._dirs.clear()
         except BaseException:
             if self.alive():
                 try:
