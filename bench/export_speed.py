@@ -2,7 +2,7 @@
 
 Same arch, same weights, same input, in one process: batch 1, a 30-token source, 30 decoding steps
 (`fixed_steps`: EOS is never taken, so every method does the same work), beam 5 as HAT measured,
-and greedy. Every method runs the same numpy search loop (`runner.beam_search` / `greedy_search`,
+and greedy. Every method runs the same numpy search loop (`decoding.beam_search` / `greedy_search`,
 the device's code); only the model behind the step function changes:
 
   hat        HAT's way: the eager SuperTransformer with the arch active (elastic layers slice the
@@ -52,7 +52,7 @@ from _results import write_json  # noqa: E402  (bench/, the script's own folder)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from hat_edge.devices import runner  # noqa: E402
+from hat_edge.runtime import backends, decoding, envinfo, formats, timing  # noqa: E402
 from hat_edge.exporters import export_bundle, load_bundle  # noqa: E402
 from hat_edge.exporters.bundle import quantize_bundle  # noqa: E402
 from hat_edge.model import ModelConfig, SuperTransformer, decode  # noqa: E402
@@ -189,7 +189,7 @@ class FullPrefixStep:
 # one translation per call, for every method
 # ------------------------------------------------------------------------------------------------
 def search(step: Callable, beam: int, bos: int = 2, eos: int = 3) -> list[list[int]]:
-    return runner.decode(step, 1, beam, bos, eos, STEPS, fixed_steps=True)
+    return decoding.decode(step, 1, beam, bos, eos, STEPS, fixed_steps=True)
 
 
 def torch_runner(make_step: Callable, src: torch.Tensor) -> Callable[[int], list[list[int]]]:
@@ -209,9 +209,9 @@ def eager_runner(sub: Any, src: torch.Tensor) -> Callable[[int], list[list[int]]
     return run
 
 
-def model_runner(model: runner.Model, src: np.ndarray) -> Callable[[int], list[list[int]]]:
+def model_runner(model: backends.Model, src: np.ndarray) -> Callable[[int], list[list[int]]]:
     def run(beam: int) -> list[list[int]]:
-        return runner.translate(model, src, beam=beam, max_len=STEPS, fixed_steps=True)
+        return backends.translate(model, src, beam=beam, max_len=STEPS, fixed_steps=True)
 
     return run
 
@@ -238,7 +238,7 @@ def interleaved(runners: dict[str, Callable[[int], Any]], modes: tuple[int, ...]
 
 
 def stats(ms: list[float]) -> dict[str, Any]:
-    s = runner.summarize(ms)
+    s = timing.summarize(ms)
     return {"median_ms": s["median_ms"], "iqr_ms": s["iqr_ms"], "cv": s["cv"], "n": len(ms), "runs_ms": ms}
 
 
@@ -257,7 +257,7 @@ def bench_arch(name: str, arch: Arch, work: Path, rounds: int, full_prefix: bool
     b_int8 = quantize_bundle(b_onnx, d / "int8", sub=sub)
     b_ts = export_bundle(sub, d / "ts", fmt="torchscript", parity_check=True)
     export_s = time.perf_counter() - t0
-    src_np = runner.measurement_source(SRC_LEN, VOCAB, 3, seed=0)  # (1, 30), EOS last
+    src_np = timing.measurement_source(SRC_LEN, VOCAB, 3, seed=0)  # (1, 30), EOS last
     src = torch.from_numpy(src_np)
     runners: dict[str, Callable[[int], Any]] = {
         "hat": torch_runner(lambda s, b: HatIncrementalStep(sup, s, b), src),
@@ -318,8 +318,8 @@ def bench_export_paths(work: Path, rounds: int) -> dict[str, Any]:
     unfrozen = d / "ts_unfrozen"
     unfrozen.mkdir(parents=True, exist_ok=True)
     export_torchscript(sub, unfrozen, freeze=False)
-    ts_plain = runner.TorchScriptModel.__new__(runner.TorchScriptModel)
-    runner.Model.__init__(ts_plain, load_bundle(b_ts).manifest)
+    ts_plain = backends.TorchScriptModel.__new__(backends.TorchScriptModel)
+    backends.Model.__init__(ts_plain, load_bundle(b_ts).manifest)
     ts_plain.torch, ts_plain.device = torch, torch.device("cpu")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -332,14 +332,14 @@ def bench_export_paths(work: Path, rounds: int) -> dict[str, Any]:
         ep_enc = export(EncoderGraph(sub), (example_source(sub),), dynamic_shapes=({0: A, 1: A},))
         ep_dec = export(DecoderStepGraph(sub), example_decoder_inputs(sub),
                         dynamic_shapes=({0: A}, None, {0: A, 1: A}, tuple({0: A, 2: A} for _ in range(n_cache))))
-    pt2 = runner.TorchScriptModel.__new__(runner.TorchScriptModel)
-    runner.Model.__init__(pt2, load_bundle(b_ts).manifest)
+    pt2 = backends.TorchScriptModel.__new__(backends.TorchScriptModel)
+    backends.Model.__init__(pt2, load_bundle(b_ts).manifest)
     pt2.torch, pt2.device = torch, torch.device("cpu")
     pt2.enc, pt2.dec = ep_enc.module(), ep_dec.module()
 
-    src_np = runner.measurement_source(SRC_LEN, VOCAB, 3, seed=0)
+    src_np = timing.measurement_source(SRC_LEN, VOCAB, 3, seed=0)
     runners: dict[str, Callable[[int], Any]] = {}
-    for level in runner.ORT_OPT_LEVELS:
+    for level in formats.ORT_OPT_LEVELS:
         runners[f"ort_fp32_dynamo_{level}"] = model_runner(load_bundle(b_dyn).open(threads=1, ort_opt_level=level), src_np)
         runners[f"ort_int8_{level}"] = model_runner(load_bundle(b_q).open(threads=1, ort_opt_level=level), src_np)
     for level in ("basic", "all"):
@@ -379,7 +379,7 @@ def main() -> int:
         "format": RESULT_FORMAT, "version": RESULT_VERSION,
         "settings": {"vocab_size": VOCAB, "src_len": SRC_LEN, "steps": STEPS, "beam": BEAM, "threads": 1,
                      "rounds": rounds, "fixed_steps": True},
-        "env": runner.collect_env(),
+        "env": envinfo.collect_env(),
         "wall_s": time.perf_counter() - t_start,
         "archs": results,
         "summary": summary,

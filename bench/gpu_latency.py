@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         "profile": profile.name,
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "cuda_device": env.get("cuda_device"), "torch": env.get("torch_version") or torch.__version__},
-        "settings": profile.job_settings() | {"vocab_size": meas.vocab_size},
+        "settings": profile.measure_spec().to_job() | {"vocab_size": meas.vocab_size},
         "quick": args.quick,
         "per_arch": per_arch,
         "median_spread_across_runs": statistics.median(p["spread"] for p in per_arch),

@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     for a in [*archs, *refs]:
         export_for_measurement(a, local, cache)
     export_s = (time.perf_counter() - t0) / len(archs)
-    print(f"exported {len(archs)} demo archs ({export_s:.1f} s each); settings {local.job_settings()}",
+    print(f"exported {len(archs)} demo archs ({export_s:.1f} s each); settings {local.measure_spec().to_job()}",
           file=sys.stderr)
 
     # (a) stability, and (b) SSH runs interleaved with the local ones (L S L S L S): load on a
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         "version": RESULT_VERSION,
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "cpu": recs[0].env.get("cpu_model") if recs else None, "cores": recs[0].env.get("cores") if recs else None},
-        "settings": local.job_settings() | {"vocab_size": meas.vocab_size},
+        "settings": local.measure_spec().to_job() | {"vocab_size": meas.vocab_size},
         "quick": args.quick,
         "stability": stability,
         "ssh": ssh,

@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         "format": RESULT_FORMAT,
         "version": RESULT_VERSION,
         "claim": "predictor fitted on 100 local-CPU archs: >= 95% acc10 on 100 other measured archs",
-        "profile": profile.job_settings() | {"vocab_size": DEMO_VOCAB, "threads": 1, "runtime": profile.runtime},
+        "profile": profile.measure_spec().to_job() | {"vocab_size": DEMO_VOCAB, "threads": 1, "runtime": profile.runtime},
         "archs": {"sampled": len(archs), "measured": len(recs), "seed": args.seed, "space": "demo"},
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "cpu": recs[0].env.get("cpu_model"), "cores": os.cpu_count()},

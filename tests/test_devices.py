@@ -357,7 +357,7 @@ def test_measure_batch_over_ssh(sshd_server, ssh_profile, tmp_path: Path, demo_a
     assert env["measurement"]["timing"] == "perf_counter"
     work = Path(p.work_dir)
     assert _board_leftovers(work) == []  # bundles, job files and upload temps all removed
-    assert len(list(work.glob("runner-*.py"))) == 1
+    assert len(list(work.glob("runner-*.pyz"))) == 1
 
 
 def _runner_processes(marker: str) -> list[int]:
@@ -524,11 +524,10 @@ def test_local_gpu_profile_uses_cuda_events(tmp_path: Path, demo_archs, export_c
     from dataclasses import replace
 
     from hat_edge.devices.measure import measure_archs
-    from hat_edge.devices.profiles import MeasureSettings
     from hat_edge.latency.store import LatencyStore
 
     p = load_profile_file(REPO / "device_profiles" / "local-gpu.toml")
-    p = replace(p, work_dir=str(tmp_path / "work"), measurement=MeasureSettings(**FAST))
+    p = replace(p, work_dir=str(tmp_path / "work"), measurement=replace(p.measurement, **FAST))
     recs = measure_archs(p, demo_archs[:1], LatencyStore(tmp_path / "lat.sqlite"), progress=False,
                          cache_dir=export_cache, keep_exports=True)
     assert len(recs) == 1

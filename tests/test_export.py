@@ -145,9 +145,9 @@ def test_tampered_or_incomplete_bundle_is_rejected(ts_bundle, tmp_path, how, mes
     import subprocess
     import sys
 
-    from hat_edge.devices import runner
+    from hat_edge.runtime import pack
 
-    r = subprocess.run([sys.executable, runner.__file__, "check", str(bad)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, str(pack.build_runner()), "check", str(bad)], capture_output=True, text=True)
     assert r.returncode == 2 and message in r.stderr
 
 

@@ -1,4 +1,4 @@
-"""The on-device runner (hat_edge/devices/runner.py): search, bundles, timing, env, the CLI.
+"""The on-device runner (hat_edge/runtime/, shipped as runner.pyz): search, bundles, timing, env, the CLI.
 
 Bundles here are real exports of small random SubTransformers. The ONNX one goes through torch's
 TorchScript-based ONNX exporter (seconds instead of tens of seconds): these tests are about the
@@ -17,10 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hat_edge.devices import runner
+from hat_edge.runtime import backends, decoding, envinfo, errors, job, pack, timing
+from hat_edge.runtime import bundle as rbundle
 from hat_edge.space import Arch
 
-RUNNER = Path(runner.__file__)
+RUNNER = pack.build_runner()  # the one file a device receives
+RUNTIME_DIR = Path(pack.__file__).parent
 SMALL = Arch(
     encoder_embed_dim=64, decoder_embed_dim=48, encoder_layer_num=3, decoder_layer_num=2,
     encoder_ffn_embed_dim=(128, 64, 128), encoder_self_attention_heads=(4, 2, 4),
@@ -39,7 +41,7 @@ def test_topk_stable_matches_full_stable_sort_with_ties() -> None:
         cand[0, :5] = -np.inf
         k = int(rng.integers(1, 12))
         want = np.argsort(-cand, axis=1, kind="stable")[:, :k]
-        assert np.array_equal(runner._topk_stable(cand, k), want)
+        assert np.array_equal(decoding._topk_stable(cand, k), want)
 
 
 def test_beam_candidates_equal_a_full_stable_sort_of_all_sums() -> None:
@@ -54,7 +56,7 @@ def test_beam_candidates_equal_a_full_stable_sort_of_all_sums() -> None:
         full = (scores[:, None] + lp.astype(np.float64)).ravel()
         want = np.argsort(-full, kind="stable")[:k]
         want = want[np.isfinite(full[want])]
-        flat, sc = runner._beam_candidates(scores, lp, k)
+        flat, sc = decoding._beam_candidates(scores, lp, k)
         finite = np.isfinite(sc)
         assert np.array_equal(flat[finite], want) and np.array_equal(sc[finite], full[want])
 
@@ -90,24 +92,24 @@ def _brute_force_best(lp: np.ndarray, bos: int, eos: int, max_len: int, alpha: f
 def test_beam_search_with_a_wide_beam_is_exact(seed: int) -> None:
     vocab, bos, eos, max_len = 5, 2, 3, 4
     step = MarkovStep(vocab, seed)
-    got = runner.beam_search(step, batch=1, beam=vocab**max_len, bos=bos, eos=eos, max_len=max_len)
+    got = decoding.beam_search(step, batch=1, beam=vocab**max_len, bos=bos, eos=eos, max_len=max_len)
     assert got == [_brute_force_best(step.lp, bos, eos, max_len, 1.0)]
 
 
 def test_greedy_and_beam_fixed_steps_never_stop() -> None:
     step = MarkovStep(6, 3)
-    out = runner.greedy_search(step, 2, bos=2, eos=3, max_len=7, fixed_steps=True)
+    out = decoding.greedy_search(step, 2, bos=2, eos=3, max_len=7, fixed_steps=True)
     assert [len(o) for o in out] == [7, 7] and step.calls == 7 and 3 not in out[0]
     step = MarkovStep(6, 3)
-    out = runner.beam_search(step, 1, 3, bos=2, eos=3, max_len=9, fixed_steps=True)
+    out = decoding.beam_search(step, 1, 3, bos=2, eos=3, max_len=9, fixed_steps=True)
     assert len(out[0]) == 9 and step.calls == 9 and 3 not in out[0]
 
 
 def test_beam_search_rows_are_sentence_major() -> None:
     """Two identical sentences in one batch decode exactly like each alone."""
     step = MarkovStep(7, 5)
-    alone = runner.beam_search(step, 1, 3, 2, 3, 6)
-    both = runner.beam_search(MarkovStep(7, 5), 2, 3, 2, 3, 6)
+    alone = decoding.beam_search(step, 1, 3, 2, 3, 6)
+    both = decoding.beam_search(MarkovStep(7, 5), 2, 3, 2, 3, 6)
     assert both == alone * 2
 
 
@@ -116,7 +118,7 @@ def test_beam_search_rows_are_sentence_major() -> None:
 # ------------------------------------------------------------------------------------------------
 def test_summarize_known_values() -> None:
     vals = [10.0, 11.0, 12.0, 13.0, 14.0, 15.0, 16.0, 17.0, 18.0, 100.0]
-    s = runner.summarize(vals)
+    s = timing.summarize(vals)
     assert s["median_ms"] == pytest.approx(np.median(vals))
     assert s["p90_ms"] == pytest.approx(np.percentile(vals, 90))
     assert s["iqr_ms"] == pytest.approx(np.percentile(vals, 75) - np.percentile(vals, 25))
@@ -125,37 +127,38 @@ def test_summarize_known_values() -> None:
 
 
 def test_warmed_up_detects_improvement() -> None:
-    assert not runner.warmed_up([100, 90, 80, 70, 60, 50])  # still getting faster
-    assert runner.warmed_up([100, 50, 51, 50, 52, 51])  # flat
-    assert runner.warmed_up([100, 50])  # too few to judge: the minimum warm-up decides
+    assert not timing.warmed_up([100, 90, 80, 70, 60, 50])  # still getting faster
+    assert timing.warmed_up([100, 50, 51, 50, 52, 51])  # flat
+    assert timing.warmed_up([100, 50])  # too few to judge: the minimum warm-up decides
 
 
 def test_throttle_bits() -> None:
-    assert runner.throttled_during(None, 0) is None
-    assert runner.throttled_during(0x0, 0x0) is False
-    assert runner.throttled_during(0x50000, 0x50000) is False  # happened before, not during
-    assert runner.throttled_during(0x0, 0x40000) is True  # began during the run
-    assert runner.throttled_during(0x4, 0x0) is True  # throttled at the start
+    assert envinfo.throttled_during(None, 0) is None
+    assert envinfo.throttled_during(0x0, 0x0) is False
+    assert envinfo.throttled_during(0x50000, 0x50000) is False  # happened before, not during
+    assert envinfo.throttled_during(0x0, 0x40000) is True  # began during the run
+    assert envinfo.throttled_during(0x4, 0x0) is True  # throttled at the start
 
 
 def test_settings_validation() -> None:
-    s, unknown = runner.Settings.from_dict({"beam": 1, "threads": 2, "timeout_s": 5})
+    s, unknown = job.MeasureSpec.from_job({"beam": 1, "threads": 2, "timeout_s": 5})
     assert s.beam == 1 and s.threads == 2 and unknown == ["timeout_s"]
     for bad in ({"beam": 0}, {"min_time_s": -1}, {"runtime": "tflite"}, {"device": "tpu"},
                 {"cpu_affinity": []}, {"env": ["A=1"]}, {"steps": "30"}):
-        with pytest.raises(runner.RunnerError, match=next(iter(bad))):
-            runner.Settings.from_dict(bad)
+        with pytest.raises(errors.RunnerError, match=next(iter(bad))):
+            job.MeasureSpec.from_job(bad)
 
 
 def test_runner_imports_only_stdlib_numpy_and_runtimes() -> None:
     allowed = set(sys.stdlib_module_names) | {"numpy", "onnxruntime", "torch"}
-    tree = ast.parse(RUNNER.read_text())
     mods = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            mods |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0:
-            mods.add(node.module.split(".")[0])
+    for path in sorted(RUNTIME_DIR.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                mods |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                mods.add(node.module.split(".")[0])
     assert mods and mods <= allowed, mods - allowed
 
 
@@ -240,8 +243,8 @@ def test_runner_script_translates_and_checks_from_a_copy(bundles, tmp_path) -> N
     """The file alone (copied elsewhere, as on a board) decodes like the host API."""
     from hat_edge.exporters import translate
 
-    copy = tmp_path / "runner.py"
-    copy.write_text(RUNNER.read_text())
+    copy = tmp_path / "runner.pyz"
+    copy.write_bytes(RUNNER.read_bytes())
     src = [[5, 9, 17, 3], [8, 3]]
     for b in bundles.values():
         r = subprocess.run([sys.executable, str(copy), "translate", str(b), "--src", "5 9 17 3", "--src", "8 3",
@@ -253,10 +256,10 @@ def test_runner_script_translates_and_checks_from_a_copy(bundles, tmp_path) -> N
 
 
 def test_measure_in_process_honours_min_repeats_and_time(bundles) -> None:
-    model = runner.open_model(bundles["onnx"], threads=1)
-    s, _ = runner.Settings.from_dict({"src_len": 8, "steps": 4, "beam": 1, "warmup": 1, "min_repeats": 3,
+    model = backends.open_model(bundles["onnx"], threads=1)
+    s, _ = job.MeasureSpec.from_job({"src_len": 8, "steps": 4, "beam": 1, "warmup": 1, "min_repeats": 3,
                                       "min_time_s": 0.3})
-    res = runner.measure(model, s)
+    res = timing.measure(model, s)
     assert len(res["runs"]) >= 3 and sum(r["total_ms"] for r in res["runs"]) >= 300 * 0.9
 
 
@@ -287,8 +290,8 @@ def test_weightless_measurement_bundle_ships_graphs_and_the_device_writes_the_we
     dev = tmp_path / "device"
     dev.mkdir()
     shutil.copytree(light, dev / "b")
-    copy = dev / "runner.py"
-    copy.write_text(RUNNER.read_text())
+    copy = dev / "runner.pyz"
+    copy.write_bytes(RUNNER.read_bytes())
     r = subprocess.run([sys.executable, str(copy), "translate", str(dev / "b"), "--src", "5 9 17 3",
                         "--beam", "2", "--max-len", "6"], capture_output=True, text=True, cwd=dev)
     assert r.returncode == 0, r.stderr
@@ -299,26 +302,26 @@ def test_weightless_measurement_bundle_ships_graphs_and_the_device_writes_the_we
     rec = json.loads((dev / "res.jsonl").read_text())
     assert rec["median_ms"] > 0 and len(rec["runs"]) >= 4
 
-    m_full, m_light = runner.open_model(full, threads=1), runner.open_model(dev / "b", threads=1)
+    m_full, m_light = backends.open_model(full, threads=1), backends.open_model(dev / "b", threads=1)
     src = np.array([[5, 9, 17, 3]], dtype=np.int64)
     for x, y in zip(m_full.encode(src), m_light.encode(src)):
         assert x.shape == y.shape and np.isfinite(y).all()
     # A generated file of the wrong size (an interrupted write) is written again, not used.
     w = dev / "b" / "encoder.weights"
     w.write_bytes(b"\0" * 10)
-    assert runner.materialize_generated(dev / "b", runner.read_manifest(dev / "b")) == gen["encoder.weights"]["bytes"]
+    assert rbundle.materialize_generated(dev / "b", rbundle.read_manifest(dev / "b")) == gen["encoder.weights"]["bytes"]
     # The layout is sealed by the manifest digest: editing it is refused like any tampering.
     mpath = dev / "b" / "manifest.json"
     m = json.loads(mpath.read_text())
     m["generated"]["encoder.weights"]["bytes"] += 4096
     mpath.write_text(json.dumps(m))
-    with pytest.raises(runner.RunnerError, match="manifest_sha256"):
-        runner.read_manifest(dev / "b")
+    with pytest.raises(errors.RunnerError, match="manifest_sha256"):
+        rbundle.read_manifest(dev / "b")
     # A stray file is still refused; the generated ones are not strays.
     mpath.write_text(json.dumps(b.manifest))
     (dev / "b" / "extra.bin").write_bytes(b"x")
-    with pytest.raises(runner.RunnerError, match="extra.bin"):
-        runner.read_manifest(dev / "b")
+    with pytest.raises(errors.RunnerError, match="extra.bin"):
+        rbundle.read_manifest(dev / "b")
 
 
 def test_interleaved_job_times_bundles_in_rotation(bundles, tmp_path) -> None:

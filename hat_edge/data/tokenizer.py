@@ -21,6 +21,7 @@ from typing import Iterable, Sequence
 import sentencepiece as spm
 
 from hat_edge.errors import UserError
+from hat_edge.runtime.files import read_file
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 TOKENIZER_FILE = "tokenizer.model"
@@ -95,12 +96,8 @@ class Tokenizer:
         p = Path(path)
         if p.is_dir():
             p = p / TOKENIZER_FILE
-        try:
-            data = p.read_bytes()
-        except FileNotFoundError:
-            raise UserError(f"{p}: no such tokenizer file") from None
-        except (IsADirectoryError, PermissionError) as e:
-            raise UserError(f"{p}: cannot read ({e.__class__.__name__})") from None
+        data = read_file(p, "no such tokenizer file", UserError)
+        assert isinstance(data, bytes)
         return cls(data, str(p))
 
     def __eq__(self, other: object) -> bool:

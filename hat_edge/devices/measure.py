@@ -29,7 +29,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -39,21 +39,22 @@ from hat_edge.devices.transport import (
     Transport,
     TransportError,
     open_transport,
-    sha256_file,
 )
 from hat_edge.errors import UserError
+from hat_edge.exporters import export_bundle
+from hat_edge.exporters.bundle import make_weightless
 from hat_edge.latency.store import LatencyRecord, LatencyStore, utc_now
+from hat_edge.model import SubTransformer
+from hat_edge.runtime import pack
+from hat_edge.runtime.errors import RunnerError
+from hat_edge.runtime.formats import FORMAT_OF_RUNTIME, MANIFEST
+from hat_edge.runtime.job import MeasureSpec, make_job, parse_result_line, parse_result_lines, read_result
 from hat_edge.space import Arch
 
 log = logging.getLogger(__name__)
 
-RUNNER_PATH = Path(__file__).resolve().parent / "runner.py"
-JOB_FORMAT = "hat-edge-job"
-JOB_VERSION = 1
-RESULT_VERSION = 1
 DEFAULT_BATCH_SIZE = 8
 _EXPORT_LOCK = threading.Lock()  # torch export keeps global state: one export at a time per process
-_RUNTIME_FORMAT = {"onnxruntime": "onnx", "torchscript": "torchscript"}
 
 
 class MeasureCancelled(UserError):
@@ -76,29 +77,14 @@ def default_cache_dir() -> Path:
 
 
 def store_settings(profile: DeviceProfile, quantize: str | None = None) -> dict[str, Any]:
-    """The settings a latency depends on: with device name and runtime, the store's unique key.
-    Repeats, warm-up and timeouts only change how precisely it is measured, so they are not in it."""
-    m = profile.measurement
-    out: dict[str, Any] = {
-        "batch": 1,
-        "src_len": m.src_len,
-        "steps": m.steps,
-        "beam": m.beam,
-        "threads": profile.threads,
-        "device": profile.device,
-        "vocab_size": m.vocab_size,
-    }
-    if quantize:
-        out["quantize"] = quantize
-    if profile.cpu_affinity is not None:
-        out["cpu_affinity"] = list(profile.cpu_affinity)
-    return out
+    """The latency store's key for `profile` (`MeasureSpec.identity()`)."""
+    return profile.measure_spec(quantize).identity()
 
 
 def bundle_key(arch: Arch, profile: DeviceProfile, quantize: str | None = None) -> str:
     """Cache key of an exported bundle: what changes the exported files."""
     text = json.dumps(
-        [arch.to_json(), _RUNTIME_FORMAT[profile.runtime], quantize, profile.measurement.vocab_size, "weightless"],
+        [arch.to_json(), FORMAT_OF_RUNTIME[profile.runtime], quantize, profile.measurement.vocab_size, "weightless"],
         sort_keys=True
     )
     return hashlib.sha256(text.encode()).hexdigest()[:20]
@@ -117,19 +103,15 @@ def export_for_measurement(
     (demo smallest at a 32k vocabulary: 0.2 MB instead of 80 MB; the same latency measured
     side by side, 85.1 vs 85.1 ms).
     """
-    from hat_edge.exporters import export_bundle
-    from hat_edge.exporters.bundle import make_weightless
-    from hat_edge.model import SubTransformer
-
     key = bundle_key(arch, profile, quantize)
     final = cache_dir / key
-    if (final / "manifest.json").is_file():
+    if (final / MANIFEST).is_file():
         return final
-    fmt = _RUNTIME_FORMAT[profile.runtime]
+    fmt = FORMAT_OF_RUNTIME[profile.runtime]
     accepted = inspect.signature(export_bundle).parameters
     extra = {k: v for k, v in MEASURE_EXPORT_KW.items() if k in accepted and (fmt == "onnx" or k != "exporter")}
     with _EXPORT_LOCK:
-        if (final / "manifest.json").is_file():  # another device's worker exported it meanwhile
+        if (final / MANIFEST).is_file():  # another device's worker exported it meanwhile
             return final
         sub = SubTransformer.random(arch, profile.measurement.vocab_size, seed=seed)
         out = export_bundle(sub, final, fmt=fmt, quantize=quantize, **extra)
@@ -169,17 +151,17 @@ MEASURE_EXPORT_KW: dict[str, Any] = {"exporter": "torchscript", "parity_check": 
 # Runner on the device
 # --------------------------------------------------------------------------------------------
 def runner_remote_path(t: Transport) -> str:
-    """The runner's path on the device. Named by its hash, so hosts with different hat-edge
-    versions can share a board without overwriting each other's runner."""
-    if t.is_local:
-        return str(RUNNER_PATH)
-    return t.join(t.work_dir, f"runner-{sha256_file(RUNNER_PATH)[:12]}.py")
+    """The runner zipapp's path on the device (`runtime.pack`): named by its hash, so hosts with
+    different hat-edge versions can share a board without overwriting each other's runner.
+    Local profiles run the cached build in place."""
+    local = pack.build_runner()
+    return str(local) if t.is_local else t.join(t.work_dir, local.name)
 
 
 def push_runner(t: Transport) -> str:
     path = runner_remote_path(t)
     if not t.is_local:
-        t.push(RUNNER_PATH, path)
+        t.push(pack.build_runner(), path)
     return path
 
 
@@ -195,14 +177,14 @@ def _last_json_line(text: str, what: str) -> dict[str, Any]:
 
 
 def device_env(profile: DeviceProfile, trust_new_host: bool = False, timeout: float = 120.0) -> dict[str, Any]:
-    """Connect and describe the device (`runner.py env`): OS, CPU, cores, memory, python, runtime
+    """Connect and describe the device (`runner.pyz env`): OS, CPU, cores, memory, python, runtime
     versions, governor, Raspberry Pi temperature and throttling."""
     with open_transport(profile, trust_new_host=trust_new_host) as t:
         runner = push_runner(t)
         res = t.run([t.python, runner, "env"], timeout=timeout, env=profile.env_dict)
         if res.returncode != 0:
             tail = " | ".join(res.stderr.strip().splitlines()[-3:])
-            raise TransportError(f"{profile.name}: `{t.python} runner.py env` failed (exit {res.returncode}): "
+            raise TransportError(f"{profile.name}: `{t.python} {Path(runner).name} env` failed (exit {res.returncode}): "
                                  f"{tail or 'no output'}; is numpy installed for {t.python}?")
         env = _last_json_line(res.stdout, f"{profile.name}: runner env")
         env.setdefault("profile", profile.name)
@@ -211,6 +193,31 @@ def device_env(profile: DeviceProfile, trust_new_host: bool = False, timeout: fl
             env.setdefault("host", t.target.display)  # type: ignore[attr-defined]
         env.setdefault("work_dir", t.work_dir)
         return env
+
+
+def run_one_job(t: Transport, bundles: Sequence[tuple[str, str]], spec: MeasureSpec,
+                what: str) -> list[dict[str, Any]]:
+    """Run one runner job on an open transport and wait for it (deploy's benchmark): write the
+    job, run the runner, return its checked result lines; the job dir is removed in every case."""
+    runner = runner_remote_path(t)
+    job_dir = t.join(t.work_dir, "jobs", f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
+    t.makedirs(job_dir)
+    job_path, out_path = t.join(job_dir, "job.json"), t.join(job_dir, "results.jsonl")
+    t.write_bytes(job_path, (json.dumps(make_job(bundles, spec), indent=1) + "\n").encode())
+    try:
+        res = t.run([t.python, runner, "run", job_path, "--out", out_path], timeout=spec.timeout_s * len(bundles),
+                    env=spec.env_dict)
+        text = t.read_from(out_path).decode("utf-8", "replace")
+    finally:
+        t.remove(job_dir)
+    try:
+        lines = parse_result_lines(text, what)
+    except RunnerError as e:
+        raise UserError(str(e)) from None
+    if not lines and res.returncode != 0:
+        tail = " | ".join(res.stderr.strip().splitlines()[-3:]) or "no output"
+        raise TransportError(f"{what}: the runner failed (exit {res.returncode}): {tail}")
+    return lines
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,10 +233,13 @@ class _Item:
 
 def record_from_result(profile: DeviceProfile, arch: Arch, res: Mapping[str, Any],
                        settings: Mapping[str, Any]) -> LatencyRecord:
-    """A runner result line (docs/CONTRACTS.md) as a LatencyRecord."""
-    if res.get("version") != RESULT_VERSION:
-        raise UserError(f"{profile.name}: runner result version {res.get('version')!r} is not supported "
-                        f"(this hat-edge reads version {RESULT_VERSION}); the runner on the device is stale")
+    """A runner result line (docs/CONTRACTS.md, checked by `runtime.job.read_result`) as a LatencyRecord."""
+    try:
+        res = read_result(res, profile.name)
+    except RunnerError as e:
+        raise UserError(str(e)) from None
+    if "error" in res:
+        raise UserError(f"{profile.name}: result {res['id']!r} is an error line: {res['error']}")
     env = dict(res.get("env") or {})
     env["measurement"] = {
         k: res.get(k) for k in ("warmup", "warmup_stable", "timing", "peak_rss_mb", "throttled", "temperature_c", "settings") if k in res
@@ -259,36 +269,36 @@ def _opt(x: Any) -> float | None:
     return None if x is None else float(x)
 
 
+@dataclass
 class _DeviceWorker:
     """Measures one profile's archs; see the module doc for the protocol."""
 
-    def __init__(self, profile: DeviceProfile, store: LatencyStore, *, trust_new_host: bool, batch_size: int,
-                 cache_dir: Path, keep_exports: bool, quantize: str | None, seed: int, reconnect_tries: int,
-                 backoff_s: float,
-                 poll_s: float, bar: Any, on_record: Callable[[LatencyRecord], None] | None,
-                 on_error: Callable[[MeasureError], None] | None, cancel: threading.Event | None = None) -> None:
-        self.p = profile
-        self.store = store
-        self.trust_new_host = trust_new_host
-        self.batch_size = max(1, batch_size)
-        self.cache_dir = cache_dir
-        self.keep_exports = keep_exports
-        self.quantize = quantize
-        self.seed = seed
-        self.reconnect_tries = reconnect_tries
-        self.backoff_s = backoff_s
-        self.poll_s = poll_s
-        self.bar = bar
-        self.on_record = on_record
-        self.on_error = on_error
-        self.cancel = cancel or threading.Event()
-        self.settings = store_settings(profile, quantize)
-        self.interleave = False  # time the whole batch in rotation (measure_archs(interleave=True))
-        self.done: dict[str, LatencyRecord] = {}
-        self.errors: list[MeasureError] = []
-        # After a dropped link: (results path, runner pid, bytes already read, runner marker).
-        self._stale: tuple[str, int | None, int, str] | None = None
-        self._job_dirs: list[str] = []  # device job dirs to remove once the batch is done
+    p: DeviceProfile
+    store: LatencyStore
+    trust_new_host: bool
+    batch_size: int
+    cache_dir: Path
+    keep_exports: bool
+    quantize: str | None
+    seed: int
+    reconnect_tries: int
+    backoff_s: float
+    poll_s: float
+    bar: Any
+    on_record: Callable[[LatencyRecord], None] | None
+    on_error: Callable[[MeasureError], None] | None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    interleave: bool = False  # time the whole batch in rotation (measure_archs(interleave=True))
+    done: dict[str, LatencyRecord] = field(default_factory=dict, init=False)
+    errors: list[MeasureError] = field(default_factory=list, init=False)
+    # After a dropped link: (results path, runner pid, bytes already read, runner marker).
+    _stale: tuple[str, int | None, int, str] | None = field(default=None, init=False)
+    _job_dirs: list[str] = field(default_factory=list, init=False)  # device job dirs to remove after the batch
+
+    def __post_init__(self) -> None:
+        self.batch_size = max(1, self.batch_size)
+        self.spec: MeasureSpec = self.p.measure_spec(self.quantize)
+        self.settings = self.spec.identity()
 
     # ---- the whole list ----
     def run(self, archs: Sequence[Arch]) -> None:
@@ -363,7 +373,7 @@ class _DeviceWorker:
                 it.remote_dir = str(it.local_dir)
         else:
             # The runner and the bundles in one push: one hash command on the device, not two.
-            pairs: list[tuple[Path, str]] = [(RUNNER_PATH, runner)]
+            pairs: list[tuple[Path, str]] = [(pack.build_runner(), runner)]
             known: dict[Path, str] = {}
             for it in todo:
                 local_dir: Path = it.local_dir  # type: ignore[assignment]
@@ -382,12 +392,7 @@ class _DeviceWorker:
         job_dir = t.join(t.work_dir, "jobs", f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
         t.makedirs(job_dir)
         job_path, out_path = t.join(job_dir, "job.json"), t.join(job_dir, "results.jsonl")
-        job = {
-            "format": JOB_FORMAT,
-            "version": JOB_VERSION,
-            "bundles": [{"id": it.id, "path": it.remote_dir} for it in todo],
-            "settings": {**self.p.job_settings(), **({"interleave": True} if self.interleave else {})},
-        }
+        job = make_job([(it.id, str(it.remote_dir)) for it in todo], self.spec.with_(interleave=self.interleave))
         self._job_dirs.append(job_dir)
         t.write_bytes(job_path, (json.dumps(job, indent=1) + "\n").encode())
         env = self.p.env_dict
@@ -399,7 +404,7 @@ class _DeviceWorker:
         offset, buf = 0, b""
         last = time.monotonic()
         # In rotation every result arrives at the end: the per-model silence limit covers them all.
-        timeout = self.p.measurement.timeout_s * (len(todo) if self.interleave else 1)
+        timeout = self.spec.timeout_s * (len(todo) if self.interleave else 1)
         next_read = 0.0
         try:
             while True:
@@ -460,13 +465,12 @@ class _DeviceWorker:
 
     def _handle_lines(self, text: str, by_id: Mapping[str, _Item], finished: set[str]) -> None:
         for line in text.splitlines():
-            line = line.strip()
-            if not line:
-                continue
             try:
-                res = json.loads(line)
-            except json.JSONDecodeError:
-                log.warning("%s: ignoring a malformed result line: %.200s", self.p.name, line)
+                res = parse_result_line(line, self.p.name)
+            except RunnerError as e:
+                log.warning("%s: ignoring a malformed result line (%s): %.200s", self.p.name, e, line)
+                continue
+            if res is None:
                 continue
             it = by_id.get(res.get("id"))
             if it is None or it.id in finished:
@@ -566,9 +570,8 @@ def measure_archs(
         cache_dir=Path(cache_dir) if cache_dir else default_cache_dir(), keep_exports=keep_exports,
         quantize=quantize, seed=seed,
         reconnect_tries=reconnect_tries, backoff_s=backoff_s, poll_s=poll_s, bar=bar,
-        on_record=on_record, on_error=on_error, cancel=cancel,
+        on_record=on_record, on_error=on_error, cancel=cancel or threading.Event(), interleave=interleave,
     )
-    worker.interleave = interleave
     try:
         if todo:
             worker.run(todo)

@@ -21,21 +21,24 @@ Every field is documented in docs/profiles.md.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
 import tomllib
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from hat_edge.errors import UserError
+from hat_edge.runtime.errors import RunnerError
+from hat_edge.runtime.files import read_file
+from hat_edge.runtime.formats import DEVICES, RUNTIMES
+from hat_edge.runtime.job import MeasureSpec
 
 PROFILE_SUFFIX = ".toml"
 PACKAGE_PROFILES = Path(__file__).resolve().parent.parent / "assets" / "profiles"
 TRANSPORTS = ("local", "ssh")
-RUNTIMES = ("onnxruntime", "torchscript")
-DEVICES = ("cpu", "cuda")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -45,25 +48,10 @@ class ProfileError(UserError, ValueError):
 
 
 @dataclass(frozen=True)
-class MeasureSettings:
-    """How the runner times one model. HAT's settings: 30 source tokens, 30 decoder steps, beam 5,
-    5 warm-up runs. Timed runs repeat until both `min_repeats` and `min_time_s` are reached."""
-
-    src_len: int = 30
-    steps: int = 30
-    beam: int = 5
-    warmup: int = 5
-    min_repeats: int = 10
-    min_time_s: float = 2.0
-    cooldown_s: float = 0.0
-    timeout_s: float = 600.0
-    # Vocabulary of the measured models (random weights): the output projection and softmax cost
-    # grow with it. HAT's WMT'14 En-De models have about 32k; set your tokenizer's size.
-    vocab_size: int = 32000
-
-
-@dataclass(frozen=True)
 class DeviceProfile:
+    """How to reach a device (transport fields) and how to measure on it (`measurement`, the
+    runtime's `MeasureSpec`: runtime, device, threads, env, affinity and the [measurement] table)."""
+
     name: str
     transport: str = "local"
     host: str | None = None
@@ -74,23 +62,40 @@ class DeviceProfile:
     ssh_config_host: str | None = None
     python: str | None = None          # None: this interpreter (local) or "python3" (ssh)
     work_dir: str | None = None        # None: ~/.cache/hat-edge/work (local) or ~/.hat-edge (ssh)
-    runtime: str = "onnxruntime"
-    device: str = "cpu"
-    threads: int = 0                   # 0: the runtime's default (all cores)
-    env: tuple[tuple[str, str], ...] = ()
-    cpu_affinity: tuple[int, ...] | None = None
     description: str = ""
-    measurement: MeasureSettings = field(default_factory=MeasureSettings)
+    measurement: MeasureSpec = field(default_factory=lambda: MeasureSpec(runtime="onnxruntime"))
     source: str = field(default="", compare=False)  # file it came from ("" when built in code)
+
+    # ---- what the measurement spec holds, as profile fields ----
+    @property
+    def runtime(self) -> str:
+        return self.measurement.runtime or "onnxruntime"
+
+    @property
+    def device(self) -> str:
+        return self.measurement.device
+
+    @property
+    def threads(self) -> int:
+        """Intra-op threads; 0: the runtime's default (all cores)."""
+        return self.measurement.threads or 0
+
+    @property
+    def env(self) -> tuple[tuple[str, str], ...]:
+        return self.measurement.env
+
+    @property
+    def env_dict(self) -> dict[str, str]:
+        return self.measurement.env_dict
+
+    @property
+    def cpu_affinity(self) -> tuple[int, ...] | None:
+        return self.measurement.cpu_affinity
 
     # ---- derived ----
     @property
     def is_local(self) -> bool:
         return self.transport == "local"
-
-    @property
-    def env_dict(self) -> dict[str, str]:
-        return dict(self.env)
 
     @property
     def remote_python(self) -> str:
@@ -106,36 +111,35 @@ class DeviceProfile:
             return self.work_dir
         return "~/.cache/hat-edge/work" if self.is_local else "~/.hat-edge"
 
-    def job_settings(self) -> dict[str, Any]:
-        """The `settings` object of a runner job file (docs/CONTRACTS.md)."""
+    def measure_spec(self, quantize: str | None = None, interleave: bool = False) -> MeasureSpec:
+        """The spec a measurement of this profile runs with (`.identity()`: the store key)."""
         m = self.measurement
-        out: dict[str, Any] = {
-            "runtime": self.runtime,
-            "threads": self.threads or None,  # the runner reads None as "the runtime's default"
-            "src_len": m.src_len,
-            "steps": m.steps,
-            "beam": m.beam,
-            "warmup": m.warmup,
-            "min_repeats": m.min_repeats,
-            "min_time_s": m.min_time_s,
-            "cooldown_s": m.cooldown_s,
-            "device": self.device,
-            "env": self.env_dict,
-        }
-        if self.cpu_affinity is not None:
-            out["cpu_affinity"] = list(self.cpu_affinity)
-        return out
+        return m if (quantize, interleave) == (m.quantize, m.interleave) else \
+            replace(m, quantize=quantize, interleave=interleave)
+
+    def with_measurement(self, **changes: Any) -> "DeviceProfile":
+        """This profile with some measurement settings changed (validated)."""
+        try:
+            return replace(self, measurement=self.measurement.with_(**changes)) if changes else self
+        except RunnerError as e:
+            raise ProfileError(f"{self.source or self.name}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        m = self.measurement
+        d: dict[str, Any] = {k: getattr(self, k) for k in (
+            "name", "transport", "host", "port", "user", "identity_file", "known_hosts", "ssh_config_host",
+            "python", "work_dir", "runtime", "device", "threads")}
         d["env"] = self.env_dict
         d["cpu_affinity"] = list(self.cpu_affinity) if self.cpu_affinity is not None else None
+        d["description"] = self.description
+        d["measurement"] = {k: getattr(m, k) for k in _MEASURE}
+        d["source"] = self.source
         return d
 
     def with_runtime(self, runtime: str) -> "DeviceProfile":
         if runtime not in RUNTIMES:
             raise ProfileError(f"runtime '{runtime}' is not supported, allowed: {', '.join(RUNTIMES)}")
-        return replace(self, runtime=runtime)
+        return replace(self, measurement=replace(self.measurement, runtime=runtime))
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,6 +182,8 @@ def _float(lo: float, positive: bool = False) -> Check:
         ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v >= lo and (v > lo or not positive)
         if not ok:
             raise _Bad(f"a number > {lo:g}" if positive else f"a number >= {lo:g}")
+        if not math.isfinite(v):
+            raise _Bad(f"a finite number {'>' if positive else '>='} {lo:g} (not inf or nan)")
         return float(v)
     return check
 
@@ -277,17 +283,22 @@ def profile_from_dict(data: dict[str, Any], source: str, default_name: str | Non
             f"{source}: field 'runtime' is {kw.get('runtime', 'onnxruntime')!r} with device 'cuda', "
             "allowed: 'torchscript' (CUDA events time the GPU)"
         )
-    return DeviceProfile(measurement=MeasureSettings(**m_kw), source=source, **kw)
+    spec_kw = {k: kw.pop(k) for k in ("runtime", "device", "threads", "env", "cpu_affinity") if k in kw}
+    spec_kw.setdefault("runtime", "onnxruntime")
+    if spec_kw.get("threads") == 0:
+        spec_kw["threads"] = None  # 0 in a profile: the runtime's default
+    try:
+        spec = MeasureSpec(**spec_kw, **m_kw)
+        spec.validate(source)
+    except RunnerError as e:
+        raise ProfileError(str(e)) from None
+    return DeviceProfile(measurement=spec, source=source, **kw)
 
 
 def load_profile_file(path: str | Path) -> DeviceProfile:
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise ProfileError(f"{path}: no such profile file") from None
-    except (IsADirectoryError, PermissionError) as e:
-        raise ProfileError(f"{path}: cannot read ({e.__class__.__name__})") from None
+    raw = read_file(path, "no such profile file", ProfileError)
+    assert isinstance(raw, bytes)
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
@@ -342,7 +353,7 @@ def load_profile(name_or_path: str | Path) -> DeviceProfile:
 
 __all__ = [
     "DeviceProfile",
-    "MeasureSettings",
+    "MeasureSpec",
     "ProfileEntry",
     "ProfileError",
     "RUNTIMES",

@@ -4,7 +4,7 @@ A transport only moves files and runs commands; what is measured lives in the ru
 split). Both transports offer the same calls, so local and remote measurement share one code path:
 
     with open_transport(profile) as t:
-        t.push_many([(local_file, t.join(t.work_dir, "runner.py"))])   # sha256-checked, skipped if present
+        t.push_many([(local_file, t.join(t.work_dir, "runner.pyz"))])   # sha256-checked, skipped if present
         proc = t.spawn([t.python, runner, "run", job, "--out", out])
         while proc.poll() is None: new = t.read_from(out, offset)    # results as they are written
         t.run(argv, timeout=30)                                        # -> Result, CommandTimeout
@@ -39,6 +39,7 @@ from typing import Collection, Iterable, Mapping, Sequence
 
 from hat_edge.devices.profiles import DeviceProfile
 from hat_edge.errors import UserError
+from hat_edge.runtime.bundle import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -138,14 +139,6 @@ class Process(ABC):
                 self.kill()
                 raise CommandTimeout(f"command timed out after {timeout:g} s")
             time.sleep(0.05)
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def quote_argv(argv: Sequence[str]) -> str:

@@ -10,7 +10,8 @@
 See docs/export.md for the export paths chosen and the measurements behind them.
 """
 
-from hat_edge.exporters.bundle import Bundle, export_bundle, load_bundle, quantize_bundle
+from hat_edge.exporters.bundle import Bundle, load_bundle
+from hat_edge.exporters.export import export_bundle, quantize_bundle
 from hat_edge.exporters.ortloop import open_bundle, translate
 from hat_edge.exporters.verify import verify_bundle
 

@@ -1,7 +1,7 @@
 """`translate(bundle, token ids)`: the device's decoding loop, run on the host.
 
 Nothing here decodes by itself: it opens the bundle's graphs in their runtime and calls
-`hat_edge.devices.runner.translate` (greedy or beam search over a cached decoder step), the very
+`hat_edge.runtime.backends.translate` (greedy or beam search over a cached decoder step), the very
 code the runner executes on a board. Opened models are kept (a few) so repeated calls skip session
 creation.
 """
@@ -12,15 +12,17 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from hat_edge.devices import runner
 from hat_edge.errors import UserError
 from hat_edge.exporters.bundle import Bundle, load_bundle
+from hat_edge.runtime import backends
+from hat_edge.runtime.backends import Model
+from hat_edge.runtime.errors import RunnerError
 
-_OPEN: "OrderedDict[tuple, runner.Model]" = OrderedDict()
+_OPEN: "OrderedDict[tuple, Model]" = OrderedDict()
 _KEEP = 4
 
 
-def open_bundle(bundle: Union[str, Path, Bundle], threads: Optional[int] = None, device: str = "cpu") -> runner.Model:
+def open_bundle(bundle: Union[str, Path, Bundle], threads: Optional[int] = None, device: str = "cpu") -> Model:
     """A runtime model for a bundle (loaded and hash-checked once; the last few are kept)."""
     b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     key = (str(Path(b.path).resolve()), b.manifest["manifest_sha256"], threads, device)
@@ -62,6 +64,6 @@ def translate(
         longest = max((len(s) for s in batch), default=1)
         max_len = min(2 * longest + 10, int(model.manifest["model"].get("max_positions", 512)))
     try:
-        return runner.translate(model, batch, beam=beam, max_len=max_len, len_penalty=len_penalty)
-    except runner.RunnerError as e:
+        return backends.translate(model, batch, beam=beam, max_len=max_len, len_penalty=len_penalty)
+    except RunnerError as e:
         raise UserError(str(e)) from None

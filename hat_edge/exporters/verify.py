@@ -5,7 +5,7 @@ Two levels:
   decoder step at the first step (empty caches) and with a past of 5, compared with eager PyTorch.
 - `verify_bundle` (`hat-edge export --verify`): the above at shapes other than the trace's, plus
   greedy and beam (5) decoding of a few sources through the bundle's runtime with the device's own
-  loop (`runner.translate`) against `hat_edge.model.decode` on the PyTorch model.
+  loop (`hat_edge.runtime.backends.translate`) against `hat_edge.model.decode` on the PyTorch model.
 
 Log-prob differences leave out the pad column: the model adds a constant -1e4 there so search
 never picks pad, and at that magnitude float32 spacing (~1e-3) would swamp the 1e-4 tolerance
@@ -20,9 +20,11 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from hat_edge.devices import runner
 from hat_edge.errors import UserError
+from hat_edge.exporters.bundle import Bundle, load_bundle, update_parity
 from hat_edge.exporters.graphs import example_decoder_inputs, example_source
+from hat_edge.model import SubTransformer, decode
+from hat_edge.runtime.backends import Model, OrtModel, TorchScriptModel, translate
 
 FP32_TOLERANCE = 1e-4
 
@@ -44,22 +46,22 @@ def _max_diff(a: Sequence[Any], b: Sequence[Any], pad_col: Optional[int] = None)
     return worst
 
 
-def _step_inputs_runtime(model: runner.Model, inputs: Sequence[torch.Tensor]) -> list:
-    if isinstance(model, runner.TorchScriptModel):
+def _step_inputs_runtime(model: Model, inputs: Sequence[torch.Tensor]) -> list:
+    if isinstance(model, TorchScriptModel):
         return [t.to(model.device) for t in inputs]
     return [_np(t) for t in inputs]
 
 
-def _run_decoder(model: runner.Model, inputs: Sequence[torch.Tensor]) -> list:
+def _run_decoder(model: Model, inputs: Sequence[torch.Tensor]) -> list:
     args = _step_inputs_runtime(model, inputs)
-    if isinstance(model, runner.OrtModel):
+    if isinstance(model, OrtModel):
         return model.dec.run(None, dict(zip(model.dec_in, args)))
     with torch.inference_mode():
         return list(model.dec(*args))
 
 
 @torch.no_grad()
-def graph_parity(sub: Any, bundle: Any, batch: int = 3, src_len: int = 9, rows: int = 4) -> dict:
+def graph_parity(sub: SubTransformer, bundle: Bundle, batch: int = 3, src_len: int = 9, rows: int = 4) -> dict:
     """max |diff| of encoder outputs and decoder-step outputs (first step and past 5) vs PyTorch.
 
     Shapes differ from the trace's example shapes on purpose (dynamic axes at work).
@@ -100,7 +102,7 @@ def _token_agreement(a: list[list[int]], b: list[list[int]]) -> float:
 
 
 @torch.no_grad()
-def verify_bundle(sub: Any, bundle_dir: str | Path, sentences: int = 3, src_len: int = 12,
+def verify_bundle(sub: SubTransformer, bundle_dir: str | Path, sentences: int = 3, src_len: int = 12,
                   beam: int = 5, max_len: int = 20, record: bool = True) -> dict:
     """Run PyTorch and the bundle on the same inputs; returns figures (and records them).
 
@@ -109,9 +111,6 @@ def verify_bundle(sub: Any, bundle_dir: str | Path, sentences: int = 3, src_len:
     tokens), precision, tolerance, passed (fp32: max_abs_diff <= 1e-4 and tokens_equal; int8: no
     threshold, the agreement is the figure), sentences, max_len, beam.
     """
-    from hat_edge.exporters.bundle import load_bundle, update_parity
-    from hat_edge.model import decode
-
     bundle = load_bundle(bundle_dir)
     if bundle.arch != sub.arch:
         raise UserError(f"bundle {bundle_dir} holds arch {bundle.arch.describe()}, not the model's "
@@ -124,8 +123,8 @@ def verify_bundle(sub: Any, bundle_dir: str | Path, sentences: int = 3, src_len:
     src_np = _np(src)
     ref_greedy = decode.greedy(sub, src, max_len=max_len)
     ref_beam = decode.beam(sub, src, beam=beam, max_len=max_len)
-    got_greedy = runner.translate(model, src_np, beam=1, max_len=max_len)
-    got_beam = runner.translate(model, src_np, beam=beam, max_len=max_len)
+    got_greedy = translate(model, src_np, beam=1, max_len=max_len)
+    got_beam = translate(model, src_np, beam=beam, max_len=max_len)
     greedy_equal, beam_equal = ref_greedy == got_greedy, ref_beam == got_beam
     precision = bundle.precision
     out = {

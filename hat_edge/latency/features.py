@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from hat_edge.errors import UserError
+from hat_edge.runtime.files import read_text
 from hat_edge.space import FEATURE_NAMES, Arch, n_ende_layers
 
 # The target, by column name, in order of preference.
@@ -122,12 +123,7 @@ def _check_target(a: np.ndarray, name: str, source: str) -> np.ndarray:
 def read_latency_csv(path: str | Path, require_latency: bool = True) -> LatencyData:
     """Read a HAT latency CSV or a hat-edge latency CSV (see the module docstring)."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read ({e.__class__.__name__})") from None
+    text = read_text(path, error=UserError)
     reader = csv.DictReader(text.splitlines())
     columns = tuple(reader.fieldnames or ())
     if not columns:

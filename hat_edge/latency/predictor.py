@@ -42,6 +42,7 @@ import numpy as np
 
 from hat_edge import __version__
 from hat_edge.errors import UserError
+from hat_edge.runtime.files import read_text
 from hat_edge.latency.features import (
     DECODER_TERMS,
     ENCODER_TERMS,
@@ -637,10 +638,8 @@ def make_predictor(kind: str = "default", **params: Any) -> Predictor:
 def load_predictor(path: str | Path) -> Predictor:
     path = Path(path)
     try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        doc = json.loads(read_text(path, error=UserError))
+    except json.JSONDecodeError as e:
         raise UserError(f"{path}: not a predictor file ({e.__class__.__name__})") from None
     if not isinstance(doc, dict) or doc.get("format") != PREDICTOR_FORMAT:
         got = doc.get("format") if isinstance(doc, dict) else None

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from hat_edge.errors import UserError
+from hat_edge.runtime.files import read_text
 from hat_edge.space import FEATURE_NAMES, Arch
 
 STORE_FORMAT = "hat-edge-latency-store"
@@ -301,12 +302,7 @@ class LatencyStore:
         """
         path = Path(path)
         settings = dict(HAT_SETTINGS if settings is None else settings)
-        try:
-            text = path.read_text()
-        except FileNotFoundError:
-            raise UserError(f"{path}: no such file") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"{path}: cannot read ({e.__class__.__name__})") from None
+        text = read_text(path, error=UserError)
         reader = csv.DictReader(text.splitlines())
         missing = [c for c in HAT_CSV_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:

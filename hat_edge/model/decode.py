@@ -1,6 +1,6 @@
 """Greedy and beam decoding of a torch model with the device's own search code.
 
-The search itself (`greedy_search`, `beam_search`) lives in `hat_edge/devices/runner.py` and is
+The search itself (`greedy_search`, `beam_search`) lives in `hat_edge/runtime/decoding.py` and is
 numpy-only, so the host and a device decode with the very same code; this module only supplies
 torch step functions:
 
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hat_edge.devices.runner import beam_search, greedy_search
+from hat_edge.runtime.decoding import beam_search, greedy_search
 from hat_edge.model.sub import SubTransformer, next_token_log_probs, repeat_rows
 from hat_edge.model.super import SuperTransformer
 
@@ -128,7 +128,7 @@ def beam(
 ) -> list[list[int]]:
     """Beam search of src_tokens (B, S); the best hypothesis per sentence without BOS/EOS.
 
-    Scores are sum(log p) / len**len_penalty (runner.beam_search); max_len as in `greedy`.
+    Scores are sum(log p) / len**len_penalty (runtime.decoding.beam_search); max_len as in `greedy`.
     """
     if beam < 1:
         raise ValueError(f"beam must be at least 1, got {beam}")

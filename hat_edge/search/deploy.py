@@ -20,7 +20,6 @@ import hashlib
 import json
 import sys
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -28,11 +27,11 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from hat_edge.errors import UserError
+from hat_edge.runtime.formats import FORMAT_OF_RUNTIME
 from hat_edge.space import Arch
 
 DEPLOY_FORMAT = "hat-edge-deploy"
 DEPLOY_VERSION = 1
-_FORMAT_OF_RUNTIME = {"onnxruntime": "onnx", "torchscript": "torchscript"}
 
 
 @dataclass(frozen=True)
@@ -179,7 +178,7 @@ def deploy(
 
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
         ckpt.space.validate(arch, "ARCH_FILE")
-        fmt = _FORMAT_OF_RUNTIME[profile.runtime]
+        fmt = FORMAT_OF_RUNTIME[profile.runtime]
         out = Path(out_dir) if out_dir else default_bundle_dir(profile.name, arch, quantize)
         t = time.perf_counter()
         say(f"exporting {arch.describe()} ({fmt}{', ' + quantize if quantize else ''}) to {out}")
@@ -284,31 +283,16 @@ def deploy(
     )
 
 
-def _benchmark(tr: Any, runner: str, profile: Any, remote_dir: str) -> dict[str, Any]:
+def _benchmark(tr: Any, runner: str, profile: Any, remote_dir: str, quantize: str | None = None) -> dict[str, Any]:
     """One runner job with the deployed bundle; returns the result line's statistics."""
-    from hat_edge.devices.measure import JOB_FORMAT, JOB_VERSION
+    from hat_edge.devices.measure import run_one_job
     from hat_edge.devices.transport import TransportError
 
-    job_dir = tr.join(tr.work_dir, "jobs", f"deploy-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
-    tr.makedirs(job_dir)
-    job_path, out_path = tr.join(job_dir, "job.json"), tr.join(job_dir, "results.jsonl")
-    job = {
-        "format": JOB_FORMAT,
-        "version": JOB_VERSION,
-        "bundles": [{"id": "deployed", "path": remote_dir}],
-        "settings": profile.job_settings(),
-    }
-    tr.write_bytes(job_path, (json.dumps(job, indent=1) + "\n").encode())
-    try:
-        res = tr.run([tr.python, runner, "run", job_path, "--out", out_path],
-                     timeout=profile.measurement.timeout_s, env=profile.env_dict)
-        lines = [json.loads(x) for x in tr.read_from(out_path).decode().splitlines() if x.strip().startswith("{")]
-    finally:
-        tr.remove(job_dir)
+    what = f"{profile.name}: benchmark of the deployed bundle"
+    lines = run_one_job(tr, [("deployed", remote_dir)], profile.measure_spec(quantize), what)
     line = next((x for x in lines if x.get("id") == "deployed"), None)
     if line is None or "error" in line:
-        why = line.get("error") if line else (" | ".join(res.stderr.strip().splitlines()[-3:]) or "no output")
-        raise TransportError(f"{profile.name}: benchmark of the deployed bundle failed: {why}")
+        raise TransportError(f"{what} failed: {line.get('error') if line else 'no result line'}")
     keep = ("median_ms", "mean_10_90_ms", "p90_ms", "iqr_ms", "cv", "encoder_median_ms", "decoder_median_ms",
             "peak_rss_mb", "throttled", "warmup")
     out = {k: line.get(k) for k in keep}

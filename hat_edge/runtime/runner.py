@@ -1,0 +1,192 @@
+"""The runner: what runs on a device. `python runner.pyz env|run|check|translate`.
+
+The device has no hat_edge installed: `hat_edge.runtime.pack` ships this package as one zip file
+(`runner-<sha256>.pyz`, a zipapp) that needs only the standard library, numpy and the runtime a
+bundle uses. The host runs the same file for local profiles, and imports the same modules, so host
+and device decode, check bundles and time models with the very same code.
+
+    python runner.pyz env                            one JSON object describing this machine
+    python runner.pyz run JOB.json --out RES.jsonl   measure every bundle of a job, one line each
+    python runner.pyz translate BUNDLE --src "5 9 3" decode token ids with a bundle (parity checks)
+    python runner.pyz check BUNDLE                   verify a bundle's manifest and hashes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, List, Optional, Tuple, Union
+
+from .backends import Model, open_model, translate
+from .bundle import read_manifest
+from .envinfo import collect_env, get_throttled, temperature_c, throttled_during
+from .errors import RunnerError
+from .formats import RESULT_VERSION
+from .job import MeasureSpec, done_ids, read_job, result_settings
+from .timing import _reset_peak_rss, measure, measure_interleaved, peak_rss_mb
+
+
+def run_job(job_path: Union[str, Path], out_path: Union[str, Path], resume: bool = False,
+            log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> int:
+    """Measure every bundle of a job; append one JSON line per bundle, flushed and fsynced at once.
+
+    Returns the number of bundles that failed. A job-level problem raises RunnerError.
+    """
+    job_path = Path(job_path)
+    bundles, raw = read_job(job_path)
+    settings, unknown = MeasureSpec.from_job(raw, f"{job_path}: settings")
+    if unknown:
+        log(f"runner: ignoring unknown settings: {', '.join(unknown)}")
+    os.environ.update(settings.env_dict)  # before any runtime import
+    if settings.cpu_affinity is not None:
+        try:
+            os.sched_setaffinity(0, list(settings.cpu_affinity))  # type: ignore[attr-defined]
+        except (AttributeError, OSError) as e:
+            raise RunnerError(f"{job_path}: cannot pin to CPUs {settings.cpu_affinity} ({e})") from None
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    skip = done_ids(out) if resume else set()
+    env = collect_env()
+    settings_out = result_settings(settings)
+    failures = 0
+    with open(out, "a") as f:
+
+        def emit(rec: dict) -> None:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())  # a board that reboots keeps every finished line
+
+        def record(bid: str, model: Model, manifest: dict, res: dict, rss_scope: str, thr: tuple, temps: tuple) -> dict:
+            rec = {
+                "version": RESULT_VERSION,
+                "id": bid,
+                "runtime": model.runtime,
+                "precision": manifest.get("precision", "fp32"),
+                "arch": manifest.get("arch"),
+                "settings": settings_out,
+                **res,
+                "peak_rss_mb": peak_rss_mb(),
+                "peak_rss_scope": rss_scope,
+                "throttled": throttled_during(*thr),
+                "throttle_bits": [hex(x) if x is not None else None for x in thr],
+                "temperature_c": list(temps),
+                "env": env,
+                "ignored_settings": unknown,
+            }
+            if rec["cv"] > 0.1:
+                log(f"runner: {bid}: CV {rec['cv']:.2f} is high; the machine may be busy")
+            return rec
+
+        def fail(i: int, bid: str, e: Exception) -> None:
+            nonlocal failures
+            failures += 1
+            msg = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+            if not isinstance(e, RunnerError):
+                msg = f"{e.__class__.__name__}: {msg}"
+            emit({"id": bid, "error": msg})
+            log(f"runner: [{i + 1}/{len(bundles)}] {bid}: error: {msg}")
+
+        def load(b: dict) -> Tuple[Model, dict]:
+            path = Path(b["path"])
+            if not path.is_absolute():
+                path = (job_path.parent / path).resolve() if not path.exists() else path
+            manifest = read_manifest(path)
+            return open_model(path, settings.threads, settings.device, settings.runtime,
+                              settings.ort_opt_level, manifest=manifest), manifest
+
+        todo = [(i, b) for i, b in enumerate(bundles) if b["id"] not in skip]
+        for i, b in enumerate(bundles):
+            if b["id"] in skip:
+                log(f"runner: [{i + 1}/{len(bundles)}] {b['id']}: already in {out}, skipped")
+
+        if settings.interleave:
+            opened = []
+            for i, b in todo:
+                try:
+                    opened.append((i, b["id"], *load(b)))
+                except Exception as e:  # one bad bundle must not stop the others
+                    fail(i, b["id"], e)
+            if opened:
+                rss_scope = "process"  # all models are loaded together
+                thr0, temp0 = get_throttled(), temperature_c()
+                try:
+                    results = measure_interleaved([m for _, _, m, _ in opened], settings)
+                except Exception as e:
+                    for i, bid, _, _ in opened:
+                        fail(i, bid, e)
+                    return failures
+                thr1, temp1 = get_throttled(), temperature_c()
+                for (i, bid, model, manifest), res in zip(opened, results):
+                    emit(record(bid, model, manifest, res, rss_scope, (thr0, thr1), (temp0, temp1)))
+                    log(f"runner: [{i + 1}/{len(bundles)}] {bid}: median {res['median_ms']:.1f} ms "
+                        f"({len(res['runs'])} runs in rotation with {len(opened) - 1} other(s))")
+            return failures
+
+        for n, (i, b) in enumerate(todo):
+            bid = b["id"]
+            if settings.cooldown_s > 0 and n > 0:
+                time.sleep(settings.cooldown_s)
+            try:
+                model, manifest = load(b)
+                rss_scope = "bundle" if _reset_peak_rss() else "process"
+                thr0, temp0 = get_throttled(), temperature_c()
+                res = measure(model, settings)
+                thr1, temp1 = get_throttled(), temperature_c()
+                emit(record(bid, model, manifest, res, rss_scope, (thr0, thr1), (temp0, temp1)))
+                log(f"runner: [{i + 1}/{len(bundles)}] {bid}: median {res['median_ms']:.1f} ms "
+                    f"({len(res['runs'])} runs, {res['warmup']} warm-up)")
+                del model
+            except Exception as e:  # one bad bundle must not stop the batch
+                fail(i, bid, e)
+    return failures
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="runner.pyz", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("env", help="print one JSON object describing this machine")
+    r = sub.add_parser("run", help="measure the bundles of a job file")
+    r.add_argument("job")
+    r.add_argument("--out", required=True, help="results file (JSON lines, appended)")
+    r.add_argument("--resume", action="store_true", help="skip ids already measured in --out")
+    t = sub.add_parser("translate", help="decode token ids with a bundle, print JSON")
+    t.add_argument("bundle")
+    t.add_argument("--src", action="append", required=True, help="space-separated ids (repeatable)")
+    t.add_argument("--beam", type=int, default=5)
+    t.add_argument("--max-len", type=int, default=None)
+    t.add_argument("--threads", type=int, default=None)
+    c = sub.add_parser("check", help="verify a bundle's manifest and hashes, print JSON")
+    c.add_argument("bundle")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "env":
+            print(json.dumps(collect_env()))
+            return 0
+        if args.cmd == "run":
+            failures = run_job(args.job, args.out, resume=args.resume)
+            return 1 if failures else 0
+        if args.cmd == "check":
+            m = read_manifest(args.bundle)
+            print(json.dumps({"ok": True, "runtime": m["runtime"], "files": sorted(m["files"])}))
+            return 0
+        if args.cmd == "translate":
+            model = open_model(args.bundle, threads=args.threads)
+            try:
+                srcs = [[int(x) for x in s.split()] for s in args.src]
+            except ValueError:
+                raise RunnerError("--src takes space-separated integer token ids") from None
+            out = translate(model, srcs, beam=args.beam, max_len=args.max_len)
+            print(json.dumps({"tokens": out}))
+            return 0
+    except RunnerError as e:
+        print(f"runner: error: {e}", file=sys.stderr)
+        return 2
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
