@@ -56,7 +56,7 @@ from hat_edge.devices import runner  # noqa: E402
 from hat_edge.exporters import export_bundle, load_bundle  # noqa: E402
 from hat_edge.exporters.bundle import quantize_bundle  # noqa: E402
 from hat_edge.model import ModelConfig, SuperTransformer, decode  # noqa: E402
-from hat_edge.model.functional import ende_memory, next_token_log_probs, padding_bias, repeat_bias  # noqa: E402
+from hat_edge.model.sub import ende_memory, next_token_log_probs, padding_bias, repeat_bias  # noqa: E402
 from hat_edge.space import PRESETS, TRANSFORMER_BASE, TRANSFORMER_BIG, Arch, SearchSpace  # noqa: E402
 
 RESULT_FORMAT = "hat-edge-bench-export-speed"
