@@ -106,7 +106,7 @@ def test_bad_profile_via_cli_is_one_line(tmp_path: Path) -> None:
     path.write_text('transport = "ssh"\nhost = "h"\nport = 0\n')
     res = CliRunner().invoke(cli, ["profile", "show", str(path)])
     assert res.exit_code != 0
-    lines = [l for l in res.output.splitlines() if l.strip()]
+    lines = [line for line in res.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "field 'port' is 0, allowed: an integer 1-65535" in lines[0]
     assert "Traceback" not in res.output
 

@@ -71,6 +71,11 @@ MIN_ROWS = 5
 X_t = Sequence[Arch] | np.ndarray
 
 
+def _rows(a: np.ndarray | None, ix: np.ndarray) -> np.ndarray | None:
+    """The rows `ix` of an optional per-row array (the split encoder/decoder timings may be absent)."""
+    return None if a is None else a[ix]
+
+
 def _z(level: float) -> float:
     """Two-sided standard-normal quantile for a central interval of `level`."""
     # Acklam-free: bisection on erf is plenty for a handful of calls.
@@ -337,8 +342,7 @@ class AnalyticPredictor(Predictor):
             oof = np.zeros((len(grid), n))
             for fold in np.array_split(perm, k):
                 rest = np.setdiff1d(np.arange(n), fold)
-                sub = lambda a: None if a is None else a[rest]  # noqa: E731
-                m = self._fit_base(TE[rest], TD[rest], y[rest], sub(enc), sub(dec))
+                m = self._fit_base(TE[rest], TD[rest], y[rest], _rows(enc, rest), _rows(dec, rest))
                 base_rest = self._base(m, TE[rest], TD[rest])
                 base_fold = self._base(m, TE[fold], TD[fold])
                 if max(grid) > 0:
@@ -383,8 +387,7 @@ class AnalyticPredictor(Predictor):
         self.boot = []
         for _ in range(self.bootstrap):
             ix = rng.integers(0, n, n)
-            sub = lambda a: None if a is None else a[ix]  # noqa: E731
-            self.boot.append(self._fit_base(TE[ix], TD[ix], y[ix], sub(enc), sub(dec)))
+            self.boot.append(self._fit_base(TE[ix], TD[ix], y[ix], _rows(enc, ix), _rows(dec, ix)))
 
     def _fit_correction(self, Z: np.ndarray, target: np.ndarray, rounds: int) -> Boosted:
         min_leaf = max(8, len(target) // 25)

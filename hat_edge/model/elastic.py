@@ -6,72 +6,22 @@ with that slice, and `copy_to(plain)` / `to_static()` copy the slice into a plai
 for the standalone SubTransformer. Training and search use the elastic form; export and
 measurement use the plain form.
 
-The small functions at the top (`sinusoid_table`, `attend`, `MASK_VALUE`) are the math both forms
-share, so the SuperTransformer and the SubTransformer compute exactly the same thing.
+The math both forms share (`attend`, `split_heads`, `merge_heads`, ...) is in `functional.py`, so
+the SuperTransformer and the SubTransformer compute exactly the same thing. The plain forms are
+torch's and `sub.Attention`, so this module sits above `sub` (order: functional, config < sub <
+elastic < super).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Additive attention mask value. Finite on purpose: -inf turns into NaN when a row is fully masked
-# and breaks int8/ONNX graphs. exp(-1e4) underflows to exactly 0 in fp32 (so masked keys get weight
-# 0, as with -inf), and -1e4 is representable in fp16/bf16, so half-precision exports stay finite.
-MASK_VALUE = -1.0e4
-
-
-# ------------------------------------------------------------------------------------------------
-# shared math
-# ------------------------------------------------------------------------------------------------
-def sinusoid_table(num_positions: int, dim: int) -> Tensor:
-    """fairseq's sinusoidal positions (num_positions, dim): sin of all frequencies, then cos.
-
-    HAT builds this table at the SuperTransformer's width and a SubTransformer uses its leading
-    `dim_active` columns, so a smaller arch sees the super table's first columns, not a table
-    built at its own width. Callers slice; this only builds.
-    """
-    half = dim // 2
-    # fairseq divides by (half - 1); guard the degenerate half == 1
-    step = math.log(10000.0) / max(half - 1, 1)
-    freq = torch.exp(torch.arange(half, dtype=torch.float32) * -step)  # (half,)
-    ang = torch.arange(num_positions, dtype=torch.float32)[:, None] * freq[None, :]  # (P, half)
-    table = torch.cat([torch.sin(ang), torch.cos(ang)], dim=1)  # (P, 2*half)
-    if dim % 2:
-        table = torch.cat([table, torch.zeros(num_positions, 1)], dim=1)
-    return table
-
-
-def attend(
-    q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], head_dim: int, dropout_p: float, training: bool
-) -> Tensor:
-    """Scaled dot-product attention on split heads.
-
-    q (B, H, T, hd), k/v (B, H, S, hd), bias additive, broadcastable to (B, H, T, S) or None.
-    Returns (B, H, T, hd). Written out (no fused kernel) so every backend and exporter sees the
-    same plain MatMul/Softmax graph. The scale is a Python float computed from the static head
-    dim, never from a traced shape (a traced `size ** -0.5` is integer arithmetic: 0).
-    """
-    w = torch.matmul(q * (head_dim**-0.5), k.transpose(-2, -1))  # (B, H, T, S)
-    if bias is not None:
-        w = w + bias
-    w = torch.softmax(w, dim=-1)
-    w = F.dropout(w, p=dropout_p, training=training)
-    return torch.matmul(w, v)  # (B, H, T, hd)
-
-
-def split_heads(x: Tensor, heads: int) -> Tensor:
-    """(B, T, heads*hd) -> (B, heads, T, hd)."""
-    return x.view(x.size(0), x.size(1), heads, -1).transpose(1, 2)
-
-
-def merge_heads(x: Tensor) -> Tensor:
-    """(B, H, T, hd) -> (B, T, H*hd)."""
-    return x.transpose(1, 2).reshape(x.size(0), x.size(2), -1)
+from hat_edge.model.functional import attend, merge_heads, split_heads
+from hat_edge.model.sub import Attention
 
 
 # ------------------------------------------------------------------------------------------------
@@ -238,9 +188,7 @@ class ElasticAttention(nn.Module):
             getattr(self, name).copy_to(getattr(plain, name))
         return plain
 
-    def to_static(self) -> nn.Module:
-        from hat_edge.model.sub import Attention  # the plain form; imported late (no cycle)
-
+    def to_static(self) -> Attention:
         w = self.q_proj.weight
         plain = Attention(self.q_proj.active_in, self.k_proj.active_in, self.qkv_dim, self.heads,
                           self.dropout).to(device=w.device, dtype=w.dtype)
@@ -251,11 +199,6 @@ class ElasticAttention(nn.Module):
 
 
 __all__ = [
-    "MASK_VALUE",
-    "sinusoid_table",
-    "attend",
-    "split_heads",
-    "merge_heads",
     "ElasticLinear",
     "ElasticLayerNorm",
     "ElasticEmbedding",

@@ -38,17 +38,27 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hat_edge.model.elastic import MASK_VALUE, attend, merge_heads, sinusoid_table, split_heads
+from hat_edge.model.config import ModelConfig
+from hat_edge.model.functional import (
+    MASK_VALUE,
+    attend,
+    causal_bias,
+    ende_memory,
+    merge_heads,
+    next_token_log_probs,
+    padding_bias,
+    repeat_bias,
+    repeat_rows,
+    sinusoid_table,
+    split_heads,
+)
 from hat_edge.space import Arch
-
-if TYPE_CHECKING:  # ModelConfig lives with the SuperTransformer, which imports this module
-    from hat_edge.model.super import ModelConfig
 
 
 # ------------------------------------------------------------------------------------------------
@@ -139,30 +149,6 @@ class DecoderLayer(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------
-# shared small helpers (the SuperTransformer uses them too)
-# ------------------------------------------------------------------------------------------------
-def padding_bias(tokens: Tensor, pad_id: int) -> Tensor:
-    """(B, S) float32: 0 for tokens, MASK_VALUE for pad."""
-    return tokens.eq(pad_id).to(torch.float32) * MASK_VALUE
-
-
-def causal_bias(t: int, device: torch.device) -> Tensor:
-    """(T, T): MASK_VALUE above the diagonal (a position never sees later ones)."""
-    return torch.triu(torch.full((t, t), MASK_VALUE, device=device), diagonal=1)
-
-
-def ende_memory(outs: list[Tensor], n: int) -> Tensor:
-    """The last n encoder layer outputs (B, S, E) concatenated along the sequence, last first."""
-    return torch.cat([outs[-1 - j] for j in range(n)], dim=1) if n > 1 else outs[-1]
-
-
-def repeat_bias(src_bias: Tensor, n: int) -> Tensor:
-    """(B, S) -> (B, 1, 1, S*n), matching `ende_memory`'s concatenation."""
-    b = torch.cat([src_bias] * n, dim=1) if n > 1 else src_bias
-    return b[:, None, None, :]
-
-
-# ------------------------------------------------------------------------------------------------
 # cache description for exporters
 # ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -223,7 +209,7 @@ class SubTransformer(nn.Module):
     scaling (dropout * active / super). None: the arch's own widths (a standalone model).
     """
 
-    def __init__(self, arch: Arch, cfg: "ModelConfig", super_dims: Optional[tuple[int, int]] = None) -> None:
+    def __init__(self, arch: Arch, cfg: ModelConfig, super_dims: Optional[tuple[int, int]] = None) -> None:
         super().__init__()
         self.arch, self.cfg = arch, cfg
         e, d = arch.encoder_embed_dim, arch.decoder_embed_dim
@@ -287,8 +273,6 @@ class SubTransformer(nn.Module):
     @classmethod
     def random(cls, arch: Arch, vocab_size: int, seed: int = 0, **cfg_fields: Any) -> "SubTransformer":
         """Random weights for any dims (e.g. Transformer-Base/Big); the global RNG is untouched."""
-        from hat_edge.model.super import ModelConfig
-
         cfg = ModelConfig(vocab_size=vocab_size, **cfg_fields)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -386,16 +370,6 @@ class SubTransformer(nn.Module):
         return tuple(out)
 
 
-def next_token_log_probs(logits: Tensor, pad_penalty: Tensor) -> Tensor:
-    """Log-softmax over the vocabulary (float32) with pad pushed down; logits (N, V)."""
-    return torch.log_softmax(logits.float(), dim=-1) + pad_penalty
-
-
-def repeat_rows(tensors: tuple[Tensor, ...], times: int) -> tuple[Tensor, ...]:
-    """Each row `times` times in a row (row = sentence * times + k): encode outputs -> beam rows."""
-    if times == 1:
-        return tuple(tensors)
-    return tuple(t.repeat_interleave(times, dim=0) for t in tensors)
-
-
+# next_token_log_probs and repeat_rows live in functional.py; re-exported here because decode.py
+# and the tests import them from this module
 __all__ = ["SubTransformer", "CacheSpec", "CacheTensor", "Attention", "next_token_log_probs", "repeat_rows"]
