@@ -261,8 +261,8 @@ class Transport(ABC):
         self.run([self.python, "-c", _KILL_SCRIPT, str(pid), marker], timeout=30)
 
     # ---- lifecycle ----
-    def close(self) -> None:
-        pass
+    def close(self) -> None:  # noqa: B027 (optional hook: a local transport holds nothing to release)
+        """Release the connection."""
 
     def __enter__(self) -> "Transport":
         return self

@@ -557,12 +557,12 @@ def evolution_search(
         parent_archs = [c.arch for c in parents]
         taken = set(parent_archs)
         muts = run.draw_feasible(
-            lambda: space.mutate(rng.choice(parent_archs), rng, s.mutation_prob),
+            lambda parents=parent_archs: space.mutate(rng.choice(parents), rng, s.mutation_prob),
             s.mutations, taken, max_tries=100 * max(s.mutations, 1),
         )
         taken.update(muts)
         cross = run.draw_feasible(
-            lambda: space.crossover(rng.choice(parent_archs), rng.choice(parent_archs), rng),
+            lambda parents=parent_archs: space.crossover(rng.choice(parents), rng.choice(parents), rng),
             s.crossovers, taken, max_tries=100 * max(s.crossovers, 1),
         )
         pop = run.evaluate(parent_archs + muts + cross)
