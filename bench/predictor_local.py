@@ -174,9 +174,7 @@ def measure_phase(args: argparse.Namespace, profile: DeviceProfile, archs: list[
 
 
 def _settings(profile: DeviceProfile) -> dict[str, Any]:
-    from hat_edge.devices.measure import store_settings
-
-    return store_settings(profile)
+    return profile.measure_spec().identity()
 
 
 def _stat_rows(recs: list[LatencyRecord], stat: Callable[[np.ndarray], float]):

@@ -313,7 +313,7 @@ def _distinct_rows(store) -> tuple[int, int]:
 
 
 def test_measure_local_stores_and_skips_stored(tmp_path: Path, demo_archs, export_cache) -> None:
-    from hat_edge.devices.measure import measure_archs, store_settings
+    from hat_edge.devices.measure import measure_archs
     from hat_edge.latency.store import LatencyStore
 
     p = _local_profile(tmp_path)
@@ -323,7 +323,7 @@ def test_measure_local_stores_and_skips_stored(tmp_path: Path, demo_archs, expor
                          keep_exports=True, on_record=seen.append)
     assert [r.arch for r in recs] == demo_archs[:3] and len(seen) == 3
     for r in recs:
-        assert r.device == "local-test" and r.runtime == "onnxruntime" and r.settings == store_settings(p)
+        assert r.device == "local-test" and r.runtime == "onnxruntime" and r.settings == p.measure_spec().identity()
         assert len(r.runs) >= 3 and r.median_ms > 0 and r.p90_ms >= r.median_ms * 0.5
         assert r.encoder_ms is not None and r.decoder_ms is not None
         assert r.features == tuple(r.arch.features())
@@ -471,17 +471,17 @@ def test_cancel_stops_the_runner_and_keeps_what_is_stored(tmp_path: Path, demo_a
 
 
 def test_result_line_of_unknown_version_is_refused(tmp_path: Path, demo_archs) -> None:
-    from hat_edge.devices.measure import record_from_result, store_settings
+    from hat_edge.devices.measure import record_from_result
     from hat_edge.errors import UserError
 
     p = _local_profile(tmp_path)
     line = {"version": 1, "id": "m0", "runs": [{"encoder_ms": 1.0, "decode_ms": 9.0, "total_ms": 10.0}],
             "median_ms": 10.0, "mean_10_90_ms": 10.0, "p90_ms": 10.0, "iqr_ms": 0.0, "cv": 0.0,
             "encoder_median_ms": 1.0, "decoder_median_ms": 9.0, "env": {"cores": 2}, "warmup": 5}
-    rec = record_from_result(p, demo_archs[0], line, store_settings(p))
+    rec = record_from_result(p, demo_archs[0], line, p.measure_spec().identity())
     assert rec.median_ms == 10.0 and rec.total_runs_ms == [10.0] and rec.env["measurement"]["warmup"] == 5
     with pytest.raises(UserError, match="runner result version 2 is not supported"):
-        record_from_result(p, demo_archs[0], {**line, "version": 2}, store_settings(p))
+        record_from_result(p, demo_archs[0], {**line, "version": 2}, p.measure_spec().identity())
 
 
 def test_runner_that_cannot_start_is_one_clear_error(tmp_path: Path, demo_archs, export_cache) -> None:

@@ -546,7 +546,7 @@ def measure_archs(
     Exports are cached in `cache_dir` (default `default_cache_dir()`) and deleted once stored,
     unless `keep_exports`. `on_record` is called after each commit (in the worker's thread).
     """
-    settings = store_settings(profile, quantize)
+    settings = profile.measure_spec(quantize).identity()
     unique = list(dict.fromkeys(archs))
     have: dict[str, LatencyRecord] = {}
     todo: list[Arch] = []
@@ -599,7 +599,7 @@ def measure_anchored(
     the drift factor, 1.0 when nothing was measured). `kw` goes to `measure_archs`."""
     from dataclasses import replace as _replace
 
-    settings = store_settings(profile, kw.get("quantize"))
+    settings = profile.measure_spec(kw.get("quantize")).identity()
     unique = list(dict.fromkeys(archs))
     have = {a: store.get(profile.name, a, profile.runtime, settings) for a in unique}
     todo = [a for a in unique if have[a] is None]
@@ -642,7 +642,7 @@ def measure_side_by_side(
     record per arch (stored or new), in input order; read `corrected_ms`."""
     if group < anchors + 1:
         raise UserError(f"--group must be at least {anchors + 1} (the {anchors} anchors and one arch), got {group}")
-    settings = store_settings(profile, kw.get("quantize"))
+    settings = profile.measure_spec(kw.get("quantize")).identity()
     unique = list(dict.fromkeys(archs))
     todo = [a for a in unique if not store.has(profile.name, a, profile.runtime, settings)]
     stored = [r for r in store.records(device=profile.name, runtime=profile.runtime, settings=settings)
