@@ -70,11 +70,11 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(1)
 
+    from hat_edge.app.mainjob import make_fitness, prepare_profile
     from hat_edge.checkpoint import load_checkpoint
     from hat_edge.devices.measure import device_env
     from hat_edge.devices.profiles import load_profile
     from hat_edge.latency.store import LatencyStore
-    from hat_edge.search.mainjob import make_fitness, prepare_profile
 
     t_all = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="hat-edge-bench-search-"))

@@ -105,9 +105,9 @@ def search_cmd(checkpoint: str, budget_ms: float | None, predictor_path: str | N
       hat-edge search --budget 60 --profile local-cpu --out winner.yml
       hat-edge search --pareto --predictor pi4.json --iterations 10 --json
     """
+    from hat_edge.app.mainjob import make_fitness, set_host_threads
     from hat_edge.checkpoint import load_checkpoint
     from hat_edge.search.evolution import Constraints, check_constraints, estimate_memory_mb, evolution_search
-    from hat_edge.search.mainjob import make_fitness, set_host_threads
 
     settings = _evolution(evo)
     set_host_threads(threads)
@@ -223,13 +223,13 @@ def loop_cmd(profile_name: str, budget_ms: float, checkpoint: str, rounds: int, 
       hat-edge loop --profile local-cpu --budget 60 --small
       hat-edge loop --profile raspberrypi4 --budget 900 --rounds 3 --json > winner.json
     """
+    from hat_edge.app.mainjob import make_fitness, prepare_profile, set_host_threads
     from hat_edge.checkpoint import load_checkpoint
     from hat_edge.devices.measure import device_env
     from hat_edge.devices.profiles import load_profile
     from hat_edge.latency.store import DEFAULT_STORE_PATH, LatencyStore
     from hat_edge.search.evolution import EvolutionSettings
     from hat_edge.search.loop import LoopSettings, ProfileDevice, run_loop
-    from hat_edge.search.mainjob import make_fitness, prepare_profile, set_host_threads
 
     settings = _evolution(evo)
     set_host_threads(threads)
@@ -300,8 +300,8 @@ def deploy_cmd(profile_name: str, arch_file: str | None, checkpoint: str | None,
       hat-edge deploy --profile local-cpu winner.yml --checkpoint demo
       hat-edge deploy --profile raspberrypi4 --bundle hat-edge-deploy/pi4-1a2b3c --json
     """
+    from hat_edge.app.deploy import deploy, render_deploy
     from hat_edge.devices.profiles import load_profile
-    from hat_edge.search.deploy import deploy, render_deploy
 
     if arch_file and bundle_dir:
         raise UserError("give ARCH_FILE (with --checkpoint) or --bundle DIR, not both")
@@ -314,8 +314,8 @@ def deploy_cmd(profile_name: str, arch_file: str | None, checkpoint: str | None,
     refs = None
     sents = list(sentences)
     if arch_file:
+        from hat_edge.app.mainjob import prepare_profile
         from hat_edge.checkpoint import load_checkpoint
-        from hat_edge.search.mainjob import prepare_profile
         from hat_edge.space import load_arch
 
         ckpt = load_checkpoint(checkpoint)  # type: ignore[arg-type]
@@ -390,8 +390,8 @@ def run_cmd(profile_name: str, checkpoint: str, budget_ms: float | None, budget_
       hat-edge run --budget 50 --out run-50ms
       hat-edge run --profile raspberrypi4 --checkpoint wmt.pt --search-size hat
     """
+    from hat_edge.app.mainjob import RunSettings, render_summary, run_main_job
     from hat_edge.search.evolution import EvolutionSettings
-    from hat_edge.search.mainjob import RunSettings, render_summary, run_main_job
 
     if budget_ms is not None and budget_ms <= 0:
         raise UserError(f"--budget must be a positive number of milliseconds, got {budget_ms}")

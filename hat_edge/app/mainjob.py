@@ -120,13 +120,13 @@ def run_main_job(
     command: str = "hat-edge run",
 ) -> tuple[dict[str, Any], LoopResult, SearchResult | None]:
     """Run the whole job; returns (summary, loop result, random-search result). Writes the report."""
+    from hat_edge.app.deploy import deploy
+    from hat_edge.app.report import write_report
     from hat_edge.checkpoint import load_checkpoint
     from hat_edge.devices.measure import device_env
     from hat_edge.devices.profiles import load_profile
     from hat_edge.evaluate import bleu, load_split
     from hat_edge.latency.store import LatencyStore
-    from hat_edge.search.deploy import deploy
-    from hat_edge.search.report import write_report
 
     say = log or (lambda m: print(m, file=sys.stderr))
     t0 = time.perf_counter()
