@@ -23,12 +23,17 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from hat_edge.errors import UserError
 from hat_edge.space import Arch
+
+if TYPE_CHECKING:
+    from hat_edge.checkpoint import Checkpoint
+    from hat_edge.devices.profiles import DeviceProfile
+    from hat_edge.devices.transport import Result, Transport
 
 DEPLOY_FORMAT = "hat-edge-deploy"
 DEPLOY_VERSION = 1
@@ -67,6 +72,24 @@ class DeployResult:
         return self.files_total - self.files_sent
 
     @property
+    def median_ms(self) -> float | None:
+        """The benchmark's median latency on the device (None without a benchmark)."""
+        return self.bench.get("median_ms")
+
+    @property
+    def p90_ms(self) -> float | None:
+        return self.bench.get("p90_ms")
+
+    @property
+    def cv(self) -> float | None:
+        return self.bench.get("cv")
+
+    @property
+    def quantize(self) -> str | None:
+        """The precision when not fp32 (e.g. "int8"), else None."""
+        return None if self.precision == "fp32" else self.precision
+
+    @property
     def ok(self) -> bool:
         host_ok = self.host_verify is None or bool(self.host_verify.get("passed", True))
         return self.hashes_ok and self.parity and host_ok
@@ -80,7 +103,7 @@ class DeployResult:
             "remote_dir": self.remote_dir,
             "runtime": self.runtime,
             "precision": self.precision,
-            "quantize": None if self.precision == "fp32" else self.precision,
+            "quantize": self.quantize,
             "arch": self.arch.to_dict(),
             "params": self.arch.params(),
             "files_total": self.files_total,
@@ -91,9 +114,9 @@ class DeployResult:
             "ok": self.ok,
             "host_verify": dict(self.host_verify) if self.host_verify is not None else None,
             "translations": [asdict(t) for t in self.translations],
-            "median_ms": self.bench.get("median_ms"),
-            "p90_ms": self.bench.get("p90_ms"),
-            "cv": self.bench.get("cv"),
+            "median_ms": self.median_ms,
+            "p90_ms": self.p90_ms,
+            "cv": self.cv,
             "bench": dict(self.bench),
             "env": dict(self.env),
             "timings_ms": dict(self.timings_ms),
@@ -116,7 +139,7 @@ def _remote_name(manifest: Mapping[str, Any]) -> str:
     return f"{hashlib.sha256(key.encode()).hexdigest()[:16]}-{manifest['runtime']}-{manifest.get('precision', 'fp32')}"
 
 
-def _runner_json(res: Any, what: str) -> dict[str, Any]:
+def _runner_json(res: Result, what: str) -> dict[str, Any]:
     from hat_edge.devices.transport import TransportError
 
     if res.returncode != 0:
@@ -129,11 +152,11 @@ def _runner_json(res: Any, what: str) -> dict[str, Any]:
 
 
 def deploy(
-    profile: Any,
+    profile: DeviceProfile,
     *,
     bundle: str | Path | None = None,
     arch: Arch | None = None,
-    checkpoint: Any = None,
+    checkpoint: Checkpoint | str | None = None,
     out_dir: str | Path | None = None,
     quantize: str | None = None,
     sentences: Sequence[str] | None = None,
@@ -284,7 +307,7 @@ def deploy(
     )
 
 
-def _benchmark(tr: Any, runner: str, profile: Any, remote_dir: str) -> dict[str, Any]:
+def _benchmark(tr: Transport, runner: str, profile: DeviceProfile, remote_dir: str) -> dict[str, Any]:
     """One runner job with the deployed bundle; returns the result line's statistics."""
     from hat_edge.devices.measure import JOB_FORMAT, JOB_VERSION
     from hat_edge.devices.transport import TransportError

@@ -23,10 +23,18 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from hat_edge.app.results import (
+    LargestSummary,
+    PredictorError,
+    RandomComparison,
+    RunSummary,
+    SideBySide,
+    WinnerSummary,
+)
 from hat_edge.errors import UserError
 from hat_edge.search.evolution import CachedFitness, Constraints, EvolutionSettings, SearchResult, random_search
 from hat_edge.search.loop import (
@@ -38,6 +46,10 @@ from hat_edge.search.loop import (
     measure_initial,
     run_loop,
 )
+
+if TYPE_CHECKING:
+    from hat_edge.checkpoint import Checkpoint
+    from hat_edge.devices.profiles import DeviceProfile
 
 
 @dataclass(frozen=True)
@@ -78,7 +90,7 @@ class RunSettings:
 FITNESS_MAX_TOKENS = 1000
 
 
-def make_fitness(ckpt: Any, sentences: int) -> CachedFitness:
+def make_fitness(ckpt: Checkpoint, sentences: int) -> CachedFitness:
     """The search's fitness: validation loss of an arch inside the checkpoint's SuperTransformer."""
     from hat_edge.evaluate import ValidLoss
 
@@ -96,13 +108,13 @@ def set_host_threads(threads: int | None) -> None:
         torch.set_num_threads(int(threads))
 
 
-def prepare_profile(profile: Any, vocab_size: int | None, min_time_s: float | None = None,
-                    min_repeats: int | None = None) -> Any:
+def prepare_profile(profile: DeviceProfile, vocab_size: int | None, min_time_s: float | None = None,
+                    min_repeats: int | None = None) -> DeviceProfile:
     """The profile with measurement settings matched to the model that will be deployed: the
     output projection and softmax grow with the vocabulary, so measurements of random-weight
     models use the checkpoint's vocabulary size, not the profile's default."""
     m = profile.measurement
-    kw: dict[str, Any] = {}
+    kw: dict[str, int | float] = {}
     if vocab_size is not None and m.vocab_size != vocab_size:
         kw["vocab_size"] = int(vocab_size)
     if min_time_s is not None:
@@ -118,7 +130,7 @@ def run_main_job(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     command: str = "hat-edge run",
-) -> tuple[dict[str, Any], LoopResult, SearchResult | None]:
+) -> tuple[RunSummary, LoopResult, SearchResult | None]:
     """Run the whole job; returns (summary, loop result, random-search result). Writes the report."""
     from hat_edge.app.deploy import deploy
     from hat_edge.app.report import write_report
@@ -214,11 +226,11 @@ def run_main_job(
     pair = {r.arch: r.median_ms for r in measure_archs(
         profile, [w.arch, largest], _Scratch(":memory:"), progress=False, interleave=True,
         trust_new_host=s.trust_new_host, quantize=s.quantize)} if w.arch != largest else {}
-    side = ({"winner_ms": pair[w.arch], "largest_ms": pair[largest], "speedup": pair[largest] / pair[w.arch]}
+    side = (SideBySide(winner_ms=pair[w.arch], largest_ms=pair[largest], speedup=pair[largest] / pair[w.arch])
             if len(pair) == 2 else None)
     if side:
-        say(f"      side by side: winner {side['winner_ms']:.2f} ms, largest {side['largest_ms']:.2f} ms "
-            f"-> {side['speedup']:.2f}x")
+        say(f"      side by side: winner {side.winner_ms:.2f} ms, largest {side.largest_ms:.2f} ms "
+            f"-> {side.speedup:.2f}x")
     t = lap("side_by_side_s", t)
 
     # 7. loss and BLEU: the winner and the largest SubTransformer
@@ -230,119 +242,121 @@ def run_main_job(
 
     largest_ms = loop.measured.get(largest)
     cand_err = [abs(c.error()) * 100 for c in loop.candidates() if c.new]
-    summary: dict[str, Any] = {
-        "device": profile.name,
-        "device_desc": profile.description,
-        "checkpoint": s.checkpoint,
-        "space": space.name,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": command,
-        "budget_ms": budget,
-        "budget_source": budget_source,
-        "tolerance": s.tolerance,
-        "met": loop.met,
-        "measured_range_ms": [init_ms[0], init_ms[-1]],
-        "winner": {
-            "arch": w.arch.to_dict(),
-            "describe": w.arch.describe(),
-            "predicted_latency_ms": w.predicted_ms,
-            "predicted_lo_ms": w.predicted_lo_ms,
-            "predicted_hi_ms": w.predicted_hi_ms,
-            "measured_latency_ms": w.measured_ms,
-            "deployed_latency_ms": dep.bench.get("median_ms"),
-            "loss": w.loss,
-            "found_in": f"round {w.round}" if w.round else "earlier measurements",
-            "bleu": b_w.bleu,
-            "params": w.arch.params(),
-        },
-        "largest": {
-            "arch": largest.to_dict(),
-            "measured_latency_ms": largest_ms,
-            "loss": fit(largest),
-            "bleu": b_l.bleu,
-            "params": largest.params(),
-        },
-        "speedup": side["speedup"] if side else ((largest_ms / w.measured_ms) if largest_ms else None),
-        "side_by_side": side,
-        "bleu_sentences": len(bleu_corpus),
-        "bleu_beam": s.bleu_beam,
-        "initial_measurements": len(init),
-        "device_measurements": n_new + loop.device_measurements,
-        "fitness_evaluations": fit.calls,
-        "rounds": [r.to_dict() for r in loop.rounds],
-        "predictor_error": {
-            "mape": float(np.mean(cand_err)) if cand_err else None,
-            "within_10": float(np.mean([e <= 10 for e in cand_err]) * 100) if cand_err else None,
-            "n": len(cand_err),
-        },
-        "random_search": None if rnd is None else {
-            "evaluations": rnd.evaluations,
-            "best_loss": rnd.best.loss,
-            "evolution_best_loss": loop.last_search.best.loss,
-        },
-        "deploy": dep.to_dict(),
-        "translations": [
-            {"source": tr.source, "reference": tr.reference, "hypothesis": tr.device} for tr in dep.translations
-        ],
-        "device_env": dict(env),
-        "store": str(store.path),
-        "timings_s": times,
-    }
-    summary["wall_s"] = round(time.perf_counter() - t0, 1)
-    refs = {"largest": (largest_ms, summary["largest"]["loss"])} if largest_ms else {}
+    created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    winner = WinnerSummary(
+        arch=w.arch,
+        predicted_latency_ms=w.predicted_ms,
+        predicted_lo_ms=w.predicted_lo_ms,
+        predicted_hi_ms=w.predicted_hi_ms,
+        measured_latency_ms=w.measured_ms,
+        deployed_latency_ms=dep.median_ms,
+        loss=w.loss,
+        found_in=f"round {w.round}" if w.round else "earlier measurements",
+        bleu=b_w.bleu,
+    )
+    big = LargestSummary(arch=largest, measured_latency_ms=largest_ms, loss=fit(largest), bleu=b_l.bleu)
+    summary = RunSummary(
+        device=profile.name,
+        device_desc=profile.description,
+        checkpoint=s.checkpoint,
+        space=space.name,
+        created_at=created_at,
+        command=command,
+        budget_ms=budget,
+        budget_source=budget_source,
+        tolerance=s.tolerance,
+        met=loop.met,
+        measured_range_ms=(init_ms[0], init_ms[-1]),
+        winner=winner,
+        largest=big,
+        speedup=side.speedup if side else ((largest_ms / w.measured_ms) if largest_ms else None),
+        side_by_side=side,
+        bleu_sentences=len(bleu_corpus),
+        bleu_beam=s.bleu_beam,
+        initial_measurements=len(init),
+        device_measurements=n_new + loop.device_measurements,
+        fitness_evaluations=fit.calls,  # after the largest's loss: it counts
+        rounds=loop.rounds,
+        predictor_error=PredictorError(
+            mape=float(np.mean(cand_err)) if cand_err else None,
+            within_10=float(np.mean([e <= 10 for e in cand_err]) * 100) if cand_err else None,
+            n=len(cand_err),
+        ),
+        random_search=None if rnd is None else RandomComparison(
+            evaluations=rnd.evaluations,
+            best_loss=rnd.best.loss,
+            evolution_best_loss=loop.last_search.best.loss,
+        ),
+        deploy=dep,
+        device_env=dict(env),
+        store=str(store.path),
+        timings_s=times,
+        wall_s=round(time.perf_counter() - t0, 1),
+    )
+    refs = {"largest": (largest_ms, big.loss)} if largest_ms else {}
     files = write_report(out, summary, loop, random=rnd, references=refs)
-    summary["report"] = [str(f) for f in files]
-    summary["wall_s"] = round(time.perf_counter() - t0, 1)
+    summary = dataclasses.replace(summary, report=tuple(str(f) for f in files),
+                                  wall_s=round(time.perf_counter() - t0, 1))
     store.close()
     return summary, loop, rnd
 
 
-def render_summary(s: dict[str, Any]) -> str:
+def render_summary(s: RunSummary) -> str:
     """The job's result as a short human table."""
-    w, L, d = s["winner"], s["largest"], s["deploy"]
+    w, L, d = s.winner, s.largest, s.deploy
+    side = s.side_by_side
     f = lambda x, nd=2: "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{nd}f}"  # noqa: E731
     lines = [
-        f"hat-edge run: {s['device']}, checkpoint {s['checkpoint']} (space {s['space']}), {s['wall_s']:.0f} s",
-        f"  budget                {f(s['budget_ms'], 1)} ms ({s['budget_source']})",
-        f"  winner latency        predicted {f(w['predicted_latency_ms'])} ms "
-        f"[{f(w['predicted_lo_ms'])}, {f(w['predicted_hi_ms'])}], measured {f(w['measured_latency_ms'])} ms "
-        f"-> {'within budget' if s['met'] else 'BUDGET NOT MET'}",
-        f"  deployed              median {f(d.get('median_ms'))} ms, p90 {f(d.get('p90_ms'))} ms "
-        f"(hashes {'ok' if d['hashes_ok'] else 'BAD'}, device = host: {'yes' if d['parity'] else 'NO'}, "
-        f"{d['files_sent']} file(s) sent)",
-        f"  loss / BLEU           {f(w['loss'], 3)} / {f(w['bleu'], 1)}   "
-        f"(largest: {f(L['loss'], 3)} / {f(L['bleu'], 1)})",
-        f"  params                {w['params'] / 1e6:.2f} M (largest {L['params'] / 1e6:.2f} M)",
-        f"  speed-up vs largest   {f(s['speedup'])}x "
-        + (f"(side by side: {f(s['side_by_side']['winner_ms'])} vs {f(s['side_by_side']['largest_ms'])} ms)"
-           if s.get("side_by_side") else f"(largest measured {f(L['measured_latency_ms'])} ms)"),
-        f"  loop                  {len(s['rounds'])} round(s), {s['device_measurements']} models measured, "
-        f"{s['fitness_evaluations']} fitness evaluations",
+        f"hat-edge run: {s.device}, checkpoint {s.checkpoint} (space {s.space}), {s.wall_s:.0f} s",
+        f"  budget                {f(s.budget_ms, 1)} ms ({s.budget_source})",
+        f"  winner latency        predicted {f(w.predicted_latency_ms)} ms "
+        f"[{f(w.predicted_lo_ms)}, {f(w.predicted_hi_ms)}], measured {f(w.measured_latency_ms)} ms "
+        f"-> {'within budget' if s.met else 'BUDGET NOT MET'}",
+        f"  deployed              median {f(d.median_ms)} ms, p90 {f(d.p90_ms)} ms "
+        f"(hashes {'ok' if d.hashes_ok else 'BAD'}, device = host: {'yes' if d.parity else 'NO'}, "
+        f"{d.files_sent} file(s) sent)",
+        f"  loss / BLEU           {f(w.loss, 3)} / {f(w.bleu, 1)}   "
+        f"(largest: {f(L.loss, 3)} / {f(L.bleu, 1)})",
+        f"  params                {w.params / 1e6:.2f} M (largest {L.params / 1e6:.2f} M)",
+        f"  speed-up vs largest   {f(s.speedup)}x "
+        + (f"(side by side: {f(side.winner_ms)} vs {f(side.largest_ms)} ms)"
+           if side else f"(largest measured {f(L.measured_latency_ms)} ms)"),
+        f"  loop                  {len(s.rounds)} round(s), {s.device_measurements} models measured, "
+        f"{s.fitness_evaluations} fitness evaluations",
     ]
-    dep_ms, loop_ms = d.get("median_ms"), w.get("measured_latency_ms")
+    dep_ms, loop_ms = d.median_ms, w.measured_latency_ms
     if dep_ms and loop_ms and abs(dep_ms / loop_ms - 1) > 0.10:
         lines.append(
             f"  note                  the deployed benchmark is {100 * (dep_ms / loop_ms - 1):+.0f}% off the loop's "
             f"measurement of the same arch: this device's speed drifts between measurements"
-            + (f" (side by side just after: {f(s['side_by_side']['winner_ms'])} ms)" if s.get("side_by_side") else "")
+            + (f" (side by side just after: {f(side.winner_ms)} ms)" if side else "")
         )
-    rnd = s.get("random_search")
+    rnd = s.random_search
     if rnd:
         lines.append(
-            f"  vs random search      best loss {f(rnd['evolution_best_loss'], 3)} (evolution) vs "
-            f"{f(rnd['best_loss'], 3)} (random), {rnd['evaluations']} evaluations each"
+            f"  vs random search      best loss {f(rnd.evolution_best_loss, 3)} (evolution) vs "
+            f"{f(rnd.best_loss, 3)} (random), {rnd.evaluations} evaluations each"
         )
-    if s.get("translations"):
+    if s.translations:
         lines.append("  translations (winner, on the device):")
-        for t in s["translations"]:
-            lines.append(f"    EN  {t['source']}")
-            lines.append(f"    DE  {t['hypothesis']}")
-            if t.get("reference"):
-                lines.append(f"    ref {t['reference']}")
-    rep = [p for p in s.get("report", []) if p.endswith(".md")]
+        for t in s.translations:
+            lines.append(f"    EN  {t.source}")
+            lines.append(f"    DE  {t.device}")
+            if t.reference:
+                lines.append(f"    ref {t.reference}")
+    rep = [p for p in s.report if p.endswith(".md")]
     if rep:
         lines.append(f"  report                {rep[0]} (+ plots)")
     return "\n".join(lines)
 
 
-__all__ = ["FITNESS_MAX_TOKENS", "RunSettings", "make_fitness", "prepare_profile", "set_host_threads", "render_summary", "run_main_job"]
+__all__ = [
+    "FITNESS_MAX_TOKENS",
+    "RunSettings",
+    "RunSummary",
+    "make_fitness",
+    "prepare_profile",
+    "render_summary",
+    "run_main_job",
+    "set_host_threads",
+]

@@ -406,10 +406,10 @@ def run_cmd(profile_name: str, checkpoint: str, budget_ms: float | None, budget_
     argv = " ".join(sys.argv[1:]) if sys.argv and "hat-edge" in Path(sys.argv[0]).name else "run"
     summary, _, _ = run_main_job(s, progress=not no_progress, log=_log, command=f"hat-edge {argv}")
     if as_json:
-        click.echo(json.dumps(summary, default=str))
+        click.echo(json.dumps(summary.to_dict(), default=str))
     else:
         click.echo(render_summary(summary))
-    if not summary["met"]:
+    if not summary.met:
         sys.exit(1)
 
 
