@@ -200,6 +200,7 @@ def deploy(
     if arch is not None:
         from hat_edge.checkpoint import Checkpoint, load_checkpoint
 
+        assert checkpoint is not None  # refused above
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
         ckpt.space.validate(arch, "ARCH_FILE")
         fmt = _FORMAT_OF_RUNTIME[profile.runtime]
@@ -215,6 +216,7 @@ def deploy(
         tok = ckpt.tokenizer
         b = load_bundle(path)
     else:
+        assert bundle is not None  # one of bundle and arch, checked above
         b = load_bundle(bundle)  # hashes checked on the host before anything is sent
         if b.runtime != profile.runtime:
             raise UserError(

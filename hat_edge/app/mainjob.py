@@ -114,14 +114,13 @@ def prepare_profile(profile: DeviceProfile, vocab_size: int | None, min_time_s: 
     output projection and softmax grow with the vocabulary, so measurements of random-weight
     models use the checkpoint's vocabulary size, not the profile's default."""
     m = profile.measurement
-    kw: dict[str, int | float] = {}
-    if vocab_size is not None and m.vocab_size != vocab_size:
-        kw["vocab_size"] = int(vocab_size)
-    if min_time_s is not None:
-        kw["min_time_s"] = float(min_time_s)
-    if min_repeats is not None:
-        kw["min_repeats"] = int(min_repeats)
-    return dataclasses.replace(profile, measurement=dataclasses.replace(m, **kw)) if kw else profile
+    new = dataclasses.replace(
+        m,
+        vocab_size=m.vocab_size if vocab_size is None else int(vocab_size),
+        min_time_s=m.min_time_s if min_time_s is None else float(min_time_s),
+        min_repeats=m.min_repeats if min_repeats is None else int(min_repeats),
+    )
+    return profile if new == m else dataclasses.replace(profile, measurement=new)
 
 
 def run_main_job(

@@ -49,7 +49,7 @@ def plot_predicted_vs_measured(loop: LoopResult, path: str | Path, device: str =
     cands = {c.arch: c for c in loop.candidates()}
     # The fit data: the final predictor on the measurements it was fitted on (in sample).
     fit_archs = [a for a in loop.measured if a not in cands]
-    if fit_archs and loop.predictor is not None:
+    if fit_archs:
         meas = np.array([loop.measured[a] for a in fit_archs])
         pred = np.asarray(loop.predictor.predict(fit_archs), dtype=float)
         ax.scatter(meas, pred, s=14, c="0.65", label=f"fit data ({len(fit_archs)}, in sample)", zorder=2)

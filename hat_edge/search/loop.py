@@ -127,14 +127,14 @@ class ProfileDevice:
 
     def measured(self) -> dict[Arch, float]:
         """Stored medians, drift-corrected where they were measured against anchors."""
-        return {r.arch: float(r.corrected_ms) for r in self._records()}
+        return {r.arch: float(r.corrected_ms) for r in self._records() if r.arch is not None}
 
     def split(self) -> dict[Arch, tuple[float, float]]:
         """Encoder and decode-loop medians of every stored measurement that has them (corrected)."""
         out = {}
         for r in self._records():
             e, d = r.corrected_split()
-            if e is not None and d is not None:
+            if r.arch is not None and e is not None and d is not None:
                 out[r.arch] = (float(e), float(d))
         return out
 
@@ -256,7 +256,7 @@ class LoopResult:
     device_measurements: int  # models measured by this loop (stored ones not counted)
     fitness_evaluations: int
     wall_ms: float
-    predictor: LatencyPredictor | None = field(compare=False, default=None)
+    predictor: LatencyPredictor = field(compare=False)  # the last round's, fitted on `measured`
     device_env: Mapping[str, Any] | None = None
 
     @property
