@@ -8,7 +8,7 @@ from pathlib import Path
 
 def fast_local_profile(tmp: Path, vocab_size: int, min_time_s: float = 0.3):
     """local-cpu with fewer repeats (a test, not a benchmark) and its own work dir."""
-    from hat_edge.app.mainjob import prepare_profile
+    from hat_edge.app.job import prepare_profile
     from hat_edge.devices.profiles import load_profile
 
     p = load_profile("local-cpu")

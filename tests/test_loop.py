@@ -214,7 +214,7 @@ def demo_ckpt():
 
 @pytest.mark.slow
 def test_loop_on_the_local_device_meets_the_budget_and_beats_random(tmp_path: Path, demo_ckpt, monkeypatch):
-    from hat_edge.app.mainjob import make_fitness
+    from hat_edge.app.job import make_fitness
     from hat_edge.latency.store import LatencyStore
 
     monkeypatch.setenv("HAT_EDGE_CACHE", str(tmp_path / "cache"))

@@ -23,10 +23,11 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 
+from hat_edge.app.job import prepare_job
 from hat_edge.app.results import (
     LargestSummary,
     PredictorError,
@@ -36,20 +37,15 @@ from hat_edge.app.results import (
     WinnerSummary,
 )
 from hat_edge.errors import UserError
-from hat_edge.search.evolution import CachedFitness, Constraints, EvolutionSettings, SearchResult, random_search
+from hat_edge.search.evolution import Constraints, EvolutionSettings, SearchResult, random_search
 from hat_edge.search.loop import (
     LoopResult,
     LoopSettings,
-    ProfileDevice,
     budget_from_measurements,
     latency_fn,
     measure_initial,
     run_loop,
 )
-
-if TYPE_CHECKING:
-    from hat_edge.checkpoint import Checkpoint
-    from hat_edge.devices.profiles import DeviceProfile
 
 
 @dataclass(frozen=True)
@@ -84,45 +80,6 @@ class RunSettings:
             raise UserError(f"--budget-percentile must be in (0, 100), got {self.budget_percentile}")
 
 
-# Validation batches of at most this many tokens (padding included): length-sorted small batches
-# waste little on padding. On CPU this made the fitness 2.2x faster than 6000-token batches
-# (100 demo sentences: 1.76 s vs 3.87 s per arch on a loaded 2-core machine), same losses.
-FITNESS_MAX_TOKENS = 1000
-
-
-def make_fitness(ckpt: Checkpoint, sentences: int) -> CachedFitness:
-    """The search's fitness: validation loss of an arch inside the checkpoint's SuperTransformer."""
-    from hat_edge.evaluate import ValidLoss
-
-    vl = ValidLoss(ckpt, split="valid", max_sentences=sentences, max_tokens=FITNESS_MAX_TOKENS)
-    return CachedFitness(vl.loss)
-
-
-def set_host_threads(threads: int | None) -> None:
-    """Torch threads on the host. One by default: the host shares its CPU with local measurement
-    and everything else running; on a busy 2-core machine one thread evaluated the fitness 3x
-    faster than two (0.35 vs 0.99 s per arch), since oversubscribed threads wait on each other."""
-    if threads:
-        import torch
-
-        torch.set_num_threads(int(threads))
-
-
-def prepare_profile(profile: DeviceProfile, vocab_size: int | None, min_time_s: float | None = None,
-                    min_repeats: int | None = None) -> DeviceProfile:
-    """The profile with measurement settings matched to the model that will be deployed: the
-    output projection and softmax grow with the vocabulary, so measurements of random-weight
-    models use the checkpoint's vocabulary size, not the profile's default."""
-    m = profile.measurement
-    new = dataclasses.replace(
-        m,
-        vocab_size=m.vocab_size if vocab_size is None else int(vocab_size),
-        min_time_s=m.min_time_s if min_time_s is None else float(min_time_s),
-        min_repeats=m.min_repeats if min_repeats is None else int(min_repeats),
-    )
-    return profile if new == m else dataclasses.replace(profile, measurement=new)
-
-
 def run_main_job(
     s: RunSettings,
     *,
@@ -133,16 +90,11 @@ def run_main_job(
     """Run the whole job; returns (summary, loop result, random-search result). Writes the report."""
     from hat_edge.app.deploy import deploy
     from hat_edge.app.report import write_report
-    from hat_edge.checkpoint import load_checkpoint
-    from hat_edge.devices.measure import device_env
-    from hat_edge.devices.profiles import load_profile
     from hat_edge.evaluate import bleu, load_split
-    from hat_edge.latency.store import LatencyStore
 
     say = log or (lambda m: print(m, file=sys.stderr))
     t0 = time.perf_counter()
     times: dict[str, float] = {}
-    set_host_threads(s.threads)
 
     def lap(name: str, since: float) -> float:
         now = time.perf_counter()
@@ -150,23 +102,16 @@ def run_main_job(
         return now
 
     out = Path(s.out_dir)
-    # 1. the device, before anything else
-    profile = load_profile(s.profile)
-    say(f"[1/7] checking device '{profile.name}' ({profile.transport}, {profile.runtime})")
-    env = device_env(profile, trust_new_host=s.trust_new_host)
-    t = lap("device_check_s", t0)
-
-    ckpt = load_checkpoint(s.checkpoint)
-    space = ckpt.space
-    vocab = int(ckpt.model.cfg.vocab_size)
-    profile = prepare_profile(profile, vocab, s.min_time_s, s.min_repeats)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot create it ({e.strerror or e.__class__.__name__})") from None
-    store = LatencyStore(s.store or out / "latency.sqlite")
-    device = ProfileDevice(profile, store)
-    t = lap("load_s", t)
+    # 1. the device, before anything else; then the checkpoint, the output dir and the store
+    job = prepare_job(
+        s.profile, s.checkpoint, store=s.store or None, out_dir=out, threads=s.threads,
+        trust_new_host=s.trust_new_host, min_time_s=s.min_time_s, min_repeats=s.min_repeats,
+        announce=lambda p: say(f"[1/7] checking device '{p.name}' ({p.transport}, {p.runtime})"),
+    )
+    profile, env, ckpt, store, device, space = job.profile, job.env, job.checkpoint, job.store, job.device, job.space
+    times["device_check_s"] = round(job.check_s, 2)
+    times["load_s"] = round(job.load_s, 2)
+    t = time.perf_counter()
 
     # 2. the initial latency dataset
     say(f"[2/7] latency dataset: {s.initial} SubTransformers of space '{space.name}' on '{profile.name}'")
@@ -184,7 +129,7 @@ def run_main_job(
 
     # 4. the loop
     say(f"[4/7] search + measure loop (up to {s.rounds} rounds, top {s.top_k} measured per round)")
-    fit = make_fitness(ckpt, s.valid_sentences)
+    fit = job.fitness(s.valid_sentences)
     ls = LoopSettings(
         budget_ms=budget, rounds=s.rounds, top_k=s.top_k, tolerance=s.tolerance, initial=s.initial,
         evolution=s.evolution, seed=s.seed, explore=s.explore, anchors=s.anchors,
@@ -296,7 +241,7 @@ def run_main_job(
     files = write_report(out, summary, loop, random=rnd, references=refs)
     summary = dataclasses.replace(summary, report=tuple(str(f) for f in files),
                                   wall_s=round(time.perf_counter() - t0, 1))
-    store.close()
+    job.close()
     return summary, loop, rnd
 
 
@@ -349,13 +294,4 @@ def render_summary(s: RunSummary) -> str:
     return "\n".join(lines)
 
 
-__all__ = [
-    "FITNESS_MAX_TOKENS",
-    "RunSettings",
-    "RunSummary",
-    "make_fitness",
-    "prepare_profile",
-    "render_summary",
-    "run_main_job",
-    "set_host_threads",
-]
+__all__ = ["RunSettings", "RunSummary", "render_summary", "run_main_job"]

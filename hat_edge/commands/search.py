@@ -105,7 +105,7 @@ def search_cmd(checkpoint: str, budget_ms: float | None, predictor_path: str | N
       hat-edge search --budget 60 --profile local-cpu --out winner.yml
       hat-edge search --pareto --predictor pi4.json --iterations 10 --json
     """
-    from hat_edge.app.mainjob import make_fitness, set_host_threads
+    from hat_edge.app.job import make_fitness, set_host_threads
     from hat_edge.checkpoint import load_checkpoint
     from hat_edge.search.evolution import Constraints, check_constraints, estimate_memory_mb, evolution_search
 
@@ -223,28 +223,20 @@ def loop_cmd(profile_name: str, budget_ms: float, checkpoint: str, rounds: int, 
       hat-edge loop --profile local-cpu --budget 60 --small
       hat-edge loop --profile raspberrypi4 --budget 900 --rounds 3 --json > winner.json
     """
-    from hat_edge.app.mainjob import make_fitness, prepare_profile, set_host_threads
-    from hat_edge.checkpoint import load_checkpoint
-    from hat_edge.devices.measure import device_env
-    from hat_edge.devices.profiles import load_profile
-    from hat_edge.latency.store import DEFAULT_STORE_PATH, LatencyStore
+    from hat_edge.app.job import prepare_job
     from hat_edge.search.evolution import EvolutionSettings
-    from hat_edge.search.loop import LoopSettings, ProfileDevice, run_loop
+    from hat_edge.search.loop import LoopSettings, run_loop
 
     settings = _evolution(evo)
-    set_host_threads(threads)
     if small:
         settings = EvolutionSettings.small(seed=settings.seed)
     ls = LoopSettings(budget_ms=budget_ms, rounds=rounds, top_k=top_k, tolerance=tolerance, initial=initial,
                       evolution=settings, seed=settings.seed, explore=explore, anchors=anchors)
-    profile = load_profile(profile_name)
-    env = device_env(profile, trust_new_host=trust_new_host)  # before any search work
-    ckpt = load_checkpoint(checkpoint)
-    profile = prepare_profile(profile, int(ckpt.model.cfg.vocab_size))
-    store = LatencyStore(store_path or DEFAULT_STORE_PATH)
-    fit = make_fitness(ckpt, valid_sentences)
-    res = run_loop(ckpt.space, fit, ProfileDevice(profile, store), ls, progress=not no_progress,
-                   log=_log, checked_env=env)
+    # The device is checked first, before any search work.
+    job = prepare_job(profile_name, checkpoint, store=store_path, threads=threads, trust_new_host=trust_new_host)
+    profile = job.profile
+    res = run_loop(job.space, job.fitness(valid_sentences), job.device, ls, progress=not no_progress,
+                   log=_log, checked_env=job.env)
     _write_arch(res.winner.arch, out_path)
     if as_json:
         click.echo(json.dumps(res.to_dict()))
@@ -314,7 +306,7 @@ def deploy_cmd(profile_name: str, arch_file: str | None, checkpoint: str | None,
     refs = None
     sents = list(sentences)
     if arch_file:
-        from hat_edge.app.mainjob import prepare_profile
+        from hat_edge.app.job import prepare_profile
         from hat_edge.checkpoint import load_checkpoint
         from hat_edge.space import load_arch
 
