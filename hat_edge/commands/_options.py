@@ -107,8 +107,9 @@ class SearchSize:
     def settings(self, seed: int = 0, mutation_prob: float | None = None) -> EvolutionSettings:
         from hat_edge.search.evolution import EvolutionSettings
 
-        base = {"quick": EvolutionSettings.quick, "small": EvolutionSettings.small,
-                "hat": EvolutionSettings}[self.preset](seed=seed)
+        presets: dict[str, Callable[..., EvolutionSettings]] = {
+            "quick": EvolutionSettings.quick, "small": EvolutionSettings.small, "hat": EvolutionSettings}
+        base = presets[self.preset](seed=seed)
         kw: dict[str, Any] = dict(self.overrides)
         if mutation_prob is not None:
             kw["mutation_prob"] = mutation_prob
@@ -156,12 +157,16 @@ def search_size_option(default: str) -> Callable[[F], F]:
     """`--search-size` (default: the preset `default`), with the old spellings kept one release:
     --population, --parents, --mutations, --crossovers, --iterations (overrides) and --small."""
 
+    def override(key: str) -> Callable[[dict[str, Any], Any], None]:
+        def apply(kw: dict[str, Any], value: Any) -> None:
+            kw["search_size"] = kw["search_size"].with_override(key, int(value))
+
+        return apply
+
     def deco(f: F) -> F:
         for key in reversed(SIZE_KEYS):
-            f = deprecated_alias(
-                f"--{key}", new=f"--search-size {key}=N", dest="search_size", type=click.IntRange(min=0),
-                apply=lambda kw, v, key=key: kw.__setitem__("search_size", kw["search_size"].with_override(key, v)),
-            )(f)
+            f = deprecated_alias(f"--{key}", new=f"--search-size {key}=N", dest="search_size",
+                                 type=click.IntRange(min=0), apply=override(key))(f)
         return click.option(
             "--search-size", "search_size", type=SearchSizeType(default), default=default, show_default=True,
             help=SEARCH_SIZE_HELP,
