@@ -127,3 +127,17 @@ def test_search_size_values():
                                                                    crossovers=2, iterations=2)
     assert t.convert("small, iterations=20", None, None) == SearchSize("small", (("iterations", 20),))
     assert SearchSizeType("quick").convert("iterations=2", None, None).settings().population == 24
+
+
+def test_run_and_loop_check_the_device_before_writing_anything(tmp_path: Path):
+    """The commands reach the app layer's set-up (prepare_job): an unknown profile fails before the
+    output directory or the store exists; the deprecated spellings warn first."""
+    out = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["run", "--profile", "nope-profile", "--out", str(out)])
+    assert r.exit_code != 0 and "unknown profile 'nope-profile'" in r.output, r.output
+    assert "--out is deprecated" in r.stderr and not out.exists()
+    store = tmp_path / "s.sqlite"
+    r = CliRunner().invoke(cli, ["loop", "--profile", "nope-profile", "--budget", "5", "--small",
+                                 "--store", str(store)])
+    assert r.exit_code != 0 and "unknown profile 'nope-profile'" in r.output, r.output
+    assert "--small is deprecated" in r.stderr and not store.exists()
