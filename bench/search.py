@@ -43,7 +43,6 @@ from hat_edge.search.evolution import (  # noqa: E402
 )
 from hat_edge.search.loop import (  # noqa: E402
     LoopSettings,
-    ProfileDevice,
     budget_from_measurements,
     fit_predictor,
     latency_fn,
@@ -70,22 +69,14 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(1)
 
-    from hat_edge.checkpoint import load_checkpoint
-    from hat_edge.devices.measure import device_env
-    from hat_edge.devices.profiles import load_profile
-    from hat_edge.latency.store import LatencyStore
-    from hat_edge.search.mainjob import make_fitness, prepare_profile
+    from hat_edge.app.job import prepare_job
 
     t_all = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="hat-edge-bench-search-"))
-    profile = load_profile(args.profile)
-    env = device_env(profile)
-    ckpt = load_checkpoint(args.checkpoint)
-    space = ckpt.space
-    profile = prepare_profile(profile, int(ckpt.model.cfg.vocab_size),
-                              min_time_s=0.5 if args.quick else None, min_repeats=5 if args.quick else None)
-    store = LatencyStore(args.store or tmp / "latency.sqlite")
-    dev = ProfileDevice(profile, store)
+    # torch's threads: set to 1 above (threads=None leaves them)
+    job = prepare_job(args.profile, args.checkpoint, store=args.store or tmp / "latency.sqlite", threads=None,
+                      min_time_s=0.5 if args.quick else None, min_repeats=5 if args.quick else None)
+    profile, env, space, dev = job.profile, job.env, job.space, job.device
     small = EvolutionSettings.small()
     seeds = 1 if args.quick else args.seeds
     pcts = [float(x) for x in args.percentiles.split(",")]
@@ -96,7 +87,7 @@ def main() -> int:
     t = time.perf_counter()
     measured, init, n_new = measure_initial(space, dev, args.initial, seed=0, progress=True)
     initial_s = time.perf_counter() - t
-    fit = make_fitness(ckpt, args.valid_sentences)
+    fit = job.fitness(args.valid_sentences)
     t = time.perf_counter()
     probe = space.sample_n(10, seed=123)
     for a in probe:

@@ -14,8 +14,9 @@ import click
 from hat_edge import __version__
 from hat_edge.errors import UserError
 
-# Rooms whose commands make up the CLI, in `--help` order.
+# Rooms whose commands make up the CLI, in `--help` order: `run`, the one-command path, first.
 _COMMAND_MODULES = (
+    "hat_edge.commands.run",
     "hat_edge.commands.arch",
     "hat_edge.commands.export",
     "hat_edge.commands.devices",
@@ -43,6 +44,10 @@ class _Group(click.Group):
 def cli() -> None:
     """hat-edge: find, export, deploy and benchmark hardware-specialised Transformers (HAT).
 
+    \b
+    The whole job, one command:
+      hat-edge run                          measure, search under a budget, deploy, report
+                                            (local-cpu and the bundled demo model by default)
     \b
     The loop, one command per step:
       hat-edge space show demo              the design space

@@ -15,10 +15,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from local_device import fast_local_profile  # noqa: E402  (tests/ helper)
 
 from hat_edge.errors import UserError
 from hat_edge.search.evolution import CachedFitness, EvolutionSettings
-from hat_edge.search.loop import LoopSettings, ProfileDevice, budget_from_measurements, initial_archs, run_loop
+from hat_edge.search.loop import (
+    LoopSettings,
+    ProfileDevice,
+    budget_from_measurements,
+    initial_archs,
+    run_loop,
+)
 from hat_edge.space import PRESETS, Arch
 
 DEMO = PRESETS["demo"]
@@ -174,9 +181,9 @@ def test_budget_from_measurements():
 
 def test_unreachable_device_fails_before_any_work(tmp_path: Path):
     """An SSH profile pointing at a closed port: a one-line error, and no store was even created."""
-    from hat_edge.cli import cli
-
     import socket
+
+    from hat_edge.cli import cli
 
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -205,21 +212,10 @@ def demo_ckpt():
     return load_checkpoint("demo")
 
 
-def fast_local_profile(tmp: Path, vocab_size: int, min_time_s: float = 0.3):
-    """local-cpu with fewer repeats (a test, not a benchmark) and its own work dir."""
-    from hat_edge.devices.profiles import load_profile
-    from hat_edge.search.mainjob import prepare_profile
-
-    p = load_profile("local-cpu")
-    p = dataclasses.replace(p, work_dir=str(tmp / "work"), measurement=dataclasses.replace(
-        p.measurement, warmup=3, min_repeats=5 if min_time_s < 1 else 10, min_time_s=min_time_s))
-    return prepare_profile(p, vocab_size)
-
-
 @pytest.mark.slow
 def test_loop_on_the_local_device_meets_the_budget_and_beats_random(tmp_path: Path, demo_ckpt, monkeypatch):
+    from hat_edge.app.job import make_fitness
     from hat_edge.latency.store import LatencyStore
-    from hat_edge.search.mainjob import make_fitness
 
     monkeypatch.setenv("HAT_EDGE_CACHE", str(tmp_path / "cache"))
     t0 = time.perf_counter()
@@ -342,99 +338,4 @@ def _busy(cpu: int) -> None:
 
 
 def _settings(profile):
-    from hat_edge.devices.measure import store_settings
-
-    return store_settings(profile)
-
-
-# ------------------------------------------------------------------------------------------------
-# deploy: a real bundle through the local transport
-# ------------------------------------------------------------------------------------------------
-@pytest.mark.slow
-def test_deploy_pushes_once_verifies_and_benchmarks_on_the_device(tmp_path: Path):
-    """Random weights (no checkpoint needed): export, deploy twice (the second sends nothing),
-    repair a file corrupted on the device, and refuse a bundle tampered on the host."""
-    from hat_edge.exporters import export_bundle
-    from hat_edge.model import SubTransformer
-    from hat_edge.search.deploy import deploy, render_deploy
-
-    arch = DEMO.sample_n(1, seed=5)[0]
-    bundle = export_bundle(SubTransformer.random(arch, 500, seed=0), tmp_path / "bundle", fmt="onnx",
-                           exporter="torchscript")
-    profile = fast_local_profile(tmp_path, 500)
-    r1 = deploy(profile, bundle=bundle, log=lambda m: None)
-    assert r1.ok and r1.hashes_ok and r1.parity
-    assert r1.files_sent == r1.files_total >= 3
-    assert len(r1.translations) == 3 and all(t.host_equal for t in r1.translations)
-    assert r1.bench["median_ms"] > 0 and len(r1.bench["runs"]) >= 5
-    assert r1.arch == arch and str(tmp_path / "work") in r1.remote_dir
-    assert "benchmark" in render_deploy(r1)
-
-    env = dict(r1.env)
-    r2 = deploy(profile, bundle=bundle, env=env, benchmark=False, log=lambda m: None)
-    assert r2.files_sent == 0 and r2.files_skipped == r1.files_total and r2.ok
-    assert r2.bench == {}
-
-    # A file corrupted on the device is detected by its hash and sent again.
-    graph = next(p for p in Path(r1.remote_dir).iterdir() if p.suffix == ".onnx")
-    graph.write_bytes(graph.read_bytes()[:-10] + b"0123456789")
-    r3 = deploy(profile, bundle=bundle, env=env, benchmark=False, log=lambda m: None)
-    assert r3.files_sent == 1 and r3.ok
-
-    # A bundle tampered with on the host never leaves it.
-    local_graph = next(p for p in Path(bundle).iterdir() if p.suffix == ".onnx")
-    local_graph.write_bytes(local_graph.read_bytes() + b"\0")
-    with pytest.raises(UserError, match="sha256|hash|modified"):
-        deploy(profile, bundle=bundle, env=env, log=lambda m: None)
-    d = r1.to_dict()
-    assert d["version"] == 1 and d["files_skipped"] == 0 and d["median_ms"] == r1.bench["median_ms"]
-    json.dumps(d)
-
-
-def test_deploy_argument_errors(tmp_path: Path):
-    from hat_edge.cli import cli
-
-    r = CliRunner().invoke(cli, ["deploy", "--profile", "local-cpu"])
-    assert r.exit_code != 0 and "ARCH_FILE" in r.output and "--bundle" in r.output
-    r = CliRunner().invoke(cli, ["deploy", "--profile", "local-cpu", "x.yml"])
-    assert r.exit_code != 0 and "--checkpoint" in r.output
-    r = CliRunner().invoke(cli, ["deploy", "--profile", "nope-profile", "--bundle", str(tmp_path)])
-    assert r.exit_code != 0 and "unknown profile 'nope-profile'" in r.output
-
-
-# ------------------------------------------------------------------------------------------------
-# The main job (`hat-edge run`), end to end at a small size
-# ------------------------------------------------------------------------------------------------
-@pytest.mark.slow
-def test_main_job_end_to_end_writes_the_report(tmp_path: Path, monkeypatch):
-    """The whole job on local-cpu with the bundled demo model, cut small (8 initial measurements,
-    one round, a tiny evolution, 0.3 s per model): a real device check, measurements, predictor,
-    search, deploy through the local transport, side-by-side benchmark, BLEU, report and plots."""
-    monkeypatch.setenv("HAT_EDGE_CACHE", str(tmp_path / "cache"))
-    from hat_edge.search.mainjob import RunSettings, render_summary, run_main_job
-
-    out = tmp_path / "run"
-    s = RunSettings(initial=8, rounds=1, top_k=1, explore=1, evolution=TINY_EVO, valid_sentences=20,
-                    bleu_sentences=12, translations=2, out_dir=str(out), min_time_s=0.3, min_repeats=5)
-    logs: list[str] = []
-    summary, loop, _ = run_main_job(s, progress=False, log=logs.append)
-    assert [m[:5] for m in logs if m.startswith("[")] == [f"[{i}/7]" for i in range(1, 8) if i != 5]
-    w = summary["winner"]
-    assert summary["budget_ms"] > 0 and w["measured_latency_ms"] > 0 and w["predicted_latency_ms"] > 0
-    assert summary["met"] == (w["measured_latency_ms"] <= summary["budget_ms"] * 1.03)
-    assert 0 < w["bleu"] <= 100 and 0 < summary["largest"]["bleu"] <= 100
-    d = summary["deploy"]
-    assert d["hashes_ok"] and d["parity"] and d["median_ms"] > 0 and len(summary["translations"]) == 2
-    side = summary["side_by_side"]
-    assert side is None or summary["speedup"] == pytest.approx(side["largest_ms"] / side["winner_ms"])
-    for name in ("report.md", "report.json", "predicted_vs_measured.png", "search_progress.png",
-                 "loss_vs_latency.png", "latency.sqlite"):
-        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
-    md = (out / "report.md").read_text()
-    assert "## Result" in md and f"{summary['budget_ms']:.2f} ms" in md
-    assert json.loads((out / "report.json").read_text())["winner"]["arch"] == w["arch"]
-    text = render_summary(summary)
-    assert "speed-up vs largest" in text and "budget" in text
-    # A second run reuses every stored measurement: nothing new is measured before the search.
-    summary2, _, _ = run_main_job(s, progress=False, log=lambda m: None)
-    assert summary2["device_measurements"] <= summary["device_measurements"]
+    return profile.measure_spec().identity()

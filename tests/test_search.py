@@ -313,7 +313,7 @@ def test_search_command_with_a_saved_predictor(tmp_path, flops_predictor):
     path, pred = flops_predictor
     budget = float(np.median(pred.predict(DEMO.sample_n(100, seed=1))))
     out = tmp_path / "winner.yml"
-    small = ["--population", "8", "--parents", "3", "--mutations", "3", "--crossovers", "2", "--iterations", "2",
+    small = ["--search-size", "population=8,parents=3,mutations=3,crossovers=2,iterations=2",
              "--valid-sentences", "20", "--no-progress"]
     r = CliRunner().invoke(cli, ["search", "--predictor", str(path), "--budget", f"{budget:.3f}", *small,
                                  "--out", str(out), "--json"])

@@ -201,7 +201,7 @@ def test_cli_arch_info_json_reproduces_published_params() -> None:
 
 def test_cli_space_sample_writes_files(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "hat_edge.cli", "space", "sample", "demo", "-n", "4",
-                           "--seed", "3", "--out", str(tmp_path), "--json"],
+                           "--seed", "3", "--out-dir", str(tmp_path), "--json"],
                           capture_output=True, text=True, check=True)
     listed = json.loads(proc.stdout)
     files = sorted(tmp_path.glob("*.yml"))

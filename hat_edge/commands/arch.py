@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from hat_edge.commands._options import deprecated_alias, dir_path
 from hat_edge.errors import UserError
 from hat_edge.space import FEATURE_NAMES, PRESETS, SpaceError, get_space, load_arch
 
@@ -112,10 +113,11 @@ def space_show(name: str, as_json: bool) -> None:
 @click.argument("name", default="demo")
 @click.option("-n", "count", default=5, show_default=True, help="How many distinct archs.")
 @click.option("--seed", default=0, show_default=True, help="Random seed (same seed, same archs).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+@click.option("--out-dir", "out_dir", type=dir_path(), default=None,
               help="Write each arch as HAT YAML into this folder (arch-000.yml, ...).")
+@deprecated_alias("--out", new="--out-dir", dest="out_dir", type=dir_path())
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of archs.")
-def space_sample(name: str, count: int, seed: int, out_dir: str | None, as_json: bool) -> None:
+def space_sample(name: str, count: int, seed: int, out_dir: Path | None, as_json: bool) -> None:
     """Sample N SubTransformers of space NAME uniformly, as HAT does."""
     if count < 1:
         raise UserError(f"-n must be at least 1, got {count}")
@@ -123,7 +125,7 @@ def space_sample(name: str, count: int, seed: int, out_dir: str | None, as_json:
     archs = space.sample_n(count, seed=seed)
     paths: list[str] = []
     if out_dir:
-        d = Path(out_dir)
+        d = out_dir
         try:
             d.mkdir(parents=True, exist_ok=True)
             for i, a in enumerate(archs):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import statistics
+from pathlib import Path
 from typing import Any
 
 import click
 
+from hat_edge.commands._options import file_path, progress_option
 from hat_edge.errors import UserError
 
 _TRUST_HELP = ("Accept the device's host key if it is not in known_hosts yet, and add it there. "
@@ -155,7 +157,7 @@ def _env_warnings(p, env: dict[str, Any]) -> list[str]:
               help="Design space to sample from: hat-wmt, hat-iwslt, demo, or a space file.")
 @click.option("-n", "n", type=click.IntRange(min=1), default=50, show_default=True, help="How many archs to sample.")
 @click.option("--seed", default=0, show_default=True, help="Sampling seed: the same seed gives the same archs.")
-@click.option("--store", "store_path", default=None,
+@click.option("--store", "store_path", default=None, type=file_path(),
               help="Latency store (SQLite). Default: $HAT_EDGE_STORE or .hat-edge/latency.sqlite.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
               help="Models per runner invocation (one connection each).")
@@ -167,10 +169,10 @@ def _env_warnings(p, env: dict[str, Any]) -> list[str]:
               help="With --side-by-side: models open at once (anchors included); mind a board's memory.")
 @click.option("--trust-new-host", is_flag=True, help=_TRUST_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary per device.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
-def measure_cmd(profiles: tuple[str, ...], space_name: str, n: int, seed: int, store_path: str | None,
+@progress_option()
+def measure_cmd(profiles: tuple[str, ...], space_name: str, n: int, seed: int, store_path: Path | None,
                 batch_size: int, side_by_side: bool, group: int, trust_new_host: bool, as_json: bool,
-                no_progress: bool) -> None:
+                progress: bool) -> None:
     """Sample N SubTransformers and measure their latency on each device into the store.
 
     Each model is exported with random weights (latency does not depend on weight values), run
@@ -184,7 +186,7 @@ def measure_cmd(profiles: tuple[str, ...], space_name: str, n: int, seed: int, s
       hat-edge measure --profile raspberrypi4 --profile jetson-nano --space hat-wmt -n 500
       hat-edge measure --profile local-cpu -n 100 --side-by-side   # a shared, drifting machine
     """
-    from hat_edge.devices.measure import measure_many, store_settings
+    from hat_edge.devices.measure import measure_many
     from hat_edge.devices.profiles import load_profile
     from hat_edge.latency.store import DEFAULT_STORE_PATH, LatencyStore
     from hat_edge.space import get_space
@@ -193,13 +195,13 @@ def measure_cmd(profiles: tuple[str, ...], space_name: str, n: int, seed: int, s
     space = get_space(space_name)
     archs = space.sample_n(n, seed=seed)
     store = LatencyStore(store_path or DEFAULT_STORE_PATH)
-    before = {p.name: sum(store.has(p.name, a, p.runtime, store_settings(p)) for a in archs) for p in profs}
+    before = {p.name: sum(store.has(p.name, a, p.runtime, p.measure_spec().identity()) for a in archs) for p in profs}
     errors: dict[str, int] = {p.name: 0 for p in profs}
 
     def on_error(err) -> None:
         errors[err.device] += 1
 
-    results = measure_many(profs, archs, store, progress=not no_progress, trust_new_host=trust_new_host,
+    results = measure_many(profs, archs, store, progress=progress, trust_new_host=trust_new_host,
                            batch_size=batch_size, on_error=on_error, side_by_side=side_by_side, group=group)
     summary = []
     for p in profs:
@@ -236,15 +238,18 @@ def measure_cmd(profiles: tuple[str, ...], space_name: str, n: int, seed: int, s
               help="Override the profile's runtime.")
 @click.option("--space", "space_name", default=None,
               help="Space for the names `smallest` / `largest` (hat-wmt, hat-iwslt, demo or a file).")
-@click.option("--store", "store_path", default=None, help="Also record the results in this latency store.")
+@click.option("--store", "store_path", default=None, type=file_path(),
+              help="Also record the results in this latency store.")
 @click.option("--side-by-side", is_flag=True,
               help="Time the archs in rotation (one run of each in turn) instead of one after another: "
                    "on a device whose speed drifts their ratios stay fair. Results arrive at the end.")
 @click.option("--trust-new-host", is_flag=True, help=_TRUST_HELP)
 @click.option("--json", "as_json", is_flag=True,
               help="Print a JSON list: arch, median_ms, p90_ms, iqr_ms, cv, runs (total ms of each timed run), ...")
+@progress_option(None, when="on, off with --json")
 def bench_cmd(profile_name: str, arch_files: tuple[str, ...], runtime: str | None, space_name: str | None,
-              store_path: str | None, side_by_side: bool, trust_new_host: bool, as_json: bool) -> None:
+              store_path: Path | None, side_by_side: bool, trust_new_host: bool, as_json: bool,
+              progress: bool | None) -> None:
     """Measure the given ARCH_FILE... on a device now and print their latencies.
 
     ARCH_FILE is a HAT `*-subtransformer` YAML, a hat-edge arch JSON, transformer-base /
@@ -269,7 +274,8 @@ def bench_cmd(profile_name: str, arch_files: tuple[str, ...], runtime: str | Non
     scratch = LatencyStore(":memory:")
     if side_by_side and len(set(archs)) < len(archs):
         raise UserError("--side-by-side: the same arch is given twice; give each once")
-    recs = measure_archs(p, archs, scratch, progress=not as_json, trust_new_host=trust_new_host,
+    recs = measure_archs(p, archs, scratch, progress=not as_json if progress is None else progress,
+                         trust_new_host=trust_new_host,
                          interleave=side_by_side)
     by_arch = {r.arch: r for r in recs}
     if store_path:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 import click
+
+from hat_edge.commands._options import deprecated_alias, dir_path
 
 DEFAULT_VOCAB = 8000
 
@@ -52,14 +55,15 @@ def _fmt_bytes(n: int) -> str:
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
               help="onnxruntime dynamic int8 quantization of both graphs (ONNX only).")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default 18).")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="Bundle directory: created, or replaced if it already holds a bundle.")
+@click.option("--out-dir", "out_dir", default=None, type=dir_path(),
+              help="Bundle directory: created, or replaced if it already holds a bundle.  [required]")
+@deprecated_alias("--out", new="--out-dir", dest="out_dir", type=dir_path(), required=True)
 @click.option("--verify", is_flag=True,
               help="Run PyTorch and the exported graphs on the same inputs: max |diff| and token equality "
                    "of greedy and beam decoding (fp32 must match within 1e-4 with equal tokens).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def export_cmd(arch_file: str, checkpoint: Optional[str], random_init: bool, seed: int, vocab_size: int,
-               space_name: str, fmt: str, quantize: Optional[str], opset: Optional[int], out_dir: str,
+               space_name: str, fmt: str, quantize: Optional[str], opset: Optional[int], out_dir: Path,
                verify: bool, as_json: bool) -> None:
     """Export the SubTransformer ARCH_FILE to a bundle for the runner on a device.
 
@@ -73,8 +77,8 @@ def export_cmd(arch_file: str, checkpoint: Optional[str], random_init: bool, see
     \b
     Examples:
       hat-edge export HAT_wmt14ende_raspberrypi@6.9s_bleu@28.4.yml --random-init \\
-          --vocab-size 32000 --format onnx --quantize int8 --out bundles/pi
-      hat-edge export largest --checkpoint demo --format torchscript --out bundles/demo --verify
+          --vocab-size 32000 --format onnx --quantize int8 --out-dir bundles/pi
+      hat-edge export largest --checkpoint demo --format torchscript --out-dir bundles/demo --verify
     """
     from hat_edge.exporters import export_bundle, load_bundle, verify_bundle
     from hat_edge.exporters.bundle import check_out_dir

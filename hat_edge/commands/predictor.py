@@ -11,6 +11,7 @@ from typing import Any
 import click
 import numpy as np
 
+from hat_edge.commands._options import file_path, progress_option
 from hat_edge.errors import UserError
 
 KIND_CHOICE = click.Choice(["default", "hat-mlp"])
@@ -19,7 +20,7 @@ KIND_CHOICE = click.Choice(["default", "hat-mlp"])
 # --------------------------------------------------------------------------------------------
 # Data sources
 # --------------------------------------------------------------------------------------------
-def _data_from_store(store_path: str, profile: str, runtime: str | None):
+def _data_from_store(store_path: Path, profile: str, runtime: str | None):
     """Rows of one device (and runtime, and measurement settings) from the latency store."""
     from hat_edge.latency.features import LatencyData
     from hat_edge.latency.store import LatencyStore
@@ -28,11 +29,10 @@ def _data_from_store(store_path: str, profile: str, runtime: str | None):
     # a name that is no profile here is taken as the device name the store holds.
     device, settings = profile, None
     try:
-        from hat_edge.devices.measure import store_settings
         from hat_edge.devices.profiles import load_profile
 
         prof = load_profile(profile)
-        device, runtime, settings = prof.name, runtime or prof.runtime, store_settings(prof)
+        device, runtime, settings = prof.name, runtime or prof.runtime, prof.measure_spec().identity()
     except UserError:
         pass
     if not Path(store_path).exists():
@@ -72,7 +72,7 @@ def _data_from_store(store_path: str, profile: str, runtime: str | None):
     return data, device
 
 
-def _load_data(data_path: str | None, store_path: str | None, profile: str | None, runtime: str | None):
+def _load_data(data_path: Path | None, store_path: Path | None, profile: str | None, runtime: str | None):
     from hat_edge.latency.features import read_latency_csv
 
     if data_path and store_path:
@@ -145,14 +145,14 @@ def predictor_group() -> None:
 
 
 @predictor_group.command("train")
-@click.option("--data", "data_path", type=click.Path(dir_okay=False), default=None,
+@click.option("--data", "data_path", type=file_path(), default=None,
               help="Latency CSV: HAT's (10 features + latency_mean_encoder/decoder) or hat-edge's "
                    "(arch JSON column and/or features, latency_ms).")
-@click.option("--store", "store_path", type=click.Path(dir_okay=False), default=None,
+@click.option("--store", "store_path", type=file_path(), default=None,
               help="Latency store (SQLite) written by `hat-edge measure`; needs --profile.")
 @click.option("--profile", default=None, help="Device profile (name or .toml) whose records to use from --store.")
 @click.option("--runtime", default=None, help="Only records of this runtime (default: the profile's).")
-@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Predictor file to write (JSON).")
+@click.option("--out", "out_path", required=True, type=file_path(), help="Predictor file to write (JSON).")
 @click.option("--kind", type=KIND_CHOICE, default="default", show_default=True, help="Predictor kind.")
 @click.option("--device", default=None, help="Device name recorded in the file (default: CSV file name or profile).")
 @click.option("--folds", default=5, show_default=True,
@@ -164,7 +164,9 @@ def predictor_group() -> None:
                    "training latency rounded up.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the predictor's summary as JSON.")
-def train_cmd(data_path, store_path, profile, runtime, out_path, kind, device, folds, steps, lat_norm, seed, as_json):
+@progress_option(None, when="on when stderr is a terminal, off with --json")
+def train_cmd(data_path, store_path, profile, runtime, out_path, kind, device, folds, steps, lat_norm, seed, as_json,
+              progress):
     """Fit a latency predictor on measured latencies and save it.
 
     The file records the kind, the feature set (per-layer archs or HAT's 10 averaged features),
@@ -178,7 +180,7 @@ def train_cmd(data_path, store_path, profile, runtime, out_path, kind, device, f
     if kind == "default":
         params["folds"] = max(folds, 2) if folds else 5
     pred = make_predictor(kind, **params)
-    show = not as_json and sys.stderr.isatty()
+    show = (not as_json and sys.stderr.isatty()) if progress is None else progress
     cv = None
     if kind == "hat-mlp" and folds:
         if folds < 2:
@@ -222,10 +224,10 @@ def train_cmd(data_path, store_path, profile, runtime, out_path, kind, device, f
 
 
 @predictor_group.command("predict")
-@click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False), help="Predictor file from `predictor train`.")
-@click.option("--data", "data_path", required=True, type=click.Path(dir_okay=False),
+@click.option("--model", "model_path", required=True, type=file_path(), help="Predictor file from `predictor train`.")
+@click.option("--data", "data_path", required=True, type=file_path(),
               help="CSV of archs: an 'arch' JSON column and/or HAT's 10 feature columns (latency columns optional).")
-@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
+@click.option("--out", "out_path", required=True, type=file_path(),
               help="CSV to write: the input rows plus predicted_latency_ms, predicted_lo_ms, predicted_hi_ms.")
 @click.option("--level", default=0.9, show_default=True, help="Central coverage of the interval columns.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
@@ -252,7 +254,7 @@ def predict_cmd(model_path, data_path, out_path, level, as_json):
         w.writerow(cols + ["predicted_latency_ms", "predicted_lo_ms", "predicted_hi_ms"])
         for row, a, b, c in zip(data.rows, p, lo, hi):
             w.writerow([row.get(k, "") for k in cols] + [f"{a:.4f}", f"{b:.4f}", f"{c:.4f}"])
-    summary: dict[str, Any] = {"model": model_path, "kind": pred.kind, "device": pred.meta.get("device"),
+    summary: dict[str, Any] = {"model": str(model_path), "kind": pred.kind, "device": pred.meta.get("device"),
                                "rows": len(data), "out": str(out), "level": level}
     if data.latency_ms is not None:
         summary["accuracy"] = accuracy_metrics(p, data.latency_ms)
@@ -269,8 +271,8 @@ def predict_cmd(model_path, data_path, out_path, level, as_json):
 
 
 @predictor_group.command("eval")
-@click.option("--data", "data_path", type=click.Path(dir_okay=False), default=None, help="Latency CSV (as for train).")
-@click.option("--store", "store_path", type=click.Path(dir_okay=False), default=None, help="Latency store; needs --profile.")
+@click.option("--data", "data_path", type=file_path(), default=None, help="Latency CSV (as for train).")
+@click.option("--store", "store_path", type=file_path(), default=None, help="Latency store; needs --profile.")
 @click.option("--profile", default=None, help="Device profile whose records to use from --store.")
 @click.option("--runtime", default=None, help="Only records of this runtime.")
 @click.option("--kind", "kinds", type=KIND_CHOICE, multiple=True, help="Predictor kind (repeat to compare; default: default).")
@@ -279,7 +281,8 @@ def predict_cmd(model_path, data_path, out_path, level, as_json):
 @click.option("--lat-norm", default=None, type=float, help="hat-mlp latency normaliser in ms.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the fold split and the fits.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def eval_cmd(data_path, store_path, profile, runtime, kinds, folds, steps, lat_norm, seed, as_json):
+@progress_option(None, when="on when stderr is a terminal, off with --json")
+def eval_cmd(data_path, store_path, profile, runtime, kinds, folds, steps, lat_norm, seed, as_json, progress):
     """K-fold cross-validated accuracy of predictor kinds on one dataset.
 
     Reports RMSE, MAPE, the share of rows predicted within 5% and 10% (HAT's accuracy), and
@@ -289,7 +292,7 @@ def eval_cmd(data_path, store_path, profile, runtime, kinds, folds, steps, lat_n
 
     data, device = _load_data(data_path, store_path, profile, runtime)
     kinds = kinds or ("default",)
-    show = not as_json and sys.stderr.isatty()
+    show = (not as_json and sys.stderr.isatty()) if progress is None else progress
     results = []
     for kind in kinds:
         params = _params(kind, steps, lat_norm, seed)

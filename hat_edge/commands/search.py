@@ -1,62 +1,51 @@
-"""`hat-edge search | loop | deploy | run`: find, verify on the device, deploy; the whole job."""
+"""`hat-edge search | loop | deploy`: find, verify on the device, deploy (`hat-edge run`: commands/run.py)."""
 
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
+from hat_edge.commands._options import (
+    TRUST_HELP,
+    SearchSize,
+    deprecated_alias,
+    dir_path,
+    file_path,
+    progress_option,
+    search_size_option,
+    small_alias,
+    threads_option,
+)
 from hat_edge.errors import UserError
 
-_TRUST_HELP = "Accept and remember an unknown SSH host key (never a changed one)."
+if TYPE_CHECKING:
+    from hat_edge.checkpoint import Checkpoint
+    from hat_edge.search.protocols import LatencyPredictor
+
 
 
 def _log(msg: str) -> None:
     click.echo(msg, err=True)
 
 
-def _evolution_options(f):
-    """HAT's evolution settings as options (defaults: HAT's own)."""
-    opts = [
-        click.option("--population", default=125, show_default=True, type=click.IntRange(min=1),
-                     help="SubTransformers per generation (HAT: 125)."),
-        click.option("--parents", default=25, show_default=True, type=click.IntRange(min=1),
-                     help="Lowest-loss archs kept each generation (HAT: 25)."),
-        click.option("--mutations", default=50, show_default=True, type=click.IntRange(min=0),
-                     help="Children by mutation per generation (HAT: 50)."),
-        click.option("--mutation-prob", default=0.3, show_default=True, type=click.FloatRange(0, 1),
-                     help="Chance that each gene is redrawn in a mutation (HAT: 0.3)."),
-        click.option("--crossovers", default=50, show_default=True, type=click.IntRange(min=0),
-                     help="Children by crossover per generation (HAT: 50)."),
-        click.option("--iterations", default=30, show_default=True, type=click.IntRange(min=1),
-                     help="Generations (HAT: 30)."),
-        click.option("--seed", default=0, show_default=True, help="Search seed: same seed, same result."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
+def _evolution_options(default_size: str):
+    """The evolution's size (`--search-size`, old spellings kept one release), mutation chance and seed."""
+
+    def deco(f):
+        f = click.option("--seed", default=0, show_default=True, help="Search seed: same seed, same result.")(f)
+        f = click.option("--mutation-prob", default=0.3, show_default=True, type=click.FloatRange(0, 1),
+                         help="Chance that each gene is redrawn in a mutation (HAT: 0.3).")(f)
+        return search_size_option(default_size)(f)
+
+    return deco
 
 
-def _evolution(kw: dict[str, Any]):
-    from hat_edge.search.evolution import EvolutionSettings
 
-    return EvolutionSettings(
-        population=kw.pop("population"), parents=kw.pop("parents"), mutations=kw.pop("mutations"),
-        mutation_prob=kw.pop("mutation_prob"), crossovers=kw.pop("crossovers"),
-        iterations=kw.pop("iterations"), seed=kw.pop("seed"),
-    )
-
-
-_threads_option = click.option(
-    "--threads", default=1, show_default=True, type=click.IntRange(min=0),
-    help="Torch threads on the host for the fitness (0: torch's default). One is fastest on a "
-         "busy machine and keeps local measurements undisturbed.")
-
-
-def _write_arch(arch, path: str | None) -> None:
+def _write_arch(arch, path: Path | None) -> None:
     if path:
         try:
             arch.save(path)
@@ -72,11 +61,11 @@ def _write_arch(arch, path: str | None) -> None:
               help="SuperTransformer checkpoint whose validation loss ranks SubTransformers ('demo': the bundled one).")
 @click.option("--budget", "budget_ms", type=float, default=None,
               help="Latency budget in ms (predicted). Required unless --pareto.")
-@click.option("--predictor", "predictor_path", default=None,
+@click.option("--predictor", "predictor_path", default=None, type=file_path(),
               help="A saved latency predictor (`hat-edge predictor train ... --out MODEL`).")
 @click.option("--profile", "profile_name", default=None,
               help="Instead of --predictor: fit one now on this device's measurements in --store.")
-@click.option("--store", "store_path", default=None,
+@click.option("--store", "store_path", default=None, type=file_path(),
               help="Latency store for --profile. Default: $HAT_EDGE_STORE or .hat-edge/latency.sqlite.")
 @click.option("--pareto", is_flag=True, help="Rank by (loss, latency) fronts and print the whole front.")
 @click.option("--max-params", type=float, default=None, help="Also require params <= this (millions, HAT's count).")
@@ -84,15 +73,16 @@ def _write_arch(arch, path: str | None) -> None:
               help="Also require estimated model memory (weights + caches, fp32) <= this many MB.")
 @click.option("--valid-sentences", default=200, show_default=True, type=click.IntRange(min=1),
               help="Validation sentences for the fitness (loss).")
-@_threads_option
-@_evolution_options
-@click.option("--out", "out_path", default=None, help="Write the winner here (HAT YAML, or .json).")
+@threads_option
+@_evolution_options("hat")
+@click.option("--out", "out_path", default=None, type=file_path(),
+              help="Write the winner to this file (HAT YAML, or .json).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
-def search_cmd(checkpoint: str, budget_ms: float | None, predictor_path: str | None, profile_name: str | None,
-               store_path: str | None, pareto: bool, max_params: float | None, max_memory_mb: float | None,
-               valid_sentences: int, threads: int, out_path: str | None, as_json: bool, no_progress: bool,
-               **evo: Any) -> None:
+@progress_option()
+def search_cmd(checkpoint: str, budget_ms: float | None, predictor_path: Path | None, profile_name: str | None,
+               store_path: Path | None, pareto: bool, max_params: float | None, max_memory_mb: float | None,
+               valid_sentences: int, threads: int, out_path: Path | None, as_json: bool, progress: bool,
+               search_size: SearchSize, mutation_prob: float, seed: int) -> None:
     """HAT's evolutionary search against a latency predictor (no device needed).
 
     Fitness: the validation loss each SubTransformer inherits from the SuperTransformer. Constraint:
@@ -103,13 +93,13 @@ def search_cmd(checkpoint: str, budget_ms: float | None, predictor_path: str | N
     \b
     Examples:
       hat-edge search --budget 60 --profile local-cpu --out winner.yml
-      hat-edge search --pareto --predictor pi4.json --iterations 10 --json
+      hat-edge search --pareto --predictor pi4.json --search-size hat,iterations=10 --json
     """
+    from hat_edge.app.job import make_fitness, set_host_threads
     from hat_edge.checkpoint import load_checkpoint
     from hat_edge.search.evolution import Constraints, check_constraints, estimate_memory_mb, evolution_search
-    from hat_edge.search.mainjob import make_fitness, set_host_threads
 
-    settings = _evolution(evo)
+    settings = search_size.settings(seed=seed, mutation_prob=mutation_prob)
     set_host_threads(threads)
     if budget_ms is None and not pareto:
         raise UserError("--budget MS is required (or use --pareto to get the loss-vs-latency front)")
@@ -126,7 +116,7 @@ def search_cmd(checkpoint: str, budget_ms: float | None, predictor_path: str | N
     fit = make_fitness(ckpt, valid_sentences)
     res = evolution_search(
         ckpt.space, fit, pred.predict, cons, settings, pareto=pareto, memory_fn=memory_fn,
-        progress=not no_progress, check=False,
+        progress=progress, check=False,
     )
     _write_arch(res.best.arch, out_path)
     if as_json:
@@ -150,7 +140,8 @@ def search_cmd(checkpoint: str, budget_ms: float | None, predictor_path: str | N
         click.echo(f"wrote {out_path}")
 
 
-def _predictor(predictor_path: str | None, profile_name: str | None, store_path: str | None, ckpt: Any) -> Any:
+def _predictor(predictor_path: Path | None, profile_name: str | None, store_path: Path | None,
+               ckpt: Checkpoint) -> LatencyPredictor:
     if predictor_path:
         from hat_edge.latency.predictor import load_predictor
 
@@ -166,11 +157,9 @@ def _predictor(predictor_path: str | None, profile_name: str | None, store_path:
     dev = ProfileDevice(profile, LatencyStore(path))
     measured = {a: ms for a, ms in dev.measured().items() if ckpt.space.contains(a)}
     if len(measured) < 10:
-        from hat_edge.devices.measure import store_settings
-
         raise UserError(
             f"--store {path}: {len(measured)} measurements of space '{ckpt.space.name}' for profile "
-            f"'{profile.name}' with settings {store_settings(profile)}; at least 10 are needed "
+            f"'{profile.name}' with settings {profile.measure_spec().identity()}; at least 10 are needed "
             f"(`hat-edge measure --profile {profile.name} --space {ckpt.space.name} -n 40`)"
         )
     return fit_predictor("default", measured, dev.split(), profile.name)
@@ -197,21 +186,22 @@ def _predictor(predictor_path: str | None, profile_name: str | None, store_path:
 @click.option("--anchors", default=2, show_default=True, type=click.IntRange(min=0),
               help="Initial archs near the budget timed again side by side with each round's candidates; "
                    "how much slower they run now corrects the candidates for the device's drift. 0: off.")
-@click.option("--store", "store_path", default=None,
+@click.option("--store", "store_path", default=None, type=file_path(),
               help="Latency store. Default: $HAT_EDGE_STORE or .hat-edge/latency.sqlite.")
 @click.option("--valid-sentences", default=200, show_default=True, type=click.IntRange(min=1),
               help="Validation sentences for the fitness (loss).")
-@_threads_option
-@_evolution_options
-@click.option("--small", is_flag=True,
-              help="A CPU-sized search (population 40, parents 10, 15 + 15 children, 10 iterations).")
-@click.option("--out", "out_path", default=None, help="Write the winner here (HAT YAML, or .json).")
-@click.option("--trust-new-host", is_flag=True, help=_TRUST_HELP)
+@threads_option
+@_evolution_options("hat")
+@small_alias
+@click.option("--out", "out_path", default=None, type=file_path(),
+              help="Write the winner to this file (HAT YAML, or .json).")
+@click.option("--trust-new-host", is_flag=True, help=TRUST_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@progress_option()
 def loop_cmd(profile_name: str, budget_ms: float, checkpoint: str, rounds: int, top_k: int, tolerance: float,
-             initial: int, explore: int, anchors: int, store_path: str | None, valid_sentences: int, threads: int, small: bool, out_path: str | None,
-             trust_new_host: bool, as_json: bool, no_progress: bool, **evo: Any) -> None:
+             initial: int, explore: int, anchors: int, store_path: Path | None, valid_sentences: int, threads: int,
+             out_path: Path | None, trust_new_host: bool, as_json: bool, progress: bool, search_size: SearchSize,
+             mutation_prob: float, seed: int) -> None:
     """Search, measure the best candidates on the device, refit the predictor, repeat.
 
     Stops when the search's winner measures within --budget (x 1 + --tolerance) on the device, or
@@ -220,31 +210,20 @@ def loop_cmd(profile_name: str, budget_ms: float, checkpoint: str, rounds: int, 
 
     \b
     Examples:
-      hat-edge loop --profile local-cpu --budget 60 --small
+      hat-edge loop --profile local-cpu --budget 60 --search-size small
       hat-edge loop --profile raspberrypi4 --budget 900 --rounds 3 --json > winner.json
     """
-    from hat_edge.checkpoint import load_checkpoint
-    from hat_edge.devices.measure import device_env
-    from hat_edge.devices.profiles import load_profile
-    from hat_edge.latency.store import DEFAULT_STORE_PATH, LatencyStore
-    from hat_edge.search.evolution import EvolutionSettings
-    from hat_edge.search.loop import LoopSettings, ProfileDevice, run_loop
-    from hat_edge.search.mainjob import make_fitness, prepare_profile, set_host_threads
+    from hat_edge.app.job import prepare_job
+    from hat_edge.search.loop import LoopSettings, run_loop
 
-    settings = _evolution(evo)
-    set_host_threads(threads)
-    if small:
-        settings = EvolutionSettings.small(seed=settings.seed)
+    settings = search_size.settings(seed=seed, mutation_prob=mutation_prob)
     ls = LoopSettings(budget_ms=budget_ms, rounds=rounds, top_k=top_k, tolerance=tolerance, initial=initial,
                       evolution=settings, seed=settings.seed, explore=explore, anchors=anchors)
-    profile = load_profile(profile_name)
-    env = device_env(profile, trust_new_host=trust_new_host)  # before any search work
-    ckpt = load_checkpoint(checkpoint)
-    profile = prepare_profile(profile, int(ckpt.model.cfg.vocab_size))
-    store = LatencyStore(store_path or DEFAULT_STORE_PATH)
-    fit = make_fitness(ckpt, valid_sentences)
-    res = run_loop(ckpt.space, fit, ProfileDevice(profile, store), ls, progress=not no_progress,
-                   log=_log, checked_env=env)
+    # The device is checked first, before any search work.
+    job = prepare_job(profile_name, checkpoint, store=store_path, threads=threads, trust_new_host=trust_new_host)
+    profile = job.profile
+    res = run_loop(job.space, job.fitness(valid_sentences), job.device, ls, progress=progress,
+                   log=_log, checked_env=job.env)
     _write_arch(res.winner.arch, out_path)
     if as_json:
         click.echo(json.dumps(res.to_dict()))
@@ -274,18 +253,20 @@ def loop_cmd(profile_name: str, budget_ms: float, checkpoint: str, rounds: int, 
 @click.option("--profile", "profile_name", required=True, help="Device profile (name or .toml file).")
 @click.argument("arch_file", required=False)
 @click.option("--checkpoint", default=None, help="With ARCH_FILE: the checkpoint with the weights ('demo': bundled).")
-@click.option("--bundle", "bundle_dir", default=None, help="Instead of ARCH_FILE: an exported bundle directory.")
+@click.option("--bundle", "bundle_dir", default=None, type=dir_path(),
+              help="Instead of ARCH_FILE: an exported bundle directory.")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None, help="Export int8 (onnxruntime dynamic quantization).")
-@click.option("--out", "out_dir", default=None,
+@click.option("--out-dir", "out_dir", default=None, type=dir_path(),
               help="Where to export the bundle. Default: hat-edge-deploy/<profile>-<arch hash>[-int8].")
+@deprecated_alias("--out", new="--out-dir", dest="out_dir", type=dir_path())
 @click.option("--sentence", "sentences", multiple=True,
               help="Test sentence to translate on the device (repeatable). Default: 3 from the test split.")
 @click.option("--beam", default=5, show_default=True, type=click.IntRange(min=1), help="Beam for the test translations.")
 @click.option("--no-bench", is_flag=True, help="Skip the benchmark.")
-@click.option("--trust-new-host", is_flag=True, help=_TRUST_HELP)
+@click.option("--trust-new-host", is_flag=True, help=TRUST_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def deploy_cmd(profile_name: str, arch_file: str | None, checkpoint: str | None, bundle_dir: str | None,
-               quantize: str | None, out_dir: str | None, sentences: tuple[str, ...], beam: int, no_bench: bool,
+def deploy_cmd(profile_name: str, arch_file: str | None, checkpoint: str | None, bundle_dir: Path | None,
+               quantize: str | None, out_dir: Path | None, sentences: tuple[str, ...], beam: int, no_bench: bool,
                trust_new_host: bool, as_json: bool) -> None:
     """Export, push, verify and benchmark one SubTransformer on a device.
 
@@ -300,8 +281,8 @@ def deploy_cmd(profile_name: str, arch_file: str | None, checkpoint: str | None,
       hat-edge deploy --profile local-cpu winner.yml --checkpoint demo
       hat-edge deploy --profile raspberrypi4 --bundle hat-edge-deploy/pi4-1a2b3c --json
     """
+    from hat_edge.app.deploy import deploy, render_deploy
     from hat_edge.devices.profiles import load_profile
-    from hat_edge.search.deploy import deploy, render_deploy
 
     if arch_file and bundle_dir:
         raise UserError("give ARCH_FILE (with --checkpoint) or --bundle DIR, not both")
@@ -314,8 +295,8 @@ def deploy_cmd(profile_name: str, arch_file: str | None, checkpoint: str | None,
     refs = None
     sents = list(sentences)
     if arch_file:
+        from hat_edge.app.job import prepare_profile
         from hat_edge.checkpoint import load_checkpoint
-        from hat_edge.search.mainjob import prepare_profile
         from hat_edge.space import load_arch
 
         ckpt = load_checkpoint(checkpoint)  # type: ignore[arg-type]
@@ -343,74 +324,4 @@ def deploy_cmd(profile_name: str, arch_file: str | None, checkpoint: str | None,
         sys.exit(1)
 
 
-# ------------------------------------------------------------------------------------------------
-# hat-edge run: the main job
-# ------------------------------------------------------------------------------------------------
-@click.command("run")
-@click.option("--profile", "profile_name", default="local-cpu", show_default=True,
-              help="Device profile (name or .toml file).")
-@click.option("--checkpoint", default="demo", show_default=True, help="SuperTransformer checkpoint ('demo': bundled).")
-@click.option("--budget", "budget_ms", type=float, default=None,
-              help="Latency budget in ms. Default: --budget-percentile of the measured range.")
-@click.option("--budget-percentile", default=40.0, show_default=True, type=float,
-              help="Default budget: this percentile of the initial measurements.")
-@click.option("--initial", default=24, show_default=True, type=click.IntRange(min=5),
-              help="SubTransformers measured before the first search.")
-@click.option("--rounds", default=2, show_default=True, type=click.IntRange(min=1), help="Most loop rounds.")
-@click.option("--top-k", default=3, show_default=True, type=click.IntRange(min=1), help="Candidates measured per round.")
-@click.option("--search-size", type=click.Choice(["quick", "small", "hat"]), default="quick", show_default=True,
-              help="Evolution size: quick (24 x 6), small (40 x 10), or HAT's own (125 x 30).")
-@click.option("--valid-sentences", default=60, show_default=True, type=click.IntRange(min=1),
-              help="Validation sentences for the fitness (loss).")
-@_threads_option
-@click.option("--quantize", type=click.Choice(["int8"]), default=None, help="Deploy the winner as int8.")
-@click.option("--out", "out_dir", default="hat-edge-run", show_default=True,
-              help="Output directory: report.md, plots, report.json, the bundle, the latency store.")
-@click.option("--compare-random", is_flag=True,
-              help="Also run random search with as many fitness evaluations (slower; plotted with the search).")
-@click.option("--seed", default=0, show_default=True, help="Seed of sampling and search.")
-@click.option("--trust-new-host", is_flag=True, help=_TRUST_HELP)
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
-@click.option("--no-progress", is_flag=True, help="No progress bars.")
-def run_cmd(profile_name: str, checkpoint: str, budget_ms: float | None, budget_percentile: float, initial: int,
-            rounds: int, top_k: int, search_size: str, valid_sentences: int, threads: int, quantize: str | None, out_dir: str, compare_random: bool,
-            seed: int, trust_new_host: bool, as_json: bool, no_progress: bool) -> None:
-    """The whole job: measure, fit, search under a budget, deploy, benchmark, report.
-
-    On the default `local-cpu` profile with the bundled demo SuperTransformer this takes a few
-    minutes on 2 cores: it measures a small latency dataset, fits the latency predictor, runs the
-    search-and-measure loop under a budget (by default the 40th percentile of what it measured),
-    exports and deploys the winner through the profile's transport, benchmarks it there, translates
-    a few test sentences, and writes report.md with plots to --out. A second run reuses every
-    measurement in --out/latency.sqlite.
-
-    \b
-    Examples:
-      hat-edge run
-      hat-edge run --budget 50 --out run-50ms
-      hat-edge run --profile raspberrypi4 --checkpoint wmt.pt --search-size hat
-    """
-    from hat_edge.search.evolution import EvolutionSettings
-    from hat_edge.search.mainjob import RunSettings, render_summary, run_main_job
-
-    if budget_ms is not None and budget_ms <= 0:
-        raise UserError(f"--budget must be a positive number of milliseconds, got {budget_ms}")
-    s = RunSettings(
-        profile=profile_name, checkpoint=checkpoint, budget_ms=budget_ms, budget_percentile=budget_percentile,
-        initial=initial, rounds=rounds, top_k=top_k, quantize=quantize, out_dir=out_dir,
-        evolution={"quick": EvolutionSettings.quick, "small": EvolutionSettings.small,
-                   "hat": EvolutionSettings}[search_size](seed=seed),
-        valid_sentences=valid_sentences, threads=threads or None,
-        compare_random=compare_random, seed=seed, trust_new_host=trust_new_host,
-    )
-    argv = " ".join(sys.argv[1:]) if sys.argv and "hat-edge" in Path(sys.argv[0]).name else "run"
-    summary, _, _ = run_main_job(s, progress=not no_progress, log=_log, command=f"hat-edge {argv}")
-    if as_json:
-        click.echo(json.dumps(summary, default=str))
-    else:
-        click.echo(render_summary(summary))
-    if not summary["met"]:
-        sys.exit(1)
-
-
-COMMANDS = [search_cmd, loop_cmd, deploy_cmd, run_cmd]
+COMMANDS = [search_cmd, loop_cmd, deploy_cmd]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import click
 
+from hat_edge.commands._options import dir_path, file_path, progress_option
 from hat_edge.errors import UserError
 
 
@@ -29,11 +31,11 @@ _TC = _defaults()
 @click.option("--test-size", default=_TC.test_size, type=int, help="Pairs held out for testing (seeded split).")
 @click.option("--split-seed", default=_TC.split_seed, type=int, help="Seed of the train/valid/test split.")
 @click.option("--max-len", default=_TC.max_len, type=int, help="Skip training pairs with a side longer than this (tokens).")
-@click.option("--tokenizer", default=None, type=click.Path(dir_okay=False),
+@click.option("--tokenizer", default=None, type=file_path(),
               help="An existing SentencePiece .model (pad=0 unk=1 bos=2 eos=3); default: train one on the training split.")
 @click.option("--vocab-size", default=_TC.vocab_size, type=int, help="Joint vocabulary size when training the tokenizer.")
 @click.option("--space", default=_TC.space, help="Design space: a preset (demo, hat-wmt, hat-iwslt) or a space file.")
-@click.option("--arch", default=None, type=click.Path(dir_okay=False),
+@click.option("--arch", default=None, type=file_path(),
               help="Train this one SubTransformer (arch file) instead of sampling one per step: HAT's final "
               "train-the-winner step. Combine with --init to fine-tune from a SuperTransformer.")
 @click.option("--init", default=None, help="Start from this checkpoint's weights (and tokenizer), e.g. a trained SuperTransformer.")
@@ -57,14 +59,14 @@ _TC = _defaults()
               help="Mixed precision on GPU (auto: bf16 where supported, else fp16 with loss scaling). CPU runs fp32.")
 @click.option("--device", default=_TC.device, type=click.Choice(["auto", "cpu", "cuda"]), help="Where to train.")
 @click.option("--threads", default=None, type=int, help="CPU threads for torch (default: torch's choice).")
-@click.option("--out-dir", default=_TC.out_dir, type=click.Path(file_okay=False), help="Checkpoints, tokenizer and train_log.jsonl go here.")
+@click.option("--out-dir", default=Path(_TC.out_dir), type=dir_path(), help="Checkpoints, tokenizer and train_log.jsonl go here.")
 @click.option("--resume/--no-resume", default=True, help="Continue from OUT_DIR/checkpoint_last.pt if it exists (same data order and RNG).")
 @click.option("--save-every-steps", default=_TC.save_every_steps, type=int, help="Write checkpoint_last.pt every N steps ...")
 @click.option("--save-every-min", default=_TC.save_every_min, type=float, help="... and at least every N minutes.")
 @click.option("--valid-every-steps", default=_TC.valid_every_steps, type=int, help="Validation loss (largest and smallest arch) every N steps; the best goes to checkpoint_best.pt.")
 @click.option("--valid-sentences", default=_TC.valid_sentences, type=int, help="Validation pairs used for that loss.")
 @click.option("--log-every-steps", default=_TC.log_every_steps, type=int, help="Append a training record to train_log.jsonl every N steps.")
-@click.option("--progress/--no-progress", default=True, help="Progress bar on stderr.")
+@progress_option()
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as one JSON object.")
 def train_cmd(resume: bool, as_json: bool, **kw) -> None:
     """Train a SuperTransformer as HAT does: a random SubTransformer every step.
@@ -82,7 +84,8 @@ def train_cmd(resume: bool, as_json: bool, **kw) -> None:
     """
     from hat_edge.train import TrainConfig, train
 
-    cfg = TrainConfig(**kw)
+    # TrainConfig records paths as text (they go into checkpoints and train_log.jsonl).
+    cfg = TrainConfig(**{k: str(v) if isinstance(v, Path) else v for k, v in kw.items()})
     summary = train(cfg, resume=resume)
     if int(os.environ.get("RANK", "0")) != 0:
         return
@@ -99,7 +102,7 @@ def train_cmd(resume: bool, as_json: bool, **kw) -> None:
 
 @click.command("evaluate", context_settings={"show_default": True})
 @click.option("--checkpoint", "ckpt", default="demo", help="A checkpoint file, or 'demo' (the bundled demo SuperTransformer).")
-@click.option("--bundle", default=None, type=click.Path(file_okay=False),
+@click.option("--bundle", default=None, type=dir_path(),
               help="Evaluate an exported bundle directory instead (BLEU only, decoded by the device's own loop; "
               "the corpus is --data, default the checkpoint's).")
 @click.option("--arch", default="largest", help="An arch file, or 'smallest' / 'largest' of the checkpoint's space "
@@ -112,8 +115,10 @@ def train_cmd(resume: bool, as_json: bool, **kw) -> None:
 @click.option("--no-bleu", is_flag=True, help="Loss only (fast).")
 @click.option("--threads", default=None, type=int, help="CPU threads for torch.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (loss, bleu, ...).")
-def evaluate_cmd(ckpt: str, bundle: str | None, arch: str, split: str, data: str | None, tgt_data: str | None,
-                 max_sentences: int | None, beam: int, no_bleu: bool, threads: int | None, as_json: bool) -> None:
+@progress_option(None, when="on, off with --json")
+def evaluate_cmd(ckpt: str, bundle: Path | None, arch: str, split: str, data: str | None, tgt_data: str | None,
+                 max_sentences: int | None, beam: int, no_bleu: bool, threads: int | None, as_json: bool,
+                 progress: bool | None) -> None:
     """Loss and BLEU of one SubTransformer of a trained SuperTransformer (or BLEU of a bundle).
 
     \b
@@ -135,6 +140,7 @@ def evaluate_cmd(ckpt: str, bundle: str | None, arch: str, split: str, data: str
 
     if threads:
         torch.set_num_threads(threads)
+    show = not as_json if progress is None else progress
     if beam < 1:
         raise UserError(f"--beam must be at least 1, got {beam}")
     if bundle is not None:
@@ -144,8 +150,8 @@ def evaluate_cmd(ckpt: str, bundle: str | None, arch: str, split: str, data: str
         corpus = spec.load().get(split)
         if max_sentences is not None:
             corpus = corpus.head(max_sentences)
-        res = bleu(bundle, None, corpus, beam=beam, progress=not as_json)
-        out = {"version": 1, "bundle": bundle, "split": split, "n_sentences": res.n_sentences, "bleu": res.bleu,
+        res = bleu(bundle, None, corpus, beam=beam, progress=show)
+        out = {"version": 1, "bundle": str(bundle), "split": split, "n_sentences": res.n_sentences, "bleu": res.bleu,
                "beam": beam, "bleu_signature": res.signature, "bleu_ms": res.elapsed_ms}
         if as_json:
             click.echo(json.dumps(out))
@@ -159,7 +165,7 @@ def evaluate_cmd(ckpt: str, bundle: str | None, arch: str, split: str, data: str
         base = DataSpec.from_dict(cp.meta["data"]) if cp.meta.get("data") else DataSpec(data)
         spec = DataSpec(data, tgt_data, base.n_valid, base.n_test, base.seed)
     res = evaluate(cp, a, split=split, max_sentences=max_sentences, beam=beam, data=spec, do_bleu=not no_bleu,
-                   progress=not as_json)
+                   progress=show)
     if as_json:
         click.echo(json.dumps(res))
         return

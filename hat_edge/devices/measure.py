@@ -76,11 +76,6 @@ def default_cache_dir() -> Path:
     return (Path(root).expanduser() if root else Path.home() / ".cache" / "hat-edge") / "bundles"
 
 
-def store_settings(profile: DeviceProfile, quantize: str | None = None) -> dict[str, Any]:
-    """The latency store's key for `profile` (`MeasureSpec.identity()`)."""
-    return profile.measure_spec(quantize).identity()
-
-
 def bundle_key(arch: Arch, profile: DeviceProfile, quantize: str | None = None) -> str:
     """Cache key of an exported bundle: what changes the exported files."""
     text = json.dumps(
@@ -749,5 +744,4 @@ __all__ = [
     "measure_many",
     "measure_side_by_side",
     "record_from_result",
-    "store_settings",
 ]

@@ -127,16 +127,16 @@ def check_out_dir(out_dir: str | Path) -> Path:
     """Fail early (before any slow export) when out_dir cannot become a bundle directory."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir}: exists and is not a directory")
+        raise UserError(f"--out-dir {out_dir}: exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
-        raise UserError(f"--out {out_dir}: directory is not empty and holds no bundle; "
+        raise UserError(f"--out-dir {out_dir}: directory is not empty and holds no bundle; "
                         "choose a new or empty directory (an existing bundle is replaced)")
     for parent in out_dir.absolute().parents:
         if parent.exists():
             if not parent.is_dir():
-                raise UserError(f"--out {out_dir}: cannot write there ({parent} is a file)")
+                raise UserError(f"--out-dir {out_dir}: cannot write there ({parent} is a file)")
             if not os.access(parent, os.W_OK | os.X_OK) and not out_dir.is_dir():
-                raise UserError(f"--out {out_dir}: cannot write there ({parent} is not writable)")
+                raise UserError(f"--out-dir {out_dir}: cannot write there ({parent} is not writable)")
             break
     return out_dir
 
@@ -153,7 +153,7 @@ def _prepare_out_dir(out_dir: Path) -> Path:
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a bundle is an ordinary directory
         return tmp
     except OSError as e:
-        raise UserError(f"--out {out_dir}: cannot write there ({e.strerror or e.__class__.__name__})") from None
+        raise UserError(f"--out-dir {out_dir}: cannot write there ({e.strerror or e.__class__.__name__})") from None
 
 
 def _publish(tmp: Path, out_dir: Path) -> None:

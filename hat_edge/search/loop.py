@@ -15,8 +15,9 @@ measurements:
         arch did better
 
 The winner is the lowest-loss candidate whose *measured* latency is within the budget and
-tolerance. The device is anything with `check()` and `measure(archs)`; `ProfileDevice` wraps a
-device profile and the latency store (the devices room), so this module knows nothing of transports.
+tolerance. The device is anything with `check()` and `measure(archs)` (`protocols.Device`), plus
+the optional capabilities of `protocols` that it has; `ProfileDevice` wraps a device profile and
+the latency store (the devices room), so this module knows nothing of transports.
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from hat_edge.errors import UserError
 from hat_edge.search.evolution import (
     CachedFitness,
+    Candidate,
     Constraints,
     EvolutionSettings,
     FitnessFn,
@@ -40,7 +42,18 @@ from hat_edge.search.evolution import (
     check_constraints,
     evolution_search,
 )
+from hat_edge.search.protocols import (
+    AnchoredDevice,
+    Device,
+    LatencyPredictor,
+    SideBySideDevice,
+    SplitDevice,
+)
 from hat_edge.space import Arch, SearchSpace
+
+if TYPE_CHECKING:
+    from hat_edge.devices.profiles import DeviceProfile
+    from hat_edge.latency.store import LatencyRecord, LatencyStore
 
 LOOP_FORMAT = "hat-edge-loop"
 LOOP_VERSION = 1
@@ -49,23 +62,11 @@ LOOP_VERSION = 1
 # --------------------------------------------------------------------------------------------
 # The device, as the loop sees it
 # --------------------------------------------------------------------------------------------
-class Device(Protocol):
-    name: str
-
-    def check(self) -> Mapping[str, Any]:
-        """Connect and describe the device; raise UserError when it cannot be reached."""
-
-    def measure(self, archs: Sequence[Arch], progress: bool = True) -> dict[Arch, float]:
-        """Measured latency (median ms) of each arch; stored ones are not measured again."""
-
-    def measured(self) -> dict[Arch, float]:
-        """Every arch measured on this device with the current settings so far."""
-
-
 class ProfileDevice:
-    """A device profile plus the latency store: the devices room's `measure_archs` underneath."""
+    """A device profile plus the latency store: the devices room's `measure_archs` underneath.
+    A `Device` with every optional capability (`SideBySideDevice`, `AnchoredDevice`, `SplitDevice`)."""
 
-    def __init__(self, profile: Any, store: Any):
+    def __init__(self, profile: DeviceProfile, store: LatencyStore):
         self.profile = profile
         self.store = store
         self.name = profile.name
@@ -106,7 +107,7 @@ class ProfileDevice:
         recs = measure_side_by_side(self.profile, archs, self.store, progress=progress, group=group, anchors=anchors)
         return self._corrected(archs, recs)
 
-    def _corrected(self, archs: Sequence[Arch], recs: Sequence[Any]) -> dict[Arch, float]:
+    def _corrected(self, archs: Sequence[Arch], recs: Sequence[LatencyRecord]) -> dict[Arch, float]:
         out = {r.arch: float(r.corrected_ms) for r in recs if r.arch is not None}
         missing = [a for a in dict.fromkeys(archs) if a not in out]
         if missing:
@@ -116,24 +117,23 @@ class ProfileDevice:
             )
         return out
 
-    def _records(self) -> list[Any]:
-        from hat_edge.devices.measure import store_settings
+    def _records(self) -> list[LatencyRecord]:
 
         recs = self.store.records(
-            device=self.profile.name, runtime=self.profile.runtime, settings=store_settings(self.profile)
+            device=self.profile.name, runtime=self.profile.runtime, settings=self.profile.measure_spec().identity()
         )
         return [r for r in recs if r.arch is not None]
 
     def measured(self) -> dict[Arch, float]:
         """Stored medians, drift-corrected where they were measured against anchors."""
-        return {r.arch: float(r.corrected_ms) for r in self._records()}
+        return {r.arch: float(r.corrected_ms) for r in self._records() if r.arch is not None}
 
     def split(self) -> dict[Arch, tuple[float, float]]:
         """Encoder and decode-loop medians of every stored measurement that has them (corrected)."""
         out = {}
         for r in self._records():
             e, d = r.corrected_split()
-            if e is not None and d is not None:
+            if r.arch is not None and e is not None and d is not None:
                 out[r.arch] = (float(e), float(d))
         return out
 
@@ -255,7 +255,7 @@ class LoopResult:
     device_measurements: int  # models measured by this loop (stored ones not counted)
     fitness_evaluations: int
     wall_ms: float
-    predictor: Any = field(compare=False, default=None)
+    predictor: LatencyPredictor = field(compare=False)  # the last round's, fitted on `measured`
     device_env: Mapping[str, Any] | None = None
 
     @property
@@ -324,8 +324,10 @@ def measure_initial(
         # Side by side where the device can (one runner process times them in rotation): the
         # predictor learns the archs' ratios, which a drifting device keeps; one after another,
         # minutes apart, the same archs gave a predictor 21-43% within 10% instead of 98%.
-        side = getattr(device, "measure_side_by_side", None)
-        measured.update(side(todo, progress=progress) if side else device.measure(todo, progress=progress))
+        if isinstance(device, SideBySideDevice):
+            measured.update(device.measure_side_by_side(todo, progress=progress))
+        else:
+            measured.update(device.measure(todo, progress=progress))
     return measured, init, len(todo)
 
 
@@ -334,14 +336,14 @@ def fit_predictor(
     measured: Mapping[Arch, float],
     split: Mapping[Arch, tuple[float, float]] | None = None,
     device: str | None = None,
-) -> Any:
+) -> LatencyPredictor:
     """A fresh predictor fitted on every measurement; with the encoder/decoder split of each when
     all are known (the default predictor fits the two sides separately: more information per row)."""
     from hat_edge.latency.predictor import make_predictor
 
     archs = list(measured)
     y = np.array([measured[a] for a in archs], dtype=float)
-    kw: dict[str, Any] = {}
+    kw: dict[str, np.ndarray] = {}
     if split is not None and all(a in split for a in archs):
         kw["encoder_ms"] = np.array([split[a][0] for a in archs], dtype=float)
         kw["decoder_ms"] = np.array([split[a][1] for a in archs], dtype=float)
@@ -349,7 +351,7 @@ def fit_predictor(
 
 
 def latency_fn(
-    pred: Any, known: Mapping[Arch, float], optimistic: float | None = None, scale: float = 1.0
+    pred: LatencyPredictor, known: Mapping[Arch, float], optimistic: float | None = None, scale: float = 1.0
 ) -> Callable[[Sequence[Arch]], np.ndarray]:
     """The search's latency: measured where known (a measurement beats any prediction), else
     predicted, for a batch of archs in one predictor call. `optimistic=level`: the low end of the
@@ -361,7 +363,7 @@ def latency_fn(
         unknown = [i for i, a in enumerate(archs) if a not in known]
         if unknown:
             batch = [archs[i] for i in unknown]
-            if optimistic is not None and hasattr(pred, "predict_interval"):
+            if optimistic is not None:
                 v = pred.predict_interval(batch, level=optimistic)[0]
             else:
                 v = pred.predict(batch)
@@ -374,7 +376,7 @@ def latency_fn(
     return latency
 
 
-def p_feasible(pred: Any, archs: Sequence[Arch], budget_ms: float, level: float = 0.9) -> np.ndarray:
+def p_feasible(pred: LatencyPredictor, archs: Sequence[Arch], budget_ms: float, level: float = 0.9) -> np.ndarray:
     """P(measured latency <= budget) per arch, from the predictor's point prediction and central
     `level` interval read as a log-normal with separate spreads below and above the point."""
     from statistics import NormalDist
@@ -415,10 +417,7 @@ def check_constraints_ok(arch: Arch, cons: Constraints, memory_fn: MemoryFn | No
     return True
 
 
-def _interval(pred: Any, archs: Sequence[Arch], level: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
-    if not hasattr(pred, "predict_interval"):
-        p = np.asarray(pred.predict(list(archs)), dtype=float)
-        return p, p
+def _interval(pred: LatencyPredictor, archs: Sequence[Arch], level: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
     lo, hi = pred.predict_interval(list(archs), level=level)
     return np.asarray(lo, dtype=float), np.asarray(hi, dtype=float)
 
@@ -452,10 +451,10 @@ def run_loop(
     rounds: list[RoundReport] = []
     accepted: list[Measured] = []
     searches: list[SearchResult] = []
-    pred = None
+    pred: LatencyPredictor | None = None
     for r in range(1, s.rounds + 1):
-        split_fn = getattr(device, "split", None)
-        pred = fit_predictor(s.predictor, measured, split_fn() if split_fn else None, device.name)
+        split = device.split() if isinstance(device, SplitDevice) else None
+        pred = fit_predictor(s.predictor, measured, split, device.name)
         known = dict(measured)
 
         # The calibration of this round's search: the bias the earlier rounds' picks showed.
@@ -484,7 +483,7 @@ def run_loop(
         # finds lower-loss archs across the budget line; the few with the highest expected
         # improvement, P(measured <= budget) x (loss gain over this round's winner), are measured
         # too (constrained Bayesian optimisation's acquisition, with the predictor's interval).
-        explore: list[Any] = []
+        explore: list[Candidate] = []
         if s.explore > 0:
             parents = [c.arch for c in search.population[: evo.parents]]
             local = replace(evo, population=len(parents), parents=min(evo.parents, len(parents)),
@@ -514,7 +513,7 @@ def run_loop(
         t_meas = time.perf_counter()
         drift = 1.0
         if new:
-            if s.anchors > 0 and hasattr(device, "measure_anchored"):
+            if s.anchors > 0 and isinstance(device, AnchoredDevice):
                 got, drift = device.measure_anchored(new, pick_anchors(measured, init, s.budget_ms, s.anchors),
                                                      progress=progress)
                 if abs(drift - 1) > 0.05:
@@ -606,12 +605,16 @@ def budget_from_measurements(measured: Mapping[Arch, float], percentile: float =
 
 
 __all__ = [
+    "AnchoredDevice",
     "Device",
+    "LatencyPredictor",
     "LoopResult",
     "LoopSettings",
     "Measured",
     "ProfileDevice",
     "RoundReport",
+    "SideBySideDevice",
+    "SplitDevice",
     "budget_from_measurements",
     "fit_predictor",
     "initial_archs",

@@ -26,7 +26,14 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from hat_edge.checkpoint import Checkpoint, load_checkpoint
+from hat_edge.data.tokenizer import Tokenizer
+from hat_edge.devices.measure import device_env, push_runner, run_one_job
+from hat_edge.devices.profiles import DeviceProfile
+from hat_edge.devices.transport import Result, Transport, TransportError, open_transport
 from hat_edge.errors import UserError
+from hat_edge.exporters import export_bundle, load_bundle, verify_bundle
+from hat_edge.exporters import translate as host_translate
 from hat_edge.runtime.formats import FORMAT_OF_RUNTIME
 from hat_edge.space import Arch
 
@@ -66,6 +73,24 @@ class DeployResult:
         return self.files_total - self.files_sent
 
     @property
+    def median_ms(self) -> float | None:
+        """The benchmark's median latency on the device (None without a benchmark)."""
+        return self.bench.get("median_ms")
+
+    @property
+    def p90_ms(self) -> float | None:
+        return self.bench.get("p90_ms")
+
+    @property
+    def cv(self) -> float | None:
+        return self.bench.get("cv")
+
+    @property
+    def quantize(self) -> str | None:
+        """The precision when not fp32 (e.g. "int8"), else None."""
+        return None if self.precision == "fp32" else self.precision
+
+    @property
     def ok(self) -> bool:
         host_ok = self.host_verify is None or bool(self.host_verify.get("passed", True))
         return self.hashes_ok and self.parity and host_ok
@@ -79,7 +104,7 @@ class DeployResult:
             "remote_dir": self.remote_dir,
             "runtime": self.runtime,
             "precision": self.precision,
-            "quantize": None if self.precision == "fp32" else self.precision,
+            "quantize": self.quantize,
             "arch": self.arch.to_dict(),
             "params": self.arch.params(),
             "files_total": self.files_total,
@@ -90,9 +115,9 @@ class DeployResult:
             "ok": self.ok,
             "host_verify": dict(self.host_verify) if self.host_verify is not None else None,
             "translations": [asdict(t) for t in self.translations],
-            "median_ms": self.bench.get("median_ms"),
-            "p90_ms": self.bench.get("p90_ms"),
-            "cv": self.bench.get("cv"),
+            "median_ms": self.median_ms,
+            "p90_ms": self.p90_ms,
+            "cv": self.cv,
             "bench": dict(self.bench),
             "env": dict(self.env),
             "timings_ms": dict(self.timings_ms),
@@ -115,9 +140,7 @@ def _remote_name(manifest: Mapping[str, Any]) -> str:
     return f"{hashlib.sha256(key.encode()).hexdigest()[:16]}-{manifest['runtime']}-{manifest.get('precision', 'fp32')}"
 
 
-def _runner_json(res: Any, what: str) -> dict[str, Any]:
-    from hat_edge.devices.transport import TransportError
-
+def _runner_json(res: Result, what: str) -> dict[str, Any]:
     if res.returncode != 0:
         tail = " | ".join((res.stderr or "").strip().splitlines()[-3:])
         raise TransportError(f"{what}: exit status {res.returncode}: {tail or 'no output'}")
@@ -128,11 +151,11 @@ def _runner_json(res: Any, what: str) -> dict[str, Any]:
 
 
 def deploy(
-    profile: Any,
+    profile: DeviceProfile,
     *,
     bundle: str | Path | None = None,
     arch: Arch | None = None,
-    checkpoint: Any = None,
+    checkpoint: Checkpoint | str | None = None,
     out_dir: str | Path | None = None,
     quantize: str | None = None,
     sentences: Sequence[str] | None = None,
@@ -149,10 +172,6 @@ def deploy(
     a few fixed token-id sources are used instead. `env`: a fresh `device_env` result, when the
     caller has just checked the device (skips the first step).
     """
-    from hat_edge.devices.measure import device_env, push_runner, store_settings
-    from hat_edge.devices.transport import open_transport
-    from hat_edge.exporters import export_bundle, load_bundle, verify_bundle
-    from hat_edge.exporters import translate as host_translate
 
     say = log or (lambda m: print(m, file=sys.stderr))
     if (bundle is None) == (arch is None):
@@ -174,8 +193,8 @@ def deploy(
     tok = None
     host_verify = None
     if arch is not None:
-        from hat_edge.checkpoint import Checkpoint, load_checkpoint
 
+        assert checkpoint is not None  # refused above
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
         ckpt.space.validate(arch, "ARCH_FILE")
         fmt = FORMAT_OF_RUNTIME[profile.runtime]
@@ -191,13 +210,13 @@ def deploy(
         tok = ckpt.tokenizer
         b = load_bundle(path)
     else:
+        assert bundle is not None  # one of bundle and arch, checked above
         b = load_bundle(bundle)  # hashes checked on the host before anything is sent
         if b.runtime != profile.runtime:
             raise UserError(
                 f"--bundle {bundle}: runtime '{b.runtime}' but profile '{profile.name}' uses '{profile.runtime}'"
             )
         if b.tokenizer_file is not None:
-            from hat_edge.data.tokenizer import Tokenizer
 
             tok = Tokenizer.load(b.tokenizer_file)
     local_dir = Path(b.path)
@@ -260,8 +279,9 @@ def deploy(
         bench: dict[str, Any] = {}
         if benchmark:
             t = time.perf_counter()
-            bench = _benchmark(tr, runner, profile, remote_dir)
-            bench["settings"] = store_settings(profile, None if b.precision == "fp32" else b.precision)
+            quantize = None if b.precision == "fp32" else b.precision
+            bench = _benchmark(tr, profile, remote_dir, quantize)
+            bench["settings"] = profile.measure_spec(quantize).identity()
             timings["bench_ms"] = (time.perf_counter() - t) * 1e3
     timings["total_ms"] = (time.perf_counter() - t0) * 1e3
     return DeployResult(
@@ -283,11 +303,8 @@ def deploy(
     )
 
 
-def _benchmark(tr: Any, runner: str, profile: Any, remote_dir: str, quantize: str | None = None) -> dict[str, Any]:
+def _benchmark(tr: Transport, profile: DeviceProfile, remote_dir: str, quantize: str | None = None) -> dict[str, Any]:
     """One runner job with the deployed bundle; returns the result line's statistics."""
-    from hat_edge.devices.measure import run_one_job
-    from hat_edge.devices.transport import TransportError
-
     what = f"{profile.name}: benchmark of the deployed bundle"
     lines = run_one_job(tr, [("deployed", remote_dir)], profile.measure_spec(quantize), what)
     line = next((x for x in lines if x.get("id") == "deployed"), None)

@@ -13,12 +13,17 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
+from hat_edge.app.results import RunSummary
 from hat_edge.search.evolution import SearchResult, pareto_front
 from hat_edge.search.loop import LoopResult
+
+if TYPE_CHECKING:
+    from matplotlib.artist import Artist
+    from matplotlib.figure import Figure
 
 REPORT_VERSION = 1
 PLOTS = ("predicted_vs_measured.png", "search_progress.png", "loss_vs_latency.png")
@@ -44,14 +49,14 @@ def plot_predicted_vs_measured(loop: LoopResult, path: str | Path, device: str =
     cands = {c.arch: c for c in loop.candidates()}
     # The fit data: the final predictor on the measurements it was fitted on (in sample).
     fit_archs = [a for a in loop.measured if a not in cands]
-    if fit_archs and loop.predictor is not None:
+    if fit_archs:
         meas = np.array([loop.measured[a] for a in fit_archs])
         pred = np.asarray(loop.predictor.predict(fit_archs), dtype=float)
         ax.scatter(meas, pred, s=14, c="0.65", label=f"fit data ({len(fit_archs)}, in sample)", zorder=2)
     # The candidates: predicted before they were measured (out of sample), by round.
     from matplotlib.lines import Line2D
 
-    handles: list[Any] = []
+    handles: list[Artist] = []
     for r in loop.rounds:
         col = _ROUND_COLORS[(r.round - 1) % len(_ROUND_COLORS)]
         for kind, marker in (("exploit", "o"), ("explore", "s")):
@@ -133,9 +138,9 @@ def plot_front(
     w = loop.winner
     ax.scatter([w.measured_ms], [w.loss], marker="*", s=260, c="gold", edgecolors="k", zorder=5,
                label=f"winner (measured {w.measured_ms:.1f} ms, loss {w.loss:.3f})")
-    for i, (label, (ms, l)) in enumerate((references or {}).items()):
-        ax.scatter([ms], [l], marker="D", s=50, c=["tab:green", "tab:purple", "tab:brown"][i % 3],
-                   edgecolors="k", zorder=4, label=f"{label} ({ms:.1f} ms, loss {l:.3f})")
+    for i, (label, (ms, loss)) in enumerate((references or {}).items()):
+        ax.scatter([ms], [loss], marker="D", s=50, c=["tab:green", "tab:purple", "tab:brown"][i % 3],
+                   edgecolors="k", zorder=4, label=f"{label} ({ms:.1f} ms, loss {loss:.3f})")
     ax.set_xlabel("latency (ms)")
     ax.set_ylabel("validation loss (lower is better)")
     ax.set_title("Accuracy vs latency: the searched SubTransformers")
@@ -151,7 +156,7 @@ def _limits(vals: Sequence[float]) -> tuple[float, float]:
     return max(0.0, lo - pad), hi + pad
 
 
-def _save(fig: Any, path: str | Path) -> Path:
+def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -165,7 +170,7 @@ def _save(fig: Any, path: str | Path) -> Path:
 # --------------------------------------------------------------------------------------------
 # Markdown
 # --------------------------------------------------------------------------------------------
-def _f(x: Any, nd: int = 2, unit: str = "") -> str:
+def _f(x: float | int | str | None, nd: int = 2, unit: str = "") -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "n/a"
     if isinstance(x, float):
@@ -173,41 +178,41 @@ def _f(x: Any, nd: int = 2, unit: str = "") -> str:
     return f"{x}{unit}"
 
 
-def render_markdown(s: Mapping[str, Any]) -> str:
-    """report.md from the main job's summary (the same dict `--json` prints)."""
-    w, L = s["winner"], s.get("largest") or {}
+def render_markdown(s: RunSummary) -> str:
+    """report.md from the main job's summary (the same result `--json` prints)."""
+    w, L, side = s.winner, s.largest, s.side_by_side
     lines = [
         "# hat-edge report",
         "",
-        f"Device **{s['device']}** ({s.get('device_desc', '')}); checkpoint **{s.get('checkpoint', '')}**, "
-        f"space **{s.get('space', '')}**. Generated {s.get('created_at', '')} in {_f(s.get('wall_s'), 0)} s.",
+        f"Device **{s.device}** ({s.device_desc}); checkpoint **{s.checkpoint}**, "
+        f"space **{s.space}**. Generated {s.created_at} in {_f(s.wall_s, 0)} s.",
         "",
         "## Result",
         "",
         "| | winner | largest SubTransformer |",
         "|---|---|---|",
-        f"| latency budget | {_f(s['budget_ms'])} ms ({s.get('budget_source', '')}) | |",
-        f"| predicted latency | {_f(w.get('predicted_latency_ms'))} ms "
-        f"[{_f(w.get('predicted_lo_ms'))}, {_f(w.get('predicted_hi_ms'))}] | |",
-        f"| measured latency (median) | **{_f(w.get('measured_latency_ms'))} ms** | {_f(L.get('measured_latency_ms'))} ms |",
-        f"| deployed latency (median, bundle on device) | {_f(w.get('deployed_latency_ms'))} ms | |",
-        f"| validation loss | {_f(w.get('loss'), 4)} | {_f(L.get('loss'), 4)} |",
-        f"| BLEU (test, {s.get('bleu_sentences', '?')} sentences, beam {s.get('bleu_beam', '?')}) | "
-        f"{_f(w.get('bleu'), 1)} | {_f(L.get('bleu'), 1)} |",
-        f"| params (HAT convention) | {_f(w.get('params', 0) / 1e6, 3)} M | {_f(L.get('params', 0) / 1e6, 3)} M |",
-        *([f"| side by side (timed in rotation, one process) | {_f(s['side_by_side']['winner_ms'])} ms | "
-           f"{_f(s['side_by_side']['largest_ms'])} ms |"] if s.get("side_by_side") else []),
-        f"| speed-up over the largest{' (side by side)' if s.get('side_by_side') else ''} | "
-        f"**{_f(s.get('speedup'), 2)}x** | 1.00x |",
+        f"| latency budget | {_f(s.budget_ms)} ms ({s.budget_source}) | |",
+        f"| predicted latency | {_f(w.predicted_latency_ms)} ms "
+        f"[{_f(w.predicted_lo_ms)}, {_f(w.predicted_hi_ms)}] | |",
+        f"| measured latency (median) | **{_f(w.measured_latency_ms)} ms** | {_f(L.measured_latency_ms)} ms |",
+        f"| deployed latency (median, bundle on device) | {_f(w.deployed_latency_ms)} ms | |",
+        f"| validation loss | {_f(w.loss, 4)} | {_f(L.loss, 4)} |",
+        f"| BLEU (test, {s.bleu_sentences} sentences, beam {s.bleu_beam}) | "
+        f"{_f(w.bleu, 1)} | {_f(L.bleu, 1)} |",
+        f"| params (HAT convention) | {_f(w.params / 1e6, 3)} M | {_f(L.params / 1e6, 3)} M |",
+        *([f"| side by side (timed in rotation, one process) | {_f(side.winner_ms)} ms | "
+           f"{_f(side.largest_ms)} ms |"] if side else []),
+        f"| speed-up over the largest{' (side by side)' if side else ''} | "
+        f"**{_f(s.speedup, 2)}x** | 1.00x |",
         "",
-        f"Budget met: **{'yes' if s.get('met') else 'NO'}** (measured <= budget x {1 + s.get('tolerance', 0):.2f}). "
-        f"Winner: `{w.get('describe', '')}`.",
+        f"Budget met: **{'yes' if s.met else 'NO'}** (measured <= budget x {1 + s.tolerance:.2f}). "
+        f"Winner: `{w.describe}`.",
         "",
         "## The loop",
         "",
-        f"{s.get('initial_measurements', '?')} initial measurements, then {len(s.get('rounds', []))} round(s); "
-        f"{s.get('device_measurements', '?')} models measured on the device in all, "
-        f"{s.get('fitness_evaluations', '?')} fitness evaluations.",
+        f"{s.initial_measurements} initial measurements, then {len(s.rounds)} round(s); "
+        f"{s.device_measurements} models measured on the device in all, "
+        f"{s.fitness_evaluations} fitness evaluations.",
         "",
         "Each round measures the search's top candidates and a few `explored` ones: archs an optimistic "
         "search (latency at the low end of the predictor's interval) finds with a lower loss. They are "
@@ -220,47 +225,44 @@ def render_markdown(s: Mapping[str, Any]) -> str:
         "| round | fitted on | evaluations | search s | candidates: predicted -> measured ms (loss) | calibration | device drift | met |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in s.get("rounds", []):
+    for r in s.rounds:
         cands = "; ".join(
-            f"{'explored ' if c.get('kind') == 'explore' else ''}{c['predicted_ms']:.1f} -> {c['measured_ms']:.1f} "
-            f"({c['loss']:.3f})" for c in r["candidates"]
+            f"{'explored ' if c.kind == 'explore' else ''}{c.predicted_ms:.1f} -> {c.measured_ms:.1f} "
+            f"({c.loss:.3f})" for c in r.candidates
         )
         lines.append(
-            f"| {r['round']} | {r['fitted_on']} | {r['evaluations']} | {r['search_ms'] / 1e3:.1f} | {cands} | "
-            f"{r.get('calibration', 1.0):.2f}x | {r.get('drift', 1.0):.2f}x | {'yes' if r['met'] else 'no'} |"
+            f"| {r.round} | {r.fitted_on} | {r.evaluations} | {r.search_ms / 1e3:.1f} | {cands} | "
+            f"{r.calibration:.2f}x | {r.drift:.2f}x | {'yes' if r.met else 'no'} |"
         )
-    pe = s.get("predictor_error")
-    if pe:
-        lines += [
-            "",
-            f"Predictor on the candidates, predicted before measuring: mean |error| {_f(pe.get('mape'), 1)}%, "
-            f"{_f(pe.get('within_10'), 0)}% within 10%.",
-        ]
-    rnd = s.get("random_search")
+    pe = s.predictor_error
+    lines += [
+        "",
+        f"Predictor on the candidates, predicted before measuring: mean |error| {_f(pe.mape, 1)}%, "
+        f"{_f(pe.within_10, 0)}% within 10%.",
+    ]
+    rnd = s.random_search
     if rnd:
         lines += [
             "",
-            f"Random search with the same {rnd['evaluations']} evaluations under the same budget: best loss "
-            f"{_f(rnd['best_loss'], 4)} vs evolution {_f(rnd['evolution_best_loss'], 4)}.",
+            f"Random search with the same {rnd.evaluations} evaluations under the same budget: best loss "
+            f"{_f(rnd.best_loss, 4)} vs evolution {_f(rnd.evolution_best_loss, 4)}.",
         ]
-    dep = s.get("deploy")
-    if dep:
-        lines += [
-            "",
-            "## Deployment",
-            "",
-            f"Bundle `{dep.get('bundle', '')}` ({dep.get('runtime', '')}{', ' + dep['quantize'] if dep.get('quantize') else ''}), "
-            f"pushed to `{dep.get('remote_dir', '')}`: {dep.get('files_sent', '?')} file(s) sent, "
-            f"{dep.get('files_skipped', '?')} unchanged. Hashes verified on the device: "
-            f"{'yes' if dep.get('hashes_ok') else 'NO'}; device/host translations identical: "
-            f"{'yes' if dep.get('parity') else 'NO'}. "
-            f"Benchmark there: median {_f(dep.get('median_ms'))} ms, p90 {_f(dep.get('p90_ms'))} ms, CV {_f(dep.get('cv'), 3)}.",
-        ]
-    tr = s.get("translations") or []
-    if tr:
+    dep = s.deploy
+    lines += [
+        "",
+        "## Deployment",
+        "",
+        f"Bundle `{dep.bundle}` ({dep.runtime}{', ' + dep.quantize if dep.quantize else ''}), "
+        f"pushed to `{dep.remote_dir}`: {dep.files_sent} file(s) sent, "
+        f"{dep.files_skipped} unchanged. Hashes verified on the device: "
+        f"{'yes' if dep.hashes_ok else 'NO'}; device/host translations identical: "
+        f"{'yes' if dep.parity else 'NO'}. "
+        f"Benchmark there: median {_f(dep.median_ms)} ms, p90 {_f(dep.p90_ms)} ms, CV {_f(dep.cv, 3)}.",
+    ]
+    if s.translations:
         lines += ["", "## Translations (on the device, winner)", "", "| source | reference | winner |", "|---|---|---|"]
-        for t in tr:
-            lines.append(f"| {_md(t['source'])} | {_md(t['reference'])} | {_md(t['hypothesis'])} |")
+        for t in s.translations:
+            lines.append(f"| {_md(t.source)} | {_md(t.reference)} | {_md(t.device)} |")
     lines += [
         "",
         "## Plots",
@@ -272,21 +274,21 @@ def render_markdown(s: Mapping[str, Any]) -> str:
         "![loss vs latency](loss_vs_latency.png)",
         "",
     ]
-    env = s.get("device_env")
+    env = s.device_env
     if env:
         keep = {k: env[k] for k in ("os", "cpu", "cpu_model", "cores", "memory_mb", "python", "numpy", "onnxruntime", "torch", "governor") if k in env}
         lines += ["## Device environment", "", "```json", json.dumps(keep, indent=1), "```", ""]
-    lines += ["Reproduce: `" + s.get("command", "hat-edge run") + "`", ""]
+    lines += ["Reproduce: `" + s.command + "`", ""]
     return "\n".join(lines)
 
 
-def _md(text: str) -> str:
+def _md(text: str | None) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
 def write_report(
     out_dir: str | Path,
-    summary: Mapping[str, Any],
+    summary: RunSummary,
     loop: LoopResult,
     random: SearchResult | None = None,
     references: Mapping[str, tuple[float, float]] | None = None,
@@ -294,14 +296,17 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [
-        plot_predicted_vs_measured(loop, out / PLOTS[0], device=str(summary.get("device", ""))),
+        plot_predicted_vs_measured(loop, out / PLOTS[0], device=summary.device),
         plot_search_progress(loop, out / PLOTS[1], random=random),
         plot_front(loop, out / PLOTS[2], references=references),
     ]
     md = out / "report.md"
     md.write_text(render_markdown(summary))
     js = out / "report.json"
-    js.write_text(json.dumps({"format": "hat-edge-report", "version": REPORT_VERSION, **summary}, indent=1, default=str) + "\n")
+    # The `--json` object without `report` (the list of these files, not known yet).
+    d = {k: v for k, v in summary.to_dict().items() if k != "report"}
+    report = {"format": "hat-edge-report", "version": REPORT_VERSION, **d}
+    js.write_text(json.dumps(report, indent=1, default=str) + "\n")
     return [md, js, *paths]
 
 

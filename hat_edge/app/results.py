@@ -1,0 +1,192 @@
+"""The main job's typed result (`RunSummary`) and its parts.
+
+`RunSummary.to_dict()` is the JSON that `hat-edge run --json` prints and report.json holds (the
+report without `report`): the same keys as before the result was typed, so scripts keep working.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from hat_edge.app.deploy import DeployResult, Translation
+from hat_edge.search.loop import RoundReport
+from hat_edge.space import Arch
+
+
+@dataclass(frozen=True)
+class WinnerSummary:
+    """The loop's winner: its predictions (made before it was measured), measurements and quality."""
+
+    arch: Arch
+    predicted_latency_ms: float
+    predicted_lo_ms: float
+    predicted_hi_ms: float
+    measured_latency_ms: float
+    deployed_latency_ms: float | None  # the deployed bundle's benchmark median (None: no benchmark)
+    loss: float
+    found_in: str  # "round N" or "earlier measurements"
+    bleu: float
+
+    @property
+    def describe(self) -> str:
+        return self.arch.describe()
+
+    @property
+    def params(self) -> int:
+        return self.arch.params()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "arch": self.arch.to_dict(),
+            "describe": self.describe,
+            "predicted_latency_ms": self.predicted_latency_ms,
+            "predicted_lo_ms": self.predicted_lo_ms,
+            "predicted_hi_ms": self.predicted_hi_ms,
+            "measured_latency_ms": self.measured_latency_ms,
+            "deployed_latency_ms": self.deployed_latency_ms,
+            "loss": self.loss,
+            "found_in": self.found_in,
+            "bleu": self.bleu,
+            "params": self.params,
+        }
+
+
+@dataclass(frozen=True)
+class LargestSummary:
+    """The largest SubTransformer: the baseline of the speed-up."""
+
+    arch: Arch
+    measured_latency_ms: float | None  # None when the loop never measured it
+    loss: float
+    bleu: float
+
+    @property
+    def params(self) -> int:
+        return self.arch.params()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "arch": self.arch.to_dict(),
+            "measured_latency_ms": self.measured_latency_ms,
+            "loss": self.loss,
+            "bleu": self.bleu,
+            "params": self.params,
+        }
+
+
+@dataclass(frozen=True)
+class SideBySide:
+    """The winner and the largest SubTransformer timed in rotation in one runner process."""
+
+    winner_ms: float
+    largest_ms: float
+    speedup: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"winner_ms": self.winner_ms, "largest_ms": self.largest_ms, "speedup": self.speedup}
+
+
+@dataclass(frozen=True)
+class PredictorError:
+    """The predictor on the loop's new candidates, predicted before they were measured."""
+
+    mape: float | None  # mean |error| in %
+    within_10: float | None  # % of candidates within 10%
+    n: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mape": self.mape, "within_10": self.within_10, "n": self.n}
+
+
+@dataclass(frozen=True)
+class RandomComparison:
+    """Random search at the same number of fitness evaluations (`--compare-random`)."""
+
+    evaluations: int
+    best_loss: float
+    evolution_best_loss: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"evaluations": self.evaluations, "best_loss": self.best_loss,
+                "evolution_best_loss": self.evolution_best_loss}
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What `run_main_job` returns: the whole job's result."""
+
+    device: str  # the profile's name
+    device_desc: str
+    checkpoint: str
+    space: str
+    created_at: str  # ISO 8601, UTC
+    command: str  # the command line that reproduces the run
+    budget_ms: float
+    budget_source: str
+    tolerance: float
+    met: bool
+    measured_range_ms: tuple[float, float]  # of the initial dataset
+    winner: WinnerSummary
+    largest: LargestSummary
+    speedup: float | None  # largest / winner: side by side when timed so, else the loop's measurements
+    side_by_side: SideBySide | None
+    bleu_sentences: int
+    bleu_beam: int
+    initial_measurements: int
+    device_measurements: int
+    fitness_evaluations: int
+    rounds: tuple[RoundReport, ...]
+    predictor_error: PredictorError
+    random_search: RandomComparison | None
+    deploy: DeployResult
+    device_env: Mapping[str, Any]  # the runner's `env` JSON
+    store: str
+    timings_s: Mapping[str, float]
+    wall_s: float
+    report: tuple[str, ...] = field(default=())  # files written (report.md, report.json, plots)
+
+    @property
+    def translations(self) -> tuple[Translation, ...]:
+        """The winner's test translations on the device."""
+        return self.deploy.translations
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `--json` object (report.json: the same without `report`)."""
+        return {
+            "device": self.device,
+            "device_desc": self.device_desc,
+            "checkpoint": self.checkpoint,
+            "space": self.space,
+            "created_at": self.created_at,
+            "command": self.command,
+            "budget_ms": self.budget_ms,
+            "budget_source": self.budget_source,
+            "tolerance": self.tolerance,
+            "met": self.met,
+            "measured_range_ms": list(self.measured_range_ms),
+            "winner": self.winner.to_dict(),
+            "largest": self.largest.to_dict(),
+            "speedup": self.speedup,
+            "side_by_side": self.side_by_side.to_dict() if self.side_by_side else None,
+            "bleu_sentences": self.bleu_sentences,
+            "bleu_beam": self.bleu_beam,
+            "initial_measurements": self.initial_measurements,
+            "device_measurements": self.device_measurements,
+            "fitness_evaluations": self.fitness_evaluations,
+            "rounds": [r.to_dict() for r in self.rounds],
+            "predictor_error": self.predictor_error.to_dict(),
+            "random_search": self.random_search.to_dict() if self.random_search else None,
+            "deploy": self.deploy.to_dict(),
+            "translations": [
+                {"source": t.source, "reference": t.reference, "hypothesis": t.device} for t in self.translations
+            ],
+            "device_env": dict(self.device_env),
+            "store": self.store,
+            "timings_s": dict(self.timings_s),
+            "wall_s": self.wall_s,
+            "report": list(self.report),
+        }
+
+
+__all__ = ["LargestSummary", "PredictorError", "RandomComparison", "RunSummary", "SideBySide", "WinnerSummary"]
