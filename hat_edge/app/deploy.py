@@ -285,21 +285,9 @@ def deploy(
             timings["bench_ms"] = (time.perf_counter() - t) * 1e3
     timings["total_ms"] = (time.perf_counter() - t0) * 1e3
     return DeployResult(
-        profile=profile.name,
-        bundle=str(local_dir),
-        remote_dir=remote_dir,
-        runtime=b.runtime,
-        precision=b.precision,
-        arch=b.arch,
-        files_total=len(files),
-        files_sent=sent,
-        hashes_ok=hashes_ok,
-        parity=parity,
-        translations=translations,
-        host_verify=host_verify,
-        bench=bench,
-        env=env,
-        timings_ms=timings,
+        profile=profile.name, bundle=str(local_dir), remote_dir=remote_dir, runtime=b.runtime, precision=b.precision,
+        arch=b.arch, files_total=len(files), files_sent=sent, hashes_ok=hashes_ok, parity=parity,
+        translations=translations, host_verify=host_verify, bench=bench, env=env, timings_ms=timings,
     )
 
 

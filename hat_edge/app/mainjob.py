@@ -25,17 +25,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 
 from hat_edge.app.job import prepare_job
-from hat_edge.app.results import (
-    LargestSummary,
-    PredictorError,
-    RandomComparison,
-    RunSummary,
-    SideBySide,
-    WinnerSummary,
-)
+from hat_edge.app.results import LargestSummary, PredictorError, RandomComparison, RunSummary, SideBySide, WinnerSummary
 from hat_edge.errors import UserError
 from hat_edge.search.evolution import Constraints, EvolutionSettings, SearchResult, random_search
 from hat_edge.search.loop import (
@@ -170,8 +162,7 @@ def run_main_job(
     pair = {r.arch: r.median_ms for r in measure_archs(
         profile, [w.arch, largest], _Scratch(":memory:"), progress=False, interleave=True,
         trust_new_host=s.trust_new_host, quantize=s.quantize)} if w.arch != largest else {}
-    side = (SideBySide(winner_ms=pair[w.arch], largest_ms=pair[largest], speedup=pair[largest] / pair[w.arch])
-            if len(pair) == 2 else None)
+    side = SideBySide.of(pair[w.arch], pair[largest]) if len(pair) == 2 else None
     if side:
         say(f"      side by side: winner {side.winner_ms:.2f} ms, largest {side.largest_ms:.2f} ms "
             f"-> {side.speedup:.2f}x")
@@ -221,11 +212,7 @@ def run_main_job(
         device_measurements=n_new + loop.device_measurements,
         fitness_evaluations=fit.calls,  # after the largest's loss: it counts
         rounds=loop.rounds,
-        predictor_error=PredictorError(
-            mape=float(np.mean(cand_err)) if cand_err else None,
-            within_10=float(np.mean([e <= 10 for e in cand_err]) * 100) if cand_err else None,
-            n=len(cand_err),
-        ),
+        predictor_error=PredictorError.of(cand_err),
         random_search=None if rnd is None else RandomComparison(
             evaluations=rnd.evaluations,
             best_loss=rnd.best.loss,

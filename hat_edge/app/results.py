@@ -6,12 +6,24 @@ report without `report`): the same keys as before the result was typed, so scrip
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Sequence
 
 from hat_edge.app.deploy import DeployResult, Translation
 from hat_edge.search.loop import RoundReport
 from hat_edge.space import Arch
+
+
+class _Plain:
+    """A frozen record of plain values: its JSON object is its fields, in order."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+
+def _with_arch(obj: Any, *keys: str) -> dict[str, Any]:
+    """{"arch": the arch as a dict, then each key's value}, in that order (the --json key order)."""
+    return {"arch": obj.arch.to_dict(), **{k: getattr(obj, k) for k in keys}}
 
 
 @dataclass(frozen=True)
@@ -37,19 +49,8 @@ class WinnerSummary:
         return self.arch.params()
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "arch": self.arch.to_dict(),
-            "describe": self.describe,
-            "predicted_latency_ms": self.predicted_latency_ms,
-            "predicted_lo_ms": self.predicted_lo_ms,
-            "predicted_hi_ms": self.predicted_hi_ms,
-            "measured_latency_ms": self.measured_latency_ms,
-            "deployed_latency_ms": self.deployed_latency_ms,
-            "loss": self.loss,
-            "found_in": self.found_in,
-            "bleu": self.bleu,
-            "params": self.params,
-        }
+        return _with_arch(self, "describe", "predicted_latency_ms", "predicted_lo_ms", "predicted_hi_ms",
+                          "measured_latency_ms", "deployed_latency_ms", "loss", "found_in", "bleu", "params")
 
 
 @dataclass(frozen=True)
@@ -66,50 +67,46 @@ class LargestSummary:
         return self.arch.params()
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "arch": self.arch.to_dict(),
-            "measured_latency_ms": self.measured_latency_ms,
-            "loss": self.loss,
-            "bleu": self.bleu,
-            "params": self.params,
-        }
+        return _with_arch(self, "measured_latency_ms", "loss", "bleu", "params")
 
 
 @dataclass(frozen=True)
-class SideBySide:
+class SideBySide(_Plain):
     """The winner and the largest SubTransformer timed in rotation in one runner process."""
 
     winner_ms: float
     largest_ms: float
     speedup: float
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"winner_ms": self.winner_ms, "largest_ms": self.largest_ms, "speedup": self.speedup}
+    @classmethod
+    def of(cls, winner_ms: float, largest_ms: float) -> "SideBySide":
+        return cls(winner_ms=winner_ms, largest_ms=largest_ms, speedup=largest_ms / winner_ms)
 
 
 @dataclass(frozen=True)
-class PredictorError:
+class PredictorError(_Plain):
     """The predictor on the loop's new candidates, predicted before they were measured."""
 
     mape: float | None  # mean |error| in %
     within_10: float | None  # % of candidates within 10%
     n: int
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"mape": self.mape, "within_10": self.within_10, "n": self.n}
+    @classmethod
+    def of(cls, errors_pct: Sequence[float]) -> "PredictorError":
+        """From each candidate's |error| in % (none: no new candidate was measured)."""
+        if not errors_pct:
+            return cls(mape=None, within_10=None, n=0)
+        return cls(mape=sum(errors_pct) / len(errors_pct),
+                   within_10=100.0 * sum(e <= 10 for e in errors_pct) / len(errors_pct), n=len(errors_pct))
 
 
 @dataclass(frozen=True)
-class RandomComparison:
+class RandomComparison(_Plain):
     """Random search at the same number of fitness evaluations (`--compare-random`)."""
 
     evaluations: int
     best_loss: float
     evolution_best_loss: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"evaluations": self.evaluations, "best_loss": self.best_loss,
-                "evolution_best_loss": self.evolution_best_loss}
 
 
 @dataclass(frozen=True)
