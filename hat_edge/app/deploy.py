@@ -34,7 +34,7 @@ from hat_edge.devices.transport import Result, Transport, TransportError, open_t
 from hat_edge.errors import UserError
 from hat_edge.exporters import export_bundle, load_bundle, verify_bundle
 from hat_edge.exporters import translate as host_translate
-from hat_edge.runtime.formats import FORMAT_OF_RUNTIME
+from hat_edge.runtime.formats import FORMAT_OF_RUNTIME, MANIFEST, PRECISIONS, RUNTIMES
 from hat_edge.space import Arch
 
 DEPLOY_FORMAT = "hat-edge-deploy"
@@ -133,11 +133,17 @@ def default_bundle_dir(profile_name: str, arch: Arch, quantize: str | None) -> P
 def _remote_name(manifest: Mapping[str, Any]) -> str:
     """A stable device dir name for a bundle: same arch, runtime, precision and file set -> same dir,
     so a re-deploy overwrites in place and unchanged files are skipped. The file set is part of the
-    name because the runner rejects a bundle dir holding files its manifest does not list."""
+    name because the runner rejects a bundle dir holding files its manifest does not list. Built
+    from checked parts only: runtime and precision are members of their closed sets (a manifest
+    read by `load_bundle` has them), the rest is a hash."""
+    runtime, precision = manifest["runtime"], manifest.get("precision", "fp32")
+    if runtime not in RUNTIMES or precision not in PRECISIONS:
+        raise UserError(f"bundle manifest: runtime {runtime!r} / precision {precision!r} not allowed "
+                        f"(runtime: {', '.join(RUNTIMES)}; precision: {', '.join(PRECISIONS)})")
     arch = json.dumps(manifest["arch"], sort_keys=True, separators=(",", ":"))
     files = ",".join(sorted(manifest["files"]))
-    key = f"{arch}|{manifest['runtime']}|{manifest.get('precision', 'fp32')}|{files}"
-    return f"{hashlib.sha256(key.encode()).hexdigest()[:16]}-{manifest['runtime']}-{manifest.get('precision', 'fp32')}"
+    key = f"{arch}|{runtime}|{precision}|{files}"
+    return f"{hashlib.sha256(key.encode()).hexdigest()[:16]}-{runtime}-{precision}"
 
 
 def _runner_json(res: Result, what: str) -> dict[str, Any]:
@@ -172,7 +178,6 @@ def deploy(
     a few fixed token-id sources are used instead. `env`: a fresh `device_env` result, when the
     caller has just checked the device (skips the first step).
     """
-
     say = log or (lambda m: print(m, file=sys.stderr))
     if (bundle is None) == (arch is None):
         raise UserError("deploy needs either ARCH_FILE with --checkpoint, or --bundle DIR (not both)")
@@ -193,7 +198,6 @@ def deploy(
     tok = None
     host_verify = None
     if arch is not None:
-
         assert checkpoint is not None  # refused above
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
         ckpt.space.validate(arch, "ARCH_FILE")
@@ -217,7 +221,6 @@ def deploy(
                 f"--bundle {bundle}: runtime '{b.runtime}' but profile '{profile.name}' uses '{profile.runtime}'"
             )
         if b.tokenizer_file is not None:
-
             tok = Tokenizer.load(b.tokenizer_file)
     local_dir = Path(b.path)
     manifest = b.manifest
@@ -237,9 +240,11 @@ def deploy(
         # 3. push (sha256-checked, unchanged files skipped)
         t = time.perf_counter()
         runner = push_runner(tr)
-        remote_dir = tr.join(tr.work_dir, "deployed", _remote_name(manifest))
-        files = sorted(p for p in local_dir.rglob("*") if p.is_file())
-        sent = tr.push_dir(local_dir, remote_dir)
+        remote_dir = tr.work_path("deployed", _remote_name(manifest))
+        # Exactly the bundle's checked files (names plain, listed in its manifest), nothing else in
+        # the directory: not a hidden file, not a link, not generated weights.
+        files = [local_dir / name for name in sorted(manifest["files"])] + [local_dir / MANIFEST]
+        sent = tr.push_many([(f, tr.join(remote_dir, f.name)) for f in files])
         timings["push_ms"] = (time.perf_counter() - t) * 1e3
         say(f"pushed to {profile.name}:{remote_dir}: {sent} file(s) sent, {len(files) - sent} unchanged")
         penv = profile.env_dict

@@ -190,15 +190,22 @@ def device_env(profile: DeviceProfile, trust_new_host: bool = False, timeout: fl
         return env
 
 
+def write_job_files(t: Transport, job: Mapping[str, Any]) -> tuple[str, str, str]:
+    """A fresh job dir under the work dir with its job file (0600: its env may hold private
+    values); returns (job dir, job file, results file) device paths."""
+    job_dir = t.work_path("jobs", f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
+    t.makedirs(job_dir)
+    job_path, out_path = t.join(job_dir, "job.json"), t.join(job_dir, "results.jsonl")
+    t.write_bytes(job_path, (json.dumps(job, indent=1) + "\n").encode(), private=True)
+    return job_dir, job_path, out_path
+
+
 def run_one_job(t: Transport, bundles: Sequence[tuple[str, str]], spec: MeasureSpec,
                 what: str) -> list[dict[str, Any]]:
     """Run one runner job on an open transport and wait for it (deploy's benchmark): write the
     job, run the runner, return its checked result lines; the job dir is removed in every case."""
     runner = runner_remote_path(t)
-    job_dir = t.join(t.work_dir, "jobs", f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
-    t.makedirs(job_dir)
-    job_path, out_path = t.join(job_dir, "job.json"), t.join(job_dir, "results.jsonl")
-    t.write_bytes(job_path, (json.dumps(make_job(bundles, spec), indent=1) + "\n").encode())
+    job_dir, job_path, out_path = write_job_files(t, make_job(bundles, spec))
     try:
         res = t.run([t.python, runner, "run", job_path, "--out", out_path], timeout=spec.timeout_s * len(bundles),
                     env=spec.env_dict)
@@ -372,7 +379,7 @@ class _DeviceWorker:
             known: dict[Path, str] = {}
             for it in todo:
                 local_dir: Path = it.local_dir  # type: ignore[assignment]
-                it.remote_dir = t.join(t.work_dir, "bundles", local_dir.name)
+                it.remote_dir = t.work_path("bundles", local_dir.name)
                 hashes = _manifest_hashes(local_dir)
                 # The bundle's own files only: not weights the runner generated here for a local
                 # measurement of the same export (the device writes its own).
@@ -384,12 +391,9 @@ class _DeviceWorker:
             # checks every bundle file against the manifest's sha256 before it measures, so a
             # damaged bundle upload is that model's error.
             t.push_many(pairs, known_sha256=known, verify={runner})
-        job_dir = t.join(t.work_dir, "jobs", f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
-        t.makedirs(job_dir)
-        job_path, out_path = t.join(job_dir, "job.json"), t.join(job_dir, "results.jsonl")
         job = make_job([(it.id, str(it.remote_dir)) for it in todo], self.spec.with_(interleave=self.interleave))
+        job_dir, job_path, out_path = write_job_files(t, job)
         self._job_dirs.append(job_dir)
-        t.write_bytes(job_path, (json.dumps(job, indent=1) + "\n").encode())
         env = self.p.env_dict
         if self.p.device == "cpu" and self.p.runtime == "onnxruntime":
             env.setdefault("HAT_EDGE_ENV_NO_TORCH", "1")  # the runner's env probe need not import torch

@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import select
 import shlex
 import shutil
@@ -79,6 +80,10 @@ _KILL_SCRIPT = (
     "    if not os.path.exists('/proc/%d'%pid): sys.exit(0)\n"
     "os.kill(pid,signal.SIGKILL)\n"
 )
+
+
+_PLAIN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_OWN_HIDDEN = (".incoming",)  # hidden dirs hat-edge itself makes in the work dir
 
 
 class TransportError(UserError):
@@ -191,7 +196,33 @@ class Transport(ABC):
         """Bytes of a device file from `offset` on (b"" if the file does not exist yet)."""
 
     @abstractmethod
-    def write_bytes(self, remote: str, data: bytes) -> None: ...
+    def write_bytes(self, remote: str, data: bytes, private: bool = False) -> None:
+        """Write a device file; `private`: created 0600 before any byte is written (job files:
+        their env may hold values the board's owner keeps to themselves)."""
+
+    @abstractmethod
+    def _lstat_mode(self, path: str) -> int | None:
+        """lstat's st_mode of a device path, None when it does not exist."""
+
+    def work_path(self, *parts: str) -> str:
+        """A device path under the work dir, built from plain names only (each checked: no '/',
+        no '..', not hidden unless ours) and checked to hold no symbolic link between the work dir
+        and itself, before anything is written there."""
+        for part in parts:
+            if not (part in _OWN_HIDDEN or _PLAIN_RE.match(part or "")):
+                raise TransportError(f"{self.profile.name}: refusing device path part {part!r} "
+                                     "(allowed: letters, digits, '.', '_', '-'; not '..', not hidden)")
+        path = self.join(self.work_dir, *parts)
+        cur = self.work_dir
+        for part in parts:
+            cur = self.join(cur, part)
+            mode = self._lstat_mode(cur)
+            if mode is None:
+                break
+            if statmod.S_ISLNK(mode):
+                raise TransportError(f"{self.profile.name}: {cur} on the device is a symbolic link; "
+                                     f"hat-edge writes only into directories under {self.work_dir} that it made")
+        return path
 
     @abstractmethod
     def makedirs(self, remote: str) -> None: ...
@@ -361,9 +392,20 @@ class LocalTransport(Transport):
         except FileNotFoundError:
             return b""
 
-    def write_bytes(self, remote: str, data: bytes) -> None:
+    def write_bytes(self, remote: str, data: bytes, private: bool = False) -> None:
         Path(remote).parent.mkdir(parents=True, exist_ok=True)
-        Path(remote).write_bytes(data)
+        fd = os.open(remote, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0),
+                     0o600 if private else 0o666)
+        with os.fdopen(fd, "wb") as f:
+            if private:
+                os.fchmod(f.fileno(), 0o600)  # an existing file keeps its mode through O_CREAT
+            f.write(data)
+
+    def _lstat_mode(self, path: str) -> int | None:
+        try:
+            return os.lstat(path).st_mode
+        except FileNotFoundError:
+            return None
 
     def makedirs(self, remote: str) -> None:
         Path(remote).mkdir(parents=True, exist_ok=True)
@@ -724,11 +766,21 @@ class SSHTransport(Transport):
                 return b""
         return self._sftp_call(read)
 
-    def write_bytes(self, remote: str, data: bytes) -> None:
+    def write_bytes(self, remote: str, data: bytes, private: bool = False) -> None:
         def write() -> None:
             with self._sftp.open(remote, "wb") as f:
+                if private:
+                    f.chmod(0o600)  # before the data: never readable by others, not even briefly
                 f.write(data)
         self._sftp_call(write)
+
+    def _lstat_mode(self, path: str) -> int | None:
+        def lstat() -> int | None:
+            try:
+                return self._sftp.lstat(path).st_mode
+            except FileNotFoundError:
+                return None
+        return self._sftp_call(lstat)
 
     def makedirs(self, remote: str) -> None:
         if remote in self._dirs:

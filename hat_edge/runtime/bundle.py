@@ -50,6 +50,14 @@ def plain_name(name: Any) -> bool:
             and "\0" not in name and not name.startswith("."))
 
 
+def _own_temp(name: str, generated: Dict[str, dict]) -> bool:
+    """A generated file's temp name (`.NAME.PID.tmp`) left by a writer that was killed: the only
+    hidden file a bundle dir may hold; it is written again, never read."""
+    parts = name.split(".")
+    return (len(parts) >= 4 and parts[0] == "" and parts[-1] == "tmp" and parts[-2].isdigit()
+            and ".".join(parts[1:-2]) in generated)
+
+
 def bundle_files(bundle_dir: Path) -> List[str]:
     """Every visible file of a bundle dir except manifest.json, sorted. Hidden files (an atomic
     write's temp file) are not the bundle's."""
@@ -69,7 +77,8 @@ def read_manifest(bundle_dir: "str | Path", verify_hashes: bool = True) -> dict:
     Checks: format and version; required fields; runtime and precision in their closed sets;
     every listed file a plain name, present, a regular file (not a link) with its sha256; the
     graphs name listed files; no unlisted file, link or subdirectory in the bundle dir (a file
-    dropped into a bundle is as suspicious as an edited one); generated files well formed.
+    dropped into a bundle is as suspicious as an edited one; a hidden file too, but for a
+    generated file's temp name); generated files well formed.
     """
     d = Path(bundle_dir)
     where = f"bundle {d}"
@@ -119,7 +128,7 @@ def read_manifest(bundle_dir: "str | Path", verify_hashes: bool = True) -> dict:
                 raise RunnerError(f"{where}: sha256 of '{name}' does not match {MANIFEST} (modified or corrupt)")
     generated = check_generated(manifest.get("generated"), where, files)
     for p in sorted(d.iterdir()):
-        if p.name == MANIFEST or p.name.startswith("."):
+        if p.name == MANIFEST or (_own_temp(p.name, generated) and not p.is_symlink() and p.is_file()):
             continue
         if p.is_symlink() or p.is_dir():
             raise RunnerError(f"{where}: '{p.name}' is a {'link' if p.is_symlink() else 'directory'}; "
@@ -205,7 +214,10 @@ def materialize_generated(bundle_dir: "str | Path", manifest: dict) -> int:
         rng = np.random.default_rng(int(spec.get("seed", 0)))
         tmp = d / f".{name}.{os.getpid()}.tmp"
         try:
-            with open(tmp, "wb") as f:
+            tmp.unlink(missing_ok=True)  # a leftover of a killed writer with this pid
+            # O_EXCL | O_NOFOLLOW: never write through a link planted at the temp name
+            fd = os.open(str(tmp), os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            with os.fdopen(fd, "wb") as f:
                 f.truncate(spec["bytes"])
                 for off, nbytes, dtype in spec["tensors"]:
                     size = np.dtype(GENERATED_DTYPES[dtype]).itemsize
