@@ -184,3 +184,128 @@ def test_import_bad_csv_names_column(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="bad.csv: line 2, column 'latency_std_decoder' is 'oops'"):
         store.import_hat_csv(bad, device="x")
     assert store.count() == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# integrity: a damaged file is refused in one line and left as it was
+# ------------------------------------------------------------------------------------------------
+def _filled_store(path: Path, archs) -> int:
+    """A real store of a few hundred pages (HAT's CSV plus measured rows); returns its page size."""
+    with LatencyStore(path) as store:
+        store.import_hat_csv(HAT_DATA / "wmt14ende_cpu_xeon_all.csv", device="xeon")
+        for a in archs:
+            store.add(_rec(a))
+    assert not Path(f"{path}-wal").exists()  # the last close checkpointed everything into the file
+    db = sqlite3.connect(path)
+    page = db.execute("PRAGMA page_size").fetchone()[0]
+    db.close()
+    return page
+
+
+def _damage_middle_pages(path: Path, page: int, how: str = "third") -> None:
+    """Overwrite with 0xA5 the middle third of the file (whole pages: a fresh store has no free
+    pages, each is a table, index or overflow page), or the cells of the latency table's root page
+    (its 12-byte page header kept: quick_check then lists what it finds instead of failing)."""
+    pages = path.stat().st_size // page
+    assert pages >= 30
+    if how == "third":
+        start, end = (pages // 3) * page, 2 * (pages // 3) * page
+    else:
+        db = sqlite3.connect(path)
+        root = db.execute("SELECT rootpage FROM sqlite_master WHERE name='latency'").fetchone()[0]
+        db.close()
+        start, end = (root - 1) * page + 12, root * page
+    with path.open("r+b") as f:
+        f.seek(start)
+        f.write(bytes([0xA5]) * (end - start))
+
+
+def _assert_one_line(msg: str, path: Path) -> None:
+    assert str(path) in msg and "\n" not in msg
+    assert "Traceback" not in msg and "sqlite3." not in msg and "File \"" not in msg
+
+
+@pytest.mark.parametrize("how, says", [
+    ("root", r"damaged latency store \(PRAGMA quick_check: 'On tree page \d+ cell \d+: .+' and \d+ more\)"),
+    ("third", r"not a hat-edge latency store, or a damaged one \(database disk image is malformed\)"),
+])
+def test_a_store_with_damaged_pages_is_refused_unchanged(tmp_path: Path, archs, how, says) -> None:
+    """quick_check either lists the damage or fails outright: refused in one line naming the file
+    either way, before anything is written to it."""
+    path = tmp_path / "lat.sqlite"
+    page = _filled_store(path, archs)
+    _damage_middle_pages(path, page, how)
+    before = path.read_bytes()
+    with pytest.raises(UserError, match=rf"lat.sqlite: {says}; left unchanged") as e:
+        LatencyStore(path)
+    _assert_one_line(str(e.value), path)
+    assert e.value.__cause__ is None and (e.value.__context__ is None or e.value.__suppress_context__)  # no chain shown
+    assert path.read_bytes() == before  # nothing written: not even the WAL switch or a checkpoint
+
+
+def test_a_store_damaged_after_opening_fails_reads_in_one_line(tmp_path: Path, archs) -> None:
+    path = tmp_path / "lat.sqlite"
+    page = _filled_store(path, archs)
+    store = LatencyStore(path)  # passes quick_check; the table's pages are not cached yet
+    _damage_middle_pages(path, page)
+    for read in (store.records, store.count, lambda: store.records(device="xeon")):
+        with pytest.raises(UserError, match="cannot read the latency store") as e:
+            read()
+        _assert_one_line(str(e.value), path)
+    store.close()
+
+
+def test_a_damaged_header_is_refused_unchanged(tmp_path: Path, archs) -> None:
+    path = tmp_path / "lat.sqlite"
+    _filled_store(path, archs)
+    raw = bytearray(path.read_bytes())
+    raw[0:16] = b"not SQLite 3....."[:16]
+    path.write_bytes(raw)
+    with pytest.raises(UserError, match="not a hat-edge latency store, or a damaged one") as e:
+        LatencyStore(path)
+    _assert_one_line(str(e.value), path)
+    assert path.read_bytes() == raw
+
+
+# ------------------------------------------------------------------------------------------------
+# creation under concurrency
+# ------------------------------------------------------------------------------------------------
+N_PROCS, N_ROUNDS = 8, 20
+
+
+def _open_at_once(worker: int, paths: list[str], barrier, results) -> None:
+    arch = PRESETS["demo"].sample_n(1, seed=worker)[0]
+    for path in paths:
+        try:
+            barrier.wait()  # all processes open the same new file at the same moment
+            with LatencyStore(path) as store:
+                store.add(_rec(arch, device=f"w{worker}"))
+            results.put((worker, path, None))
+        except BaseException as e:  # reported to the parent, which fails the test
+            results.put((worker, path, f"{e.__class__.__name__}: {e}"))
+
+
+def test_processes_creating_the_same_new_store_at_once(tmp_path: Path) -> None:
+    """8 processes open one new path at once, 20 times (a fresh path each round): every open
+    succeeds and the store is whole afterwards (was: 'UNIQUE constraint failed: meta.key' or
+    'an SQLite file with other tables' in most rounds, the schema check racing its creation)."""
+    ctx = mp.get_context("spawn")
+    paths = [str(tmp_path / f"round{i}.sqlite") for i in range(N_ROUNDS)]
+    barrier, results = ctx.Barrier(N_PROCS, timeout=120), ctx.Queue()
+    procs = [ctx.Process(target=_open_at_once, args=(w, paths, barrier, results)) for w in range(N_PROCS)]
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=300) for _ in range(N_PROCS * N_ROUNDS)]
+    for p in procs:
+        p.join(60)
+    assert [g for g in got if g[2] is not None] == []
+    assert all(p.exitcode == 0 for p in procs)
+    for path in paths:
+        db = sqlite3.connect(path)
+        assert db.execute("PRAGMA quick_check").fetchall() == [("ok",)]
+        assert db.execute("PRAGMA user_version").fetchone()[0] == STORE_VERSION
+        assert db.execute("SELECT key, value FROM meta ORDER BY key").fetchall() == [
+            ("format", "hat-edge-latency-store"), ("version", str(STORE_VERSION))]
+        db.close()
+        with LatencyStore(path) as store:
+            assert store.devices() == [f"w{w}" for w in range(N_PROCS)]

@@ -6,6 +6,12 @@ and decoder split and the device's environment. Each model is committed the mome
 so a killed process loses at most the model in flight. WAL mode lets a report read the store while
 a measurement writes it.
 
+Opening checks before it writes: an existing file must pass `PRAGMA quick_check` (on a read-only
+connection) and carry this format and version, else a one-line UserError names it and the file is
+left as it was; any SQLite error later is one line too. A new store's schema is created in one
+`BEGIN IMMEDIATE` transaction (idempotent statements, checked under the write lock), so any number
+of processes may open the same new path at once. Every value goes into SQL as a bound parameter.
+
 Rows imported from HAT's latency CSVs carry features only (`arch` is None): HAT published the 10
 averaged features, not the per-layer lists.
 """
@@ -16,13 +22,16 @@ import csv
 import json
 import math
 import os
+import random
 import sqlite3
 import statistics
 import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from hat_edge.errors import UserError
 from hat_edge.runtime.files import read_text
@@ -42,6 +51,8 @@ HAT_CSV_COLUMNS = FEATURE_NAMES + HAT_CSV_LATENCY_COLUMNS
 # HAT's own measurement settings; imported rows are stored under them.
 HAT_SETTINGS: dict[str, Any] = {"src_len": 30, "steps": 30, "beam": 5}
 HAT_RUNTIME = "hat-pytorch"
+# How long a connection waits for another process's lock before giving up.
+_BUSY_TIMEOUT_S = 30.0
 # Where `hat-edge measure` keeps its store unless told otherwise (per project directory).
 DEFAULT_STORE_PATH = os.environ.get("HAT_EDGE_STORE", ".hat-edge/latency.sqlite")
 
@@ -118,8 +129,9 @@ class LatencyRecord:
                 None if self.decoder_ms is None else self.decoder_ms / f)
 
 
-_SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    f"""
 CREATE TABLE IF NOT EXISTS latency (
     id INTEGER PRIMARY KEY,
     device TEXT NOT NULL,
@@ -141,9 +153,9 @@ CREATE TABLE IF NOT EXISTS latency (
     env_json TEXT NOT NULL,
     created_at TEXT NOT NULL,
     UNIQUE (device, arch_key, runtime, settings_json)
-);
-CREATE INDEX IF NOT EXISTS latency_device ON latency (device, runtime);
-"""
+)""",
+    "CREATE INDEX IF NOT EXISTS latency_device ON latency (device, runtime)",
+)
 
 _COLUMNS = (
     "device", "arch_key", "arch_json", "runtime", "settings_json", *FEATURE_NAMES,
@@ -162,28 +174,61 @@ class LatencyStore:
             raise UserError(f"{self.path}: is a directory, expected a latency store file (.sqlite)")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        db = None
         try:
-            self._db = sqlite3.connect(str(self.path), timeout=30.0, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")  # one commit per model: cheap, and survives power loss
-            self._init_schema()
-        except sqlite3.DatabaseError as e:
-            raise UserError(f"{self.path}: not a hat-edge latency store ({e})") from None
+            if self.path.exists() and self.path.stat().st_size > 0:
+                self._check_existing()  # read-only: a damaged or foreign file is refused unchanged
+            db = sqlite3.connect(str(self.path), timeout=_BUSY_TIMEOUT_S, check_same_thread=False)
+            _retry_while_locked(lambda: db.execute("PRAGMA journal_mode=WAL"))
+            db.execute("PRAGMA synchronous=FULL")  # one commit per model: cheap, and survives power loss
+            self._init_schema(db)
+        except BaseException as e:
+            if db is not None:
+                db.close()
+            if isinstance(e, sqlite3.DatabaseError):
+                raise UserError(f"{self.path}: not a hat-edge latency store, or a damaged one ({_one_line(e)})") from None
+            raise
+        self._db = db
 
-    # ---- schema and version ----
-    def _init_schema(self) -> None:
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    # ---- integrity, schema and version ----
+    def _check_existing(self) -> None:
+        """quick_check, format and version on a read-only connection (which can neither write the
+        file nor checkpoint a WAL into it on close). Runs before the read-write connection exists."""
+        ro = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True, timeout=_BUSY_TIMEOUT_S)
+        try:
+            problems = [line.strip() for r in ro.execute("PRAGMA quick_check") for line in str(r[0]).splitlines()
+                        if line.strip() and not line.startswith("***")]  # '*** in database main ***'
+            if problems != ["ok"]:
+                more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
+                raise UserError(
+                    f"{self.path}: damaged latency store (PRAGMA quick_check: {_one_line(problems[0])!r}{more}); "
+                    "left unchanged: restore it from a copy or use a new --store"
+                )
+            self._check_schema_snapshot(ro)
+        except sqlite3.DatabaseError as e:  # quick_check itself may fail: 'database disk image is malformed'
+            raise UserError(
+                f"{self.path}: not a hat-edge latency store, or a damaged one ({_one_line(e)}); left unchanged"
+            ) from None
+        finally:
+            ro.close()
+
+    def _check_schema_snapshot(self, db: sqlite3.Connection) -> bool:
+        """`_check_schema` on one read snapshot (another process may be creating the store)."""
+        db.execute("BEGIN")
+        try:
+            return self._check_schema(db)
+        finally:
+            db.rollback()
+
+    def _check_schema(self, db: sqlite3.Connection) -> bool:
+        """True: a hat-edge store of this version. False: an empty database (a new store). Else UserError."""
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if version == 0 and not tables:
-            with self._db:
-                self._db.executescript(_SCHEMA)
-                self._db.execute("INSERT INTO meta VALUES ('format', ?)", (STORE_FORMAT,))
-                self._db.execute("INSERT INTO meta VALUES ('version', ?)", (str(STORE_VERSION),))
-                self._db.execute(f"PRAGMA user_version = {STORE_VERSION}")
-            return
+            return False
         fmt = None
         if "meta" in tables:
-            row = self._db.execute("SELECT value FROM meta WHERE key='format'").fetchone()
+            row = db.execute("SELECT value FROM meta WHERE key='format'").fetchone()
             fmt = row[0] if row else None
         if fmt != STORE_FORMAT:
             raise UserError(f"{self.path}: not a hat-edge latency store (an SQLite file with other tables)")
@@ -192,6 +237,28 @@ class LatencyStore:
                 f"{self.path}: latency store version {version} is not supported "
                 f"(this hat-edge reads version {STORE_VERSION}); use a matching hat-edge or a new --store"
             )
+        return True
+
+    def _init_schema(self, db: sqlite3.Connection) -> None:
+        """Create the schema of a new store: check and create in one BEGIN IMMEDIATE transaction,
+        so of several processes opening the same new file, one creates and the others then see it."""
+        if self._check_schema_snapshot(db):
+            return  # an existing store: nothing to write
+        db.execute("BEGIN IMMEDIATE")  # the write lock (waits up to the busy timeout)
+        try:
+            if not self._check_schema(db):  # still empty now that this connection holds the lock
+                for stmt in _SCHEMA:
+                    db.execute(stmt)
+                db.executemany(
+                    "INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)",
+                    [("format", STORE_FORMAT), ("version", str(STORE_VERSION))],
+                )
+                db.execute(f"PRAGMA user_version = {int(STORE_VERSION)}")
+                self._check_schema(db)
+            db.commit()
+        except BaseException:
+            db.rollback()
+            raise
 
     def close(self) -> None:
         with self._lock:
@@ -213,10 +280,18 @@ class LatencyStore:
         verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
         sql = f"{verb} INTO latency ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
         rows = [self._row(rec, key) for rec, key in items]
-        with self._lock, self._db:
+        with self._lock, self._sql_errors("cannot write to"), self._db:
             before = self._db.total_changes
             self._db.executemany(sql, rows)
             return self._db.total_changes - before
+
+    @contextmanager
+    def _sql_errors(self, doing: str) -> Iterator[None]:
+        """Any SQLite error (a damaged page, a full disk, a lock held too long) as one line."""
+        try:
+            yield
+        except sqlite3.DatabaseError as e:
+            raise UserError(f"{self.path}: {doing} the latency store ({_one_line(e)})") from None
 
     @staticmethod
     def _row(rec: LatencyRecord, key: str) -> tuple[Any, ...]:
@@ -260,20 +335,26 @@ class LatencyStore:
         return self._select(" AND ".join(where), tuple(args))
 
     def count(self, device: str | None = None) -> int:
-        with self._lock:
+        with self._lock, self._sql_errors("cannot read"):
             if device is None:
                 return self._db.execute("SELECT COUNT(*) FROM latency").fetchone()[0]
             return self._db.execute("SELECT COUNT(*) FROM latency WHERE device=?", (device,)).fetchone()[0]
 
     def devices(self) -> list[str]:
-        with self._lock:
+        with self._lock, self._sql_errors("cannot read"):
             return [r[0] for r in self._db.execute("SELECT DISTINCT device FROM latency ORDER BY device")]
 
     def _select(self, where: str, args: tuple[Any, ...]) -> list[LatencyRecord]:
-        sql = f"SELECT {', '.join(_COLUMNS)} FROM latency WHERE {where} ORDER BY id"
-        with self._lock:
+        sql = f"SELECT id, {', '.join(_COLUMNS)} FROM latency WHERE {where} ORDER BY id"
+        with self._lock, self._sql_errors("cannot read"):
             rows = self._db.execute(sql, args).fetchall()
-        return [self._record(dict(zip(_COLUMNS, r))) for r in rows]
+        out = []
+        for r in rows:
+            try:
+                out.append(self._record(dict(zip(_COLUMNS, r[1:]))))
+            except (ValueError, TypeError, KeyError) as e:  # JSON damaged in place (quick_check reads no values)
+                raise UserError(f"{self.path}: latency row {r[0]} is damaged ({e.__class__.__name__})") from None
+        return out
 
     @staticmethod
     def _record(r: dict[str, Any]) -> LatencyRecord:
@@ -366,6 +447,27 @@ def mean_10_90(xs: Iterable[float]) -> float:
     lo, hi = int(len(s) * 0.1), int(math.ceil(len(s) * 0.9))
     part = s[lo:hi] or s
     return sum(part) / len(part)
+
+
+def _retry_while_locked(op: Callable[[], Any], timeout_s: float | None = None) -> Any:
+    """Run `op`, retrying while SQLite answers 'database is locked' without waiting itself: switching
+    a new file to WAL while other processes open it returns SQLITE_BUSY at once (the busy handler
+    is skipped where waiting could deadlock)."""
+    deadline = time.monotonic() + (_BUSY_TIMEOUT_S if timeout_s is None else timeout_s)
+    delay = 0.005
+    while True:
+        try:
+            return op()
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() >= deadline:
+                raise
+        time.sleep(delay * (0.5 + random.random()))
+        delay = min(delay * 2, 0.2)
+
+
+def _one_line(e: object) -> str:
+    """An SQLite message (quick_check's can span lines) as one short line."""
+    return " ".join(str(e).split())[:300]
 
 
 def _num(x: float | None) -> float | None:
