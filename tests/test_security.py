@@ -261,3 +261,28 @@ def test_profile_env_values_reach_no_store_result_report_or_log(good_bundle, tmp
         mode = t._lstat_mode(job_path)
         t.remove(job_dir)
     assert mode is not None and mode & 0o777 == 0o600
+
+
+def test_job_env_is_applied_from_the_job_file_before_numpy(tmp_path, monkeypatch) -> None:
+    """The runner takes the profile's env from the 0600 job file, before it imports numpy or a
+    runtime: no value needs to ride on the device's command line."""
+    import zipfile
+
+    from hat_edge.runtime import pack
+    from hat_edge.runtime.job import MeasureSpec, apply_job_env, write_job
+
+    job = write_job(tmp_path / "job.json", [("a", "nowhere")], MeasureSpec(env=(("HAT_TEST_VAR", SENTINEL),)))
+    assert job.stat().st_mode & 0o777 == 0o600
+    monkeypatch.delenv("HAT_TEST_VAR", raising=False)
+    apply_job_env(["run", str(job), "--out", "x"])
+    assert os.environ["HAT_TEST_VAR"] == SENTINEL
+    main = zipfile.ZipFile(pack.build_runner()).read("__main__.py").decode()
+    assert main.index("apply_job_env(sys.argv[1:])") < main.index("hat_edge.runtime.runner")
+    # What the entry point imports before the env is set (job and its own imports) needs no numpy.
+    import ast
+
+    for name in ("job", "files", "formats", "errors"):
+        tree = ast.parse((Path(pack.__file__).parent / f"{name}.py").read_text())
+        mods = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        mods |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0}
+        assert not {m for m in mods if m.split(".")[0] in ("numpy", "onnxruntime", "torch")}, name

@@ -251,7 +251,7 @@ def deploy(
 
         # 4. hashes, checked by the device itself
         t = time.perf_counter()
-        res = tr.run([tr.python, runner, "check", remote_dir], timeout=120, env=penv)
+        res = tr.run([tr.python, runner, "check", remote_dir], timeout=120)  # hashing needs no env
         timings["check_ms"] = (time.perf_counter() - t) * 1e3
         if res.returncode != 0:
             why = " | ".join(res.stderr.strip().splitlines()[-2:]) or f"exit status {res.returncode}"

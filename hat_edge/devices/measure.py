@@ -207,8 +207,7 @@ def run_one_job(t: Transport, bundles: Sequence[tuple[str, str]], spec: MeasureS
     runner = runner_remote_path(t)
     job_dir, job_path, out_path = write_job_files(t, make_job(bundles, spec))
     try:
-        res = t.run([t.python, runner, "run", job_path, "--out", out_path], timeout=spec.timeout_s * len(bundles),
-                    env=spec.env_dict)
+        res = t.run([t.python, runner, "run", job_path, "--out", out_path], timeout=spec.timeout_s * len(bundles))
         text = t.read_from(out_path).decode("utf-8", "replace")
     finally:
         t.remove(job_dir)
@@ -394,9 +393,11 @@ class _DeviceWorker:
         job = make_job([(it.id, str(it.remote_dir)) for it in todo], self.spec.with_(interleave=self.interleave))
         job_dir, job_path, out_path = write_job_files(t, job)
         self._job_dirs.append(job_dir)
-        env = self.p.env_dict
+        # The profile's env travels in the 0600 job file (the runner applies it before importing
+        # anything), not on the device's command line.
+        env: dict[str, str] = {}
         if self.p.device == "cpu" and self.p.runtime == "onnxruntime":
-            env.setdefault("HAT_EDGE_ENV_NO_TORCH", "1")  # the runner's env probe need not import torch
+            env["HAT_EDGE_ENV_NO_TORCH"] = "1"  # the runner's env probe need not import torch
         log_path = t.join(job_dir, "runner.log")
         proc = t.spawn([t.python, runner, "run", job_path, "--out", out_path], env=env, log_path=log_path)
         by_id = {it.id: it for it in todo}

@@ -2,6 +2,9 @@
 
 import sys
 
-from .runner import main
+from .job import apply_job_env
+
+apply_job_env(sys.argv[1:])  # before numpy is imported
+from .runner import main  # noqa: E402
 
 sys.exit(main())

@@ -221,6 +221,18 @@ def read_job(path: Union[str, Path]) -> Tuple[List[dict], dict]:
     return bundles, settings
 
 
+def apply_job_env(argv: Sequence[str]) -> None:
+    """For `run JOB ...`, set the job's env before numpy or a runtime is imported (a job's
+    OMP_NUM_THREADS and friends must reach every library at its import). The env travels in the
+    0600 job file, never on a command line. A bad job is left to `run_job`, which reports it."""
+    if len(argv) >= 2 and argv[0] == "run":
+        try:
+            spec, _ = MeasureSpec.from_job(read_job(argv[1])[1])
+        except RunnerError:
+            return
+        os.environ.update(spec.env_dict)
+
+
 # ------------------------------------------------------------------------------------------------
 # result lines
 # ------------------------------------------------------------------------------------------------

@@ -27,14 +27,18 @@ from .envinfo import collect_env, get_throttled, temperature_c, throttled_during
 from .errors import RunnerError
 from .formats import RESULT_VERSION
 from .job import MeasureSpec, done_ids, read_job, result_settings
+from .lock import BoardLock, lock_status
 from .timing import _reset_peak_rss, measure, measure_interleaved, peak_rss_mb
 
 
 def run_job(job_path: Union[str, Path], out_path: Union[str, Path], resume: bool = False,
-            log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> int:
+            log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
+            lock: Optional[str] = None, wait: bool = True, owner: str = "") -> int:
     """Measure every bundle of a job; append one JSON line per bundle, flushed and fsynced at once.
 
-    Returns the number of bundles that failed. A job-level problem raises RunnerError.
+    Returns the number of bundles that failed. A job-level problem raises RunnerError. `lock`:
+    the board's lock file (`runtime.lock`), held from before the first model is loaded until the
+    last result is written; `wait=False` fails at once when another runner holds it.
     """
     job_path = Path(job_path)
     bundles, raw = read_job(job_path)
@@ -50,6 +54,19 @@ def run_job(job_path: Union[str, Path], out_path: Union[str, Path], resume: bool
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     skip = done_ids(out) if resume else set()
+    board = None
+    if lock:
+        board = BoardLock(lock, job=str(job_path.parent), out=str(out), host=owner).acquire(wait=wait, on_wait=log)
+    try:
+        return _measure_all(job_path, bundles, settings, unknown, out, skip, log)
+    finally:
+        if board is not None:
+            board.release()
+
+
+def _measure_all(job_path: Path, bundles: List[dict], settings: MeasureSpec, unknown: List[str], out: Path,
+                 skip: set, log: Callable[[str], None]) -> int:
+    """The body of `run_job`, under the board lock."""
     env = collect_env()
     settings_out = result_settings(settings)
     failures = 0
@@ -60,7 +77,8 @@ def run_job(job_path: Union[str, Path], out_path: Union[str, Path], resume: bool
             f.flush()
             os.fsync(f.fileno())  # a board that reboots keeps every finished line
 
-        def record(bid: str, model: Model, manifest: dict, res: dict, rss_scope: str, thr: tuple, temps: tuple) -> dict:
+        def record(bid: str, model: Model, manifest: dict, res: dict, rss_scope: str, thr: tuple, temps: tuple,
+                   window: tuple) -> dict:
             rec = {
                 "version": RESULT_VERSION,
                 "id": bid,
@@ -76,6 +94,8 @@ def run_job(job_path: Union[str, Path], out_path: Union[str, Path], resume: bool
                 "temperature_c": list(temps),
                 "env": env,
                 "ignored_settings": unknown,
+                "timed_from": window[0],  # wall clock (epoch s) of the first and last timed run
+                "timed_to": window[1],
             }
             if rec["cv"] > 0.1:
                 log(f"runner: {bid}: CV {rec['cv']:.2f} is high; the machine may be busy")
@@ -113,6 +133,7 @@ def run_job(job_path: Union[str, Path], out_path: Union[str, Path], resume: bool
             if opened:
                 rss_scope = "process"  # all models are loaded together
                 thr0, temp0 = get_throttled(), temperature_c()
+                t0 = time.time()
                 try:
                     results = measure_interleaved([m for _, _, m, _ in opened], settings)
                 except Exception as e:
@@ -120,8 +141,9 @@ def run_job(job_path: Union[str, Path], out_path: Union[str, Path], resume: bool
                         fail(i, bid, e)
                     return failures
                 thr1, temp1 = get_throttled(), temperature_c()
+                t1 = time.time()
                 for (i, bid, model, manifest), res in zip(opened, results):
-                    emit(record(bid, model, manifest, res, rss_scope, (thr0, thr1), (temp0, temp1)))
+                    emit(record(bid, model, manifest, res, rss_scope, (thr0, thr1), (temp0, temp1), (t0, t1)))
                     log(f"runner: [{i + 1}/{len(bundles)}] {bid}: median {res['median_ms']:.1f} ms "
                         f"({len(res['runs'])} runs in rotation with {len(opened) - 1} other(s))")
             return failures
@@ -134,9 +156,11 @@ def run_job(job_path: Union[str, Path], out_path: Union[str, Path], resume: bool
                 model, manifest = load(b)
                 rss_scope = "bundle" if _reset_peak_rss() else "process"
                 thr0, temp0 = get_throttled(), temperature_c()
+                t0 = time.time()
                 res = measure(model, settings)
+                t1 = time.time()
                 thr1, temp1 = get_throttled(), temperature_c()
-                emit(record(bid, model, manifest, res, rss_scope, (thr0, thr1), (temp0, temp1)))
+                emit(record(bid, model, manifest, res, rss_scope, (thr0, thr1), (temp0, temp1), (t0, t1)))
                 log(f"runner: [{i + 1}/{len(bundles)}] {bid}: median {res['median_ms']:.1f} ms "
                     f"({len(res['runs'])} runs, {res['warmup']} warm-up)")
                 del model
@@ -153,6 +177,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     r.add_argument("job")
     r.add_argument("--out", required=True, help="results file (JSON lines, appended)")
     r.add_argument("--resume", action="store_true", help="skip ids already measured in --out")
+    r.add_argument("--lock", default=None, help="the board's lock file: one runner times at a time")
+    r.add_argument("--no-wait", action="store_true", help="with --lock: fail at once if another runner holds it")
+    r.add_argument("--owner", default="", help="the host that started this runner (recorded in the lock)")
+    ls = sub.add_parser("lock-status", help="print whether a live runner holds a board lock, and who (JSON)")
+    ls.add_argument("lock")
     t = sub.add_parser("translate", help="decode token ids with a bundle, print JSON")
     t.add_argument("bundle")
     t.add_argument("--src", action="append", required=True, help="space-separated ids (repeatable)")
@@ -167,8 +196,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(json.dumps(collect_env()))
             return 0
         if args.cmd == "run":
-            failures = run_job(args.job, args.out, resume=args.resume)
+            failures = run_job(args.job, args.out, resume=args.resume, lock=args.lock, wait=not args.no_wait,
+                               owner=args.owner)
             return 1 if failures else 0
+        if args.cmd == "lock-status":
+            print(json.dumps(lock_status(args.lock)))
+            return 0
         if args.cmd == "check":
             m = read_manifest(args.bundle)
             print(json.dumps({"ok": True, "runtime": m["runtime"], "files": sorted(m["files"])}))
