@@ -7,6 +7,7 @@ commands or groups; this module collects them. User mistakes (`UserError`) print
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 
 import click
@@ -74,7 +75,20 @@ def _register() -> None:
 _register()
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def stop_on_signals() -> None:
+    """SIGTERM and SIGHUP (a closed terminal or laptop lid, `kill`) stop a command the way Ctrl-C
+    does: every path that started a runner stops it and tidies its job dir on the way out."""
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None:
+            signal.signal(sig, _interrupt)
+
+
 def main(argv: list[str] | None = None) -> int:
+    stop_on_signals()
     try:
         cli.main(args=argv, prog_name="hat-edge", standalone_mode=True)
     except SystemExit as e:

@@ -168,10 +168,13 @@ def _env_warnings(p, env: dict[str, Any]) -> list[str]:
 @click.option("--group", default=12, show_default=True, type=click.IntRange(min=3),
               help="With --side-by-side: models open at once (anchors included); mind a board's memory.")
 @click.option("--trust-new-host", is_flag=True, help=_TRUST_HELP)
+@click.option("--no-wait", is_flag=True,
+              help="If another runner is timing on the board (one runner per board), fail at once naming it "
+                   "instead of waiting for it.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary per device.")
 @progress_option()
 def measure_cmd(profiles: tuple[str, ...], space_name: str, n: int, seed: int, store_path: Path | None,
-                batch_size: int, side_by_side: bool, group: int, trust_new_host: bool, as_json: bool,
+                batch_size: int, side_by_side: bool, group: int, trust_new_host: bool, no_wait: bool, as_json: bool,
                 progress: bool) -> None:
     """Sample N SubTransformers and measure their latency on each device into the store.
 
@@ -179,6 +182,11 @@ def measure_cmd(profiles: tuple[str, ...], space_name: str, n: int, seed: int, s
     by the on-device runner at the profile's settings (HAT's: 30 source tokens, 30 decoder steps,
     beam 5), and committed to the store the moment it finishes. Resumable: run the same command
     again after a crash, a reboot or a dropped link and only the missing models are measured.
+
+    One runner per board: a runner waits while another one times on the same board (or, with
+    --no-wait, this command fails at once naming it). Results a killed command's runner left on
+    the board are stored before anything is measured, never measured twice. Ctrl-C, SIGTERM and
+    SIGHUP stop the runner on the device too.
 
     \b
     Examples:
@@ -197,19 +205,22 @@ def measure_cmd(profiles: tuple[str, ...], space_name: str, n: int, seed: int, s
     store = LatencyStore(store_path or DEFAULT_STORE_PATH)
     before = {p.name: sum(store.has(p.name, a, p.runtime, p.measure_spec().identity()) for a in archs) for p in profs}
     errors: dict[str, int] = {p.name: 0 for p in profs}
+    adopted = [0]
 
     def on_error(err) -> None:
         errors[err.device] += 1
 
     results = measure_many(profs, archs, store, progress=progress, trust_new_host=trust_new_host,
-                           batch_size=batch_size, on_error=on_error, side_by_side=side_by_side, group=group)
+                           batch_size=batch_size, on_error=on_error, side_by_side=side_by_side, group=group,
+                           no_wait=no_wait, on_adopt=lambda n: adopted.__setitem__(0, adopted[0] + n))
     summary = []
     for p in profs:
         recs = results[p.name]
         med = [r.corrected_ms for r in recs]  # anchored records on their anchors' scale
         summary.append({
             "device": p.name, "runtime": p.runtime, "archs": len(archs), "stored_before": before[p.name],
-            "measured": len(recs) - before[p.name], "failed": errors[p.name],
+            "measured": len(recs) - before[p.name] - (adopted[0] if len(profs) == 1 else 0),
+            "adopted": adopted[0] if len(profs) == 1 else None, "failed": errors[p.name],
             "median_ms_min": min(med) if med else None, "median_ms_max": max(med) if med else None,
             "median_cv": statistics.median([r.cv for r in recs if r.cv is not None]) if recs else None,
             "store": str(store.path),

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import statistics
 import sys
 import threading
@@ -47,8 +48,25 @@ from hat_edge.latency.store import LatencyRecord, LatencyStore, utc_now
 from hat_edge.model import SubTransformer
 from hat_edge.runtime import pack
 from hat_edge.runtime.errors import RunnerError
-from hat_edge.runtime.formats import FORMAT_OF_RUNTIME, MANIFEST
-from hat_edge.runtime.job import MeasureSpec, make_job, parse_result_line, parse_result_lines, read_result
+from hat_edge.runtime.formats import (
+    FORMAT_OF_RUNTIME,
+    JOB_FILE,
+    JOB_HOST_FILE,
+    JOBS_DIR,
+    MANIFEST,
+    RESULTS_FILE,
+    RUNNER_LOG,
+)
+from hat_edge.runtime.job import (
+    MeasureSpec,
+    make_job,
+    make_job_host,
+    parse_result_line,
+    parse_result_lines,
+    read_job_host,
+    read_result,
+)
+from hat_edge.runtime.lock import LOCK_FILE, describe
 from hat_edge.space import Arch
 
 log = logging.getLogger(__name__)
@@ -190,12 +208,28 @@ def device_env(profile: DeviceProfile, trust_new_host: bool = False, timeout: fl
         return env
 
 
-def write_job_files(t: Transport, job: Mapping[str, Any]) -> tuple[str, str, str]:
+def owner_tag() -> str:
+    """Who starts a runner: `host:pid` of this process (recorded in the board lock and job notes)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def runner_argv(t: Transport, job_path: str, out_path: str, wait: bool = True) -> list[str]:
+    """`python runner.pyz run JOB --out RESULTS` holding the board lock (one runner at a time)."""
+    argv = [t.python, runner_remote_path(t), "run", job_path, "--out", out_path,
+            "--lock", t.work_path(LOCK_FILE), "--owner", owner_tag()]
+    return argv if wait else [*argv, "--no-wait"]
+
+
+def write_job_files(t: Transport, job: Mapping[str, Any],
+                    note: Mapping[str, Any] | None = None) -> tuple[str, str, str]:
     """A fresh job dir under the work dir with its job file (0600: its env may hold private
-    values); returns (job dir, job file, results file) device paths."""
-    job_dir = t.work_path("jobs", f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
+    values) and, when given, the host's note (`job-host.json`: what its results are, so a later
+    command can store them if this one dies); returns (job dir, job file, results file)."""
+    job_dir = t.work_path(JOBS_DIR, f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}")
     t.makedirs(job_dir)
-    job_path, out_path = t.join(job_dir, "job.json"), t.join(job_dir, "results.jsonl")
+    job_path, out_path = t.join(job_dir, JOB_FILE), t.join(job_dir, RESULTS_FILE)
+    if note is not None:
+        t.write_bytes(t.join(job_dir, JOB_HOST_FILE), json.dumps(note).encode(), private=True)
     t.write_bytes(job_path, (json.dumps(job, indent=1) + "\n").encode(), private=True)
     return job_dir, job_path, out_path
 
@@ -204,10 +238,9 @@ def run_one_job(t: Transport, bundles: Sequence[tuple[str, str]], spec: MeasureS
                 what: str) -> list[dict[str, Any]]:
     """Run one runner job on an open transport and wait for it (deploy's benchmark): write the
     job, run the runner, return its checked result lines; the job dir is removed in every case."""
-    runner = runner_remote_path(t)
     job_dir, job_path, out_path = write_job_files(t, make_job(bundles, spec))
     try:
-        res = t.run([t.python, runner, "run", job_path, "--out", out_path], timeout=spec.timeout_s * len(bundles))
+        res = t.run(runner_argv(t, job_path, out_path), timeout=spec.timeout_s * len(bundles))
         text = t.read_from(out_path).decode("utf-8", "replace")
     finally:
         t.remove(job_dir)
@@ -219,6 +252,115 @@ def run_one_job(t: Transport, bundles: Sequence[tuple[str, str]], spec: MeasureS
         tail = " | ".join(res.stderr.strip().splitlines()[-3:]) or "no output"
         raise TransportError(f"{what}: the runner failed (exit {res.returncode}): {tail}")
     return lines
+
+
+# --------------------------------------------------------------------------------------------
+# Jobs left behind: adopted, never measured twice, never run beside
+# --------------------------------------------------------------------------------------------
+ORPHAN_AGE_S = 120.0  # a job of another host's command, with no runner, untouched this long: its host is gone
+_ADOPTED: set[tuple[str, str]] = set()  # (profile, work dir) adopted in this process already
+
+
+def _owner_alive(owner: Any) -> bool:
+    """Is the command that started a job (`host:pid`) still running? Known only on this host;
+    elsewhere it is presumed alive (never take a live command's job)."""
+    host, _, pid = str(owner).rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    if int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _list_jobs(t: Transport, runner: str, what: str) -> dict[str, Any]:
+    res = t.run([t.python, runner, "list-jobs", t.work_dir], timeout=DEFAULT_LIST_TIMEOUT_S)
+    if res.returncode != 0:
+        tail = " | ".join(res.stderr.strip().splitlines()[-3:])
+        raise TransportError(f"{what}: listing jobs failed (exit {res.returncode}): {tail or 'no output'}")
+    return _last_json_line(res.stdout, what)
+
+
+DEFAULT_LIST_TIMEOUT_S = 120.0
+
+
+def adopt_orphans(t: Transport, store: LatencyStore, say: Callable[[str], None] | None = None,
+                  stop: bool = False, poll_s: float = 1.0) -> int:
+    """Jobs a dead command left on the board (kill -9, a closed lid, a lost link): a runner still
+    timing one is waited for (or, with `stop`, stopped), the results it finished are stored under
+    the job's own device, runtime and settings (its `job-host.json`), and its job dir is removed.
+    A live command's job is left alone (its runner holds the lock; ours will wait for it).
+    Starts no runner. Returns the number of records stored."""
+    name = t.profile.name
+    say = say or (lambda m: print(m, file=sys.stderr, flush=True))
+    runner = push_runner(t)
+    data = _list_jobs(t, runner, f"{name}: adopting left-over jobs")
+    said = False
+    while True:
+        lock = data.get("lock") if isinstance(data.get("lock"), dict) else {}
+        holder = lock.get("holder") if lock.get("held") and isinstance(lock.get("holder"), dict) else None
+        if holder is None or _owner_alive(holder.get("host")):
+            break
+        if stop and isinstance(holder.get("pid"), int):
+            say(f"{name}: stopping the orphaned {describe(holder)}")
+            t.kill_stale(holder["pid"], str(holder.get("out") or RESULTS_FILE))
+        elif not said:
+            say(f"{name}: waiting for the orphaned {describe(holder)} to finish; its results will be stored")
+            said = True
+        time.sleep(poll_s)
+        data = _list_jobs(t, runner, f"{name}: adopting left-over jobs")
+    live = holder.get("job") if holder else None
+    stored = 0
+    for job in data.get("jobs") or []:
+        where = f"{name}: {job.get('dir')}/{JOB_HOST_FILE}"
+        if not isinstance(job, dict) or job.get("dir") == live or job.get("host") is None:
+            continue  # running for a live command, or not ours to read (older hat-edge): `device clean`
+        try:
+            note = read_job_host(job["host"], where)
+        except RunnerError as e:
+            log.warning("%s; left in place", e)
+            continue
+        host_of_owner = note["owner"].rpartition(":")[0]
+        if _owner_alive(note["owner"]) and (host_of_owner == socket.gethostname()
+                                            or float(job.get("age_s") or 0.0) < ORPHAN_AGE_S):
+            continue
+        lines = parse_result_lines(str(job.get("results") or ""), where)
+        for res in lines:
+            arch_d = note["archs"].get(res["id"])
+            if "error" in res or arch_d is None:
+                continue
+            arch = Arch.from_dict(arch_d, where)
+            stored += store.add(_record(note["device"], note["runtime"], arch, res, note["settings"]))
+        say(f"{name}: stored {stored} result(s) a stopped command left in {job['dir']}")
+        t.remove(str(job["dir"]))
+    return stored
+
+
+def _adopt(profile: DeviceProfile, store: LatencyStore, kw: Mapping[str, Any]) -> int:
+    """`adopt_once` into a real store (a scratch `:memory:` store is not where results belong)."""
+    if str(store.path) == ":memory:":
+        return 0
+    n = adopt_once(profile, store, bool(kw.get("trust_new_host", False)))
+    if n and kw.get("on_adopt") is not None:
+        kw["on_adopt"](n)
+    return n
+
+
+def adopt_once(profile: DeviceProfile, store: LatencyStore, trust_new_host: bool = False,
+               say: Callable[[str], None] | None = None) -> int:
+    """`adopt_orphans` once per profile and work dir in this process (before its first measurement)."""
+    key = (profile.name, profile.resolved_work_dir)
+    if key in _ADOPTED:
+        return 0
+    with open_transport(profile, trust_new_host=trust_new_host) as t:
+        n = adopt_orphans(t, store, say)
+    _ADOPTED.add(key)
+    return n
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,20 +377,25 @@ class _Item:
 def record_from_result(profile: DeviceProfile, arch: Arch, res: Mapping[str, Any],
                        settings: Mapping[str, Any]) -> LatencyRecord:
     """A runner result line (docs/CONTRACTS.md, checked by `runtime.job.read_result`) as a LatencyRecord."""
+    return _record(profile.name, profile.runtime, arch, res, settings)
+
+
+def _record(device: str, runtime: str, arch: Arch, res: Mapping[str, Any], settings: Mapping[str, Any]) -> LatencyRecord:
     try:
-        res = read_result(res, profile.name)
+        res = read_result(res, device)
     except RunnerError as e:
         raise UserError(str(e)) from None
     if "error" in res:
-        raise UserError(f"{profile.name}: result {res['id']!r} is an error line: {res['error']}")
+        raise UserError(f"{device}: result {res['id']!r} is an error line: {res['error']}")
     env = dict(res.get("env") or {})
     env["measurement"] = {
-        k: res.get(k) for k in ("warmup", "warmup_stable", "timing", "peak_rss_mb", "throttled", "temperature_c", "settings") if k in res
+        k: res.get(k) for k in ("warmup", "warmup_stable", "timing", "peak_rss_mb", "throttled", "temperature_c",
+                                "settings", "timed_from", "timed_to") if k in res
     }
     if isinstance(res.get("warmup_ms"), list):  # time spent running the model before the timed runs
         env["measurement"]["warmup_total_ms"] = float(sum(float(x) for x in res["warmup_ms"]))
     return LatencyRecord(
-        device=profile.name, arch=arch, features=tuple(arch.features()), runtime=profile.runtime,
+        device=device, arch=arch, features=tuple(arch.features()), runtime=runtime,
         settings=dict(settings), median_ms=float(res["median_ms"]), mean_10_90_ms=float(res["mean_10_90_ms"]),
         p90_ms=float(res["p90_ms"]), iqr_ms=float(res["iqr_ms"]), cv=float(res["cv"]),
         runs=tuple(res["runs"]), encoder_ms=_opt(res.get("encoder_median_ms")),
@@ -289,6 +436,7 @@ class _DeviceWorker:
     on_record: Callable[[LatencyRecord], None] | None
     on_error: Callable[[MeasureError], None] | None
     cancel: threading.Event = field(default_factory=threading.Event)
+    no_wait: bool = False  # another runner holds the board: fail at once instead of waiting
     interleave: bool = False  # time the whole batch in rotation (measure_archs(interleave=True))
     done: dict[str, LatencyRecord] = field(default_factory=dict, init=False)
     errors: list[MeasureError] = field(default_factory=list, init=False)
@@ -391,17 +539,20 @@ class _DeviceWorker:
             # damaged bundle upload is that model's error.
             t.push_many(pairs, known_sha256=known, verify={runner})
         job = make_job([(it.id, str(it.remote_dir)) for it in todo], self.spec.with_(interleave=self.interleave))
-        job_dir, job_path, out_path = write_job_files(t, job)
+        note = make_job_host(self.p.name, self.p.runtime, self.settings, owner_tag(),
+                             {it.id: it.arch.to_dict() for it in todo})
+        job_dir, job_path, out_path = write_job_files(t, job, note)
         self._job_dirs.append(job_dir)
         # The profile's env travels in the 0600 job file (the runner applies it before importing
         # anything), not on the device's command line.
         env: dict[str, str] = {}
         if self.p.device == "cpu" and self.p.runtime == "onnxruntime":
             env["HAT_EDGE_ENV_NO_TORCH"] = "1"  # the runner's env probe need not import torch
-        log_path = t.join(job_dir, "runner.log")
-        proc = t.spawn([t.python, runner, "run", job_path, "--out", out_path], env=env, log_path=log_path)
+        log_path = t.join(job_dir, RUNNER_LOG)
+        proc = t.spawn(runner_argv(t, job_path, out_path, wait=not self.no_wait), env=env, log_path=log_path)
         by_id = {it.id: it for it in todo}
         offset, buf = 0, b""
+        log_offset = 0
         last = time.monotonic()
         # In rotation every result arrives at the end: the per-model silence limit covers them all.
         timeout = self.spec.timeout_s * (len(todo) if self.interleave else 1)
@@ -420,6 +571,13 @@ class _DeviceWorker:
                     if lines:
                         self._handle_lines(lines.decode("utf-8", "replace"), by_id, finished)
                         last = time.monotonic()
+                    elif offset == 0:  # nothing yet: the runner may be waiting for the board
+                        said = t.read_from(log_path, log_offset)
+                        log_offset += len(said)
+                        for msg in said.decode("utf-8", "replace").splitlines():
+                            if "board busy" in msg:
+                                self._say(f"{self.p.name}: {msg.removeprefix('runner: ')}")
+                                last = time.monotonic()  # waiting for the board is not a stuck model
                 if rc is not None:
                     break
                 if self.cancel.is_set():  # Ctrl-C in the main thread: stop the runner, tidy up
@@ -441,10 +599,15 @@ class _DeviceWorker:
             # and stop the orphan before measuring the rest.
             self._stale = (out_path, proc.pid, offset - len(buf), proc.marker)  # from the last whole line
             raise
+        except BaseException:  # Ctrl-C, SIGTERM/SIGHUP (as KeyboardInterrupt), any error: stop the runner
+            proc.kill()
+            raise
         unfinished = [it for it in todo if it.id not in finished]
         if unfinished:
             err = t.read_from(log_path).decode("utf-8", "replace")
             tail = " | ".join(err.strip().splitlines()[-3:]) or "no output"
+            if offset == 0 and rc != 0 and "the board is busy" in tail:  # --no-wait
+                raise UserError(f"{self.p.name}: {tail.rpartition('runner: error: ')[2]}")
             if offset == 0 and rc != 0:  # not one line: the runner itself cannot run there
                 raise TransportError(
                     f"{self.p.name}: the runner failed before measuring anything (exit {rc}): {tail}; "
@@ -486,6 +649,13 @@ class _DeviceWorker:
                 self.bar.update(1)
             if self.on_record is not None:
                 self.on_record(rec)
+
+    def _say(self, msg: str) -> None:
+        log.info(msg)
+        if self.bar is not None:
+            self.bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr, flush=True)
 
     def _fail(self, it: _Item, error: str) -> None:
         err = MeasureError(self.p.name, it.arch, error)
@@ -537,6 +707,8 @@ def measure_archs(
     on_record: Callable[[LatencyRecord], None] | None = None,
     on_error: Callable[[MeasureError], None] | None = None,
     interleave: bool = False,
+    no_wait: bool = False,
+    on_adopt: Callable[[int], None] | None = None,
 ) -> list[LatencyRecord]:
     """Measure each arch not yet stored for this device and settings; return a record per arch
     (stored or new), in input order. `interleave`: all of them in one batch, timed in rotation
@@ -545,17 +717,28 @@ def measure_archs(
 
     Exports are cached in `cache_dir` (default `default_cache_dir()`) and deleted once stored,
     unless `keep_exports`. `on_record` is called after each commit (in the worker's thread).
+
+    One runner per board: before its first measurement on a board, a process stores what a dead
+    command's runner finished there (`adopt_orphans`, waiting for one still timing); its own
+    runner then waits for the board lock, or with `no_wait` fails at once naming the holder.
     """
     settings = profile.measure_spec(quantize).identity()
     unique = list(dict.fromkeys(archs))
-    have: dict[str, LatencyRecord] = {}
-    todo: list[Arch] = []
-    for a in unique:
-        rec = store.get(profile.name, a, profile.runtime, settings)
-        if rec is None:
-            todo.append(a)
-        else:
-            have[a.to_json()] = rec
+
+    def split() -> tuple[dict[str, LatencyRecord], list[Arch]]:
+        have: dict[str, LatencyRecord] = {}
+        todo: list[Arch] = []
+        for a in unique:
+            rec = store.get(profile.name, a, profile.runtime, settings)
+            if rec is None:
+                todo.append(a)
+            else:
+                have[a.to_json()] = rec
+        return have, todo
+
+    have, todo = split()
+    if todo and _adopt(profile, store, {"trust_new_host": trust_new_host, "on_adopt": on_adopt}):
+        have, todo = split()
     bar = None
     if todo:
         from tqdm.auto import tqdm
@@ -571,6 +754,7 @@ def measure_archs(
         quantize=quantize, seed=seed,
         reconnect_tries=reconnect_tries, backoff_s=backoff_s, poll_s=poll_s, bar=bar,
         on_record=on_record, on_error=on_error, cancel=cancel or threading.Event(), interleave=interleave,
+        no_wait=no_wait,
     )
     try:
         if todo:
@@ -602,6 +786,8 @@ def measure_anchored(
     settings = profile.measure_spec(kw.get("quantize")).identity()
     unique = list(dict.fromkeys(archs))
     have = {a: store.get(profile.name, a, profile.runtime, settings) for a in unique}
+    if any(r is None for r in have.values()) and _adopt(profile, store, kw):
+        have = {a: store.get(profile.name, a, profile.runtime, settings) for a in unique}
     todo = [a for a in unique if have[a] is None]
     new = set(todo)
     anchors = {a: float(v) for a, v in anchors.items() if a not in new and v > 0}
@@ -645,6 +831,8 @@ def measure_side_by_side(
     settings = profile.measure_spec(kw.get("quantize")).identity()
     unique = list(dict.fromkeys(archs))
     todo = [a for a in unique if not store.has(profile.name, a, profile.runtime, settings)]
+    if todo and _adopt(profile, store, kw):
+        todo = [a for a in unique if not store.has(profile.name, a, profile.runtime, settings)]
     stored = [r for r in store.records(device=profile.name, runtime=profile.runtime, settings=settings)
               if r.arch is not None]
 

@@ -18,6 +18,12 @@ JOB_FORMAT = "hat-edge-job"
 JOB_VERSION = 1
 RESULT_VERSION = 1
 MANIFEST = "manifest.json"
+# The host's note in each job dir (`job-host.json`): which device, runtime, store key and archs
+# the job's ids stand for, so a later command can store the results of a job whose host died.
+JOB_HOST_FORMAT = "hat-edge-job-host"
+JOB_HOST_VERSION = 1
+JOB_FILE, RESULTS_FILE, JOB_HOST_FILE, RUNNER_LOG = "job.json", "results.jsonl", "job-host.json", "runner.log"
+JOBS_DIR = "jobs"
 
 # Closed sets. A runtime runs the graphs of exactly one export format.
 RUNTIMES: Tuple[str, ...] = ("onnxruntime", "torchscript")

@@ -18,13 +18,27 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .errors import RunnerError
 from .files import read_text
-from .formats import DEVICES, JOB_FORMAT, JOB_VERSION, ORT_OPT_LEVELS, QUANTIZE, RESULT_VERSION, RUNTIMES
+from .formats import (
+    DEVICES,
+    JOB_FORMAT,
+    JOB_HOST_FILE,
+    JOB_HOST_FORMAT,
+    JOB_HOST_VERSION,
+    JOB_VERSION,
+    JOBS_DIR,
+    ORT_OPT_LEVELS,
+    QUANTIZE,
+    RESULT_VERSION,
+    RESULTS_FILE,
+    RUNTIMES,
+)
 
 # Fields of MeasureSpec the host keeps to itself: they shape the exported models (vocab_size,
 # quantize) or the host's patience (timeout_s); a job file does not carry them.
@@ -219,6 +233,60 @@ def read_job(path: Union[str, Path]) -> Tuple[List[dict], dict]:
     if not isinstance(settings, dict):
         raise RunnerError(f"{p}: field 'settings' must be an object")
     return bundles, settings
+
+
+def make_job_host(device: str, runtime: str, identity: Mapping[str, Any], owner: str,
+                  archs: Mapping[str, Any]) -> Dict[str, Any]:
+    """The host's note beside a job (`job-host.json`): the store key of its results and the arch
+    (as a dict) each bundle id stands for, and who started it (`host:pid`)."""
+    return {"format": JOB_HOST_FORMAT, "version": JOB_HOST_VERSION, "device": device, "runtime": runtime,
+            "settings": dict(identity), "owner": owner, "archs": dict(archs)}
+
+
+def read_job_host(data: Any, where: str) -> Dict[str, Any]:
+    """A `job-host.json` object, checked (RunnerError names the field)."""
+    if not isinstance(data, dict) or data.get("format") != JOB_HOST_FORMAT:
+        raise RunnerError(f"{where}: field 'format' must be '{JOB_HOST_FORMAT}'")
+    if data.get("version") != JOB_HOST_VERSION:
+        raise RunnerError(f"{where}: field 'version' is {data.get('version')!r}, this hat-edge reads "
+                          f"version {JOB_HOST_VERSION}")
+    for key, typ in (("device", str), ("runtime", str), ("settings", dict), ("owner", str), ("archs", dict)):
+        if not isinstance(data.get(key), typ):
+            raise RunnerError(f"{where}: field '{key}' must be a {typ.__name__}")
+    if data["runtime"] not in RUNTIMES:
+        raise RunnerError(f"{where}: field 'runtime' is {data['runtime']!r}, allowed: {', '.join(RUNTIMES)}")
+    if not all(isinstance(k, str) and isinstance(v, dict) for k, v in data["archs"].items()):
+        raise RunnerError(f"{where}: field 'archs' must map bundle ids to arch objects")
+    return data
+
+
+def list_jobs(work_dir: str) -> List[Dict[str, Any]]:
+    """Every job dir under `work_dir/jobs` (links skipped, never followed): its path, its host
+    note as parsed JSON (None when missing or unreadable), its results file's text, and `age_s`:
+    seconds since anything in it last changed."""
+    root = os.path.join(work_dir, JOBS_DIR)
+    out: List[Dict[str, Any]] = []
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except FileNotFoundError:
+        return out
+    for e in entries:
+        if not e.is_dir(follow_symlinks=False):
+            continue
+        note: Any = None
+        try:
+            note = json.loads(read_text(os.path.join(e.path, JOB_HOST_FILE)))
+        except (RunnerError, json.JSONDecodeError):
+            pass
+        try:
+            results = read_text(os.path.join(e.path, RESULTS_FILE))
+        except RunnerError:
+            results = ""
+        mtimes = [e.stat(follow_symlinks=False).st_mtime]
+        for f in os.scandir(e.path):
+            mtimes.append(f.stat(follow_symlinks=False).st_mtime)
+        out.append({"dir": e.path, "host": note, "results": results, "age_s": time.time() - max(mtimes)})
+    return out
 
 
 def apply_job_env(argv: Sequence[str]) -> None:

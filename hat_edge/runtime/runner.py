@@ -26,8 +26,8 @@ from .bundle import read_manifest
 from .envinfo import collect_env, get_throttled, temperature_c, throttled_during
 from .errors import RunnerError
 from .formats import RESULT_VERSION
-from .job import MeasureSpec, done_ids, read_job, result_settings
-from .lock import BoardLock, lock_status
+from .job import MeasureSpec, done_ids, list_jobs, read_job, result_settings
+from .lock import LOCK_FILE, BoardLock, lock_status
 from .timing import _reset_peak_rss, measure, measure_interleaved, peak_rss_mb
 
 
@@ -182,6 +182,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     r.add_argument("--owner", default="", help="the host that started this runner (recorded in the lock)")
     ls = sub.add_parser("lock-status", help="print whether a live runner holds a board lock, and who (JSON)")
     ls.add_argument("lock")
+    lj = sub.add_parser("list-jobs", help="the board's lock status and its job dirs with their results (JSON)")
+    lj.add_argument("work_dir")
     t = sub.add_parser("translate", help="decode token ids with a bundle, print JSON")
     t.add_argument("bundle")
     t.add_argument("--src", action="append", required=True, help="space-separated ids (repeatable)")
@@ -199,6 +201,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             failures = run_job(args.job, args.out, resume=args.resume, lock=args.lock, wait=not args.no_wait,
                                owner=args.owner)
             return 1 if failures else 0
+        if args.cmd == "list-jobs":
+            print(json.dumps({"lock": lock_status(os.path.join(args.work_dir, LOCK_FILE)),
+                              "jobs": list_jobs(args.work_dir)}))
+            return 0
         if args.cmd == "lock-status":
             print(json.dumps(lock_status(args.lock)))
             return 0

@@ -1,0 +1,199 @@
+"""One runner per board: interrupted, killed and concurrent commands, against the suite's real
+sshd on loopback and the local profile. Each test runs the real `hat-edge measure` command in a
+subprocess (the way a user's terminal does), interrupts or kills it, and looks at the board's
+process list, its lock and the latency store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+MEAS = {"warmup": 1, "min_repeats": 3, "min_time_s": 2.0, "vocab_size": 1000, "timeout_s": 120.0}
+
+
+def _toml(fields: dict, meas: dict) -> str:
+    def v(x):
+        return json.dumps(x) if isinstance(x, str) else str(x)
+    lines = [f"{k} = {v(x)}" for k, x in fields.items() if x is not None]
+    return "\n".join(lines + ["", "[measurement]"] + [f"{k} = {v(x)}" for k, x in meas.items()]) + "\n"
+
+
+@pytest.fixture
+def board(request, tmp_path, sshd_server, ssh_profile):
+    """(profile file, work dir) for 'ssh' (the loopback sshd, the board venv) or 'local'."""
+    work = tmp_path / "board-work"
+    if request.param == "ssh":
+        p = ssh_profile(sshd_server)
+        fields = {"name": "loop", "transport": "ssh", "host": p.host, "port": p.port, "user": p.user,
+                  "identity_file": p.identity_file, "known_hosts": p.known_hosts, "python": p.python,
+                  "work_dir": str(work), "threads": 1}
+    else:
+        fields = {"name": "loop", "transport": "local", "work_dir": str(work), "threads": 1}
+    path = tmp_path / "loop.toml"
+    path.write_text(_toml(fields, MEAS))
+    return path, work
+
+
+def _measure(tmp: Path, profile: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "HAT_EDGE_CACHE": str(tmp / "cache"), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "hat_edge", "measure", "--profile", str(profile), "--store", str(tmp / "lat.sqlite"),
+           "--batch-size", "2", "--no-progress", "--json", *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+
+
+def _rows(store: Path) -> list[tuple]:
+    if not store.exists():
+        return []
+    try:
+        with sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=5) as db:
+            return db.execute("SELECT arch_key, settings_json, env_json FROM latency").fetchall()
+    except sqlite3.OperationalError:  # not created yet
+        return []
+
+
+def _wait_rows(store: Path, n: int, proc: subprocess.Popen, limit: float = 240) -> None:
+    deadline = time.monotonic() + limit
+    while len(_rows(store)) < n:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no rows stored in time"
+        time.sleep(0.2)
+
+
+def _runners(work: Path) -> list[int]:
+    """Runner processes timing on this board: `... runner-*.pyz run JOB ...` under its work dir."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            argv = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if len(argv) > 3 and b"runner-" in argv[1] and argv[2] == b"run" and str(work).encode() in argv[3]:
+            out.append(int(d.name))
+    return out
+
+
+def _no_overlap(rows: list[tuple]) -> None:
+    spans = sorted((m["timed_from"], m["timed_to"]) for m in (json.loads(r[2])["measurement"] for r in rows))
+    for (a0, a1), (b0, b1) in zip(spans, spans[1:]):
+        assert b0 >= a1, f"two models timed at once: {a0:.2f}-{a1:.2f} and {b0:.2f}-{b1:.2f}"
+
+
+@pytest.mark.parametrize("board", ["ssh", "local"], indirect=True)
+def test_ctrl_c_stops_the_runner_keeps_rows_and_a_rerun_measures_the_rest(board, tmp_path) -> None:
+    profile, work = board
+    store = tmp_path / "lat.sqlite"
+    proc = _measure(tmp_path, profile, "-n", "4")
+    _wait_rows(store, 1, proc)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the terminal: the whole foreground group
+    proc.communicate(timeout=60)
+    time.sleep(5)
+    assert _runners(work) == []
+    kept = len(_rows(store))
+    assert 1 <= kept < 4
+    assert not list((work / "jobs").iterdir()) if (work / "jobs").exists() else True
+    again = _measure(tmp_path, profile, "-n", "4")
+    out, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err
+    summary = json.loads(out)[0]
+    assert summary["stored_before"] == kept and summary["measured"] == 4 - kept
+    rows = _rows(store)
+    assert len(rows) == 4 == len({(r[0], r[1]) for r in rows})
+
+
+@pytest.mark.parametrize("board", ["ssh", "local"], indirect=True)
+def test_sigterm_and_sighup_stop_the_runner_like_ctrl_c(board, tmp_path) -> None:
+    profile, work = board
+    store = tmp_path / "lat.sqlite"
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        proc = _measure(tmp_path, profile, "-n", "6", "--seed", str(sig))
+        _wait_rows(store, len(_rows(store)) + 1, proc)
+        os.kill(proc.pid, sig)  # a closed terminal or `kill`: the command itself, not its group
+        proc.communicate(timeout=60)
+        assert proc.returncode != 0
+        time.sleep(3)
+        assert _runners(work) == [], sig
+
+
+@pytest.mark.parametrize("board", ["ssh"], indirect=True)
+def test_kill_9_then_rerun_adopts_the_orphan_and_never_runs_two(board, tmp_path) -> None:
+    """kill -9 of the host mid-batch: its runner goes on timing (an orphan). An immediate rerun
+    waits for it, stores what it finished, and measures only the rest; at no moment do two
+    runners time on the board."""
+    profile, work = board
+    profile.write_text(profile.read_text().replace("min_time_s = 2.0", "min_time_s = 5.0"))  # a slow orphan
+    store = tmp_path / "lat.sqlite"
+    proc = _measure(tmp_path, profile, "-n", "6", "--batch-size", "4")  # the orphan has 3 to go, >= 15 s
+    _wait_rows(store, 1, proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert _runners(work), "the orphan should still be timing"  # the batch has one more model
+    seen: list[int] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            seen.append(len(_runners(work)))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    before = len(_rows(store))
+    again = _measure(tmp_path, profile, "-n", "6")
+    out, err = again.communicate(timeout=600)
+    done.set()
+    watcher.join()
+    assert again.returncode == 0, err
+    assert max(seen) == 1  # one runner at a time, the orphan's then ours
+    adopted = sum(int(n) for n in re.findall(r"stored (\d+) result\(s\) a stopped command left", err))
+    assert "waiting for the orphaned runner pid" in err and adopted >= 1
+    summary = json.loads(out)[0]
+    rows = _rows(store)
+    assert len(rows) == 6 == len({(r[0], r[1]) for r in rows})  # no duplicate row
+    # The orphan's results were stored, not measured again: what the rerun's own runner measured
+    # is what neither the killed command nor its orphan finished.
+    assert summary["stored_before"] == before and summary["adopted"] == adopted
+    assert summary["measured"] == 6 - before - adopted >= 1
+    _no_overlap(rows)
+
+
+@pytest.mark.parametrize("board", ["ssh"], indirect=True)
+def test_two_commands_on_one_board_take_turns_or_refuse(board, tmp_path) -> None:
+    profile, work = board
+    store = tmp_path / "lat.sqlite"
+    a = _measure(tmp_path, profile, "-n", "3", "--seed", "1")
+    deadline = time.monotonic() + 240
+    while not _runners(work):
+        assert a.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    # --no-wait: refused at once, one line naming the runner that holds the board.
+    r = subprocess.run([sys.executable, "-m", "hat_edge", "measure", "--profile", str(profile), "--store",
+                        str(tmp_path / "other.sqlite"), "-n", "1", "--seed", "9", "--no-progress", "--no-wait"],
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "HAT_EDGE_CACHE": str(tmp_path / "cache2")})
+    assert r.returncode != 0
+    msg = r.stderr.strip().splitlines()[-1]
+    assert "the board is busy" in msg and "runner pid" in msg and str(work) in msg
+    # Without it: the second command waits for its turn.
+    b = _measure(tmp_path, profile, "-n", "3", "--seed", "2")
+    for p in (a, b):
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err
+    rows = _rows(store)
+    assert len(rows) == len({(r[0], r[1]) for r in rows}) >= 5  # seeds may share an arch
+    _no_overlap(rows)
