@@ -661,6 +661,7 @@ def _load_known_hosts(path: str, into) -> list[tuple[tuple[str, ...], object, in
     from paramiko.hostkeys import HostKeyEntry
 
     revoked: list[tuple[tuple[str, ...], object, int]] = []
+    seen: set[tuple[str, str]] = set()  # (host name, key type): the first line wins, as in HostKeys.load
     if not os.path.isfile(path):
         return revoked
     try:
@@ -703,8 +704,14 @@ def _load_known_hosts(path: str, into) -> list[tuple[tuple[str, ...], object, in
         if err:
             _warn_line_once(path, raw, "%s:%d: malformed known_hosts line skipped (%s)", path, lineno, err)
             continue
-        if entry is not None:
-            for name in entry.hostnames:
+        if entry is None:
+            continue
+        names = [n for n in entry.hostnames if (n, entry.key.get_name()) not in seen]
+        seen.update((n, entry.key.get_name()) for n in names)
+        if names and isinstance(getattr(into, "_entries", None), list):
+            into._entries.append(HostKeyEntry(names, entry.key))  # what HostKeys.load does, in linear time
+        else:
+            for name in names:
                 into.add(name, entry.key.get_name(), entry.key)
     return revoked
 
