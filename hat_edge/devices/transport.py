@@ -10,7 +10,9 @@ split). Both transports offer the same calls, so local and remote measurement sh
         t.run(argv, timeout=30)                                        # -> Result, CommandTimeout
 
 SSH safety: host keys are checked against known_hosts and an unknown or changed key is refused
-(`trust_new_host=True` adds an unknown key, never a changed one); every remote command is built
+(`trust_new_host=True` adds an unknown key, never a changed one); a key marked `@revoked` in
+known_hosts is always refused, `@cert-authority` lines are skipped (plain host keys only); a
+ProxyJump host (one hop) is checked the same way; every remote command is built
 from an argv list with shlex.quote, so no profile value reaches a shell unquoted; environment
 values are never logged (they may hold secrets).
 """
@@ -441,7 +443,8 @@ class SSHTarget:
     user: str
     identity_files: tuple[str, ...]
     known_hosts: str
-    proxy_command: str | None = None
+    proxy_command: str | None = None  # ProxyCommand, its %h/%p/%r already this target's
+    proxy_jump: "SSHTarget | None" = None  # ProxyJump: one jump host, reached directly
 
     @property
     def display(self) -> str:
@@ -457,21 +460,154 @@ def ssh_config_path() -> Path:
     return Path(os.environ.get("HAT_EDGE_SSH_CONFIG", "~/.ssh/config")).expanduser()
 
 
-def resolve_ssh_target(profile: DeviceProfile) -> SSHTarget:
-    """Profile fields win; `ssh_config_host` fills the rest from ~/.ssh/config (HostName, Port,
-    User, IdentityFile, UserKnownHostsFile, ProxyCommand), as `ssh ALIAS` would."""
+# Values put into a ProxyCommand / ProxyJump by %h, %n, %r: as OpenSSH (>= 9.6) does for names
+# from the command line, nothing a shell or an argument splitter would read as syntax.
+_HOST_TOKEN_RE = re.compile(r"^[A-Za-z0-9_.:%\[\]-]+$")
+_USER_TOKEN_RE = re.compile(r"^[A-Za-z0-9_.@+-]+$")
+_UNEXPANDED = ("proxycommand", "proxyjump")
+
+
+def _read_ssh_config(path: Path):
+    """~/.ssh/config, parsed by paramiko, except that ProxyCommand and ProxyJump keep their %
+    tokens: paramiko would fill %h/%p/%r from the config's HostName/Port/User, while the
+    profile's `host`/`port`/`user` may override those (`_expand_tokens` fills them at the end)."""
     import paramiko
 
+    class _Config(paramiko.SSHConfig):
+        def _allowed_tokens(self, key):  # noqa: ANN001, ANN202 (paramiko's hook)
+            return [] if key in _UNEXPANDED else super()._allowed_tokens(key)
+
+    try:
+        return _Config.from_path(str(path))
+    except Exception as e:  # paramiko raises several types for a malformed config
+        raise TransportError(f"{path}: cannot parse ({e.__class__.__name__}: {e})") from None
+
+
+def _lookup(config, path: Path, alias: str) -> dict:
+    try:
+        return dict(config.lookup(alias))
+    except Exception as e:  # Match exec, canonicalisation: several types
+        raise TransportError(f"{path}: cannot look up Host {alias} ({e.__class__.__name__}: {e})") from None
+
+
+def _checked_token(value: str, pattern: re.Pattern, origin: str, key: str, token: str) -> str:
+    if not pattern.match(value) or value.startswith("-"):
+        raise TransportError(
+            f"{origin} is {value!r}, which {key} would receive as {token}; allowed there: letters, digits "
+            f"and {'. _ - : % [ ]' if pattern is _HOST_TOKEN_RE else '. _ - + @'} (no spaces or shell characters)"
+        )
+    return value
+
+
+def _expand_tokens(value: str, key: str, where: str, *, host: str, host_origin: str, port: int,
+                   user: str, user_origin: str, alias: str) -> str:
+    """OpenSSH's %%, %h, %n, %p, %r in ProxyCommand / ProxyJump, from the host, port and user
+    actually connected to; any other % token is refused."""
+    out: list[str] = []
+    i = 0
+    while i < len(value):
+        c = value[i]
+        if c != "%":
+            out.append(c)
+            i += 1
+            continue
+        tok = value[i + 1:i + 2]
+        if tok == "%":
+            out.append("%")
+        elif tok == "h":
+            out.append(_checked_token(host, _HOST_TOKEN_RE, host_origin, key, "%h"))
+        elif tok == "n":
+            out.append(_checked_token(alias, _HOST_TOKEN_RE, f"{where} (the Host alias)", key, "%n"))
+        elif tok == "p":
+            out.append(str(port))
+        elif tok == "r":
+            out.append(_checked_token(user, _USER_TOKEN_RE, user_origin, key, "%r"))
+        else:
+            raise TransportError(f"{where}: {key} {value!r} uses {'%' + tok if tok else 'a lone %'}, "
+                                 "allowed tokens: %%, %h, %n, %p, %r (write %% for a literal %)")
+        i += 2
+    return "".join(out)
+
+
+def _parse_jump_spec(spec: str, where: str) -> tuple[str | None, str, int | None]:
+    """ProxyJump's `[user@]host[:port]` (or ssh://...) -> (user, host, port); one hop only."""
+    hops = [h for h in spec.split(",") if h.strip()]
+    if len(hops) > 1:
+        raise TransportError(
+            f"{where}: ProxyJump {spec!r} has {len(hops)} hops; hat-edge goes through one jump host only: "
+            "set ProxyJump to a single [user@]host[:port] that can reach the device"
+        )
+    s = spec.strip()
+    if s.lower().startswith("ssh://"):
+        s = s[len("ssh://"):].rstrip("/")
+    user, _, hostport = s.rpartition("@")
+    port_s: str | None = None
+    if hostport.startswith("["):
+        host, _, rest = hostport[1:].partition("]")
+        if rest:
+            if not rest.startswith(":"):
+                host = ""
+            port_s = rest[1:]
+    elif hostport.count(":") == 1:
+        host, port_s = hostport.split(":")
+    else:
+        host = hostport
+    bad = f"{where}: ProxyJump {spec!r} is not [user@]host[:port]"
+    if not host or not _HOST_TOKEN_RE.match(host) or host.startswith("-"):
+        raise TransportError(f"{bad} (bad host {host!r})")
+    if user and (not _USER_TOKEN_RE.match(user) or user.startswith("-")):
+        raise TransportError(f"{bad} (bad user {user!r})")
+    port: int | None = None
+    if port_s is not None:
+        if not port_s.isdigit() or not 1 <= int(port_s) <= 65535:
+            raise TransportError(f"{bad} (port {port_s!r}, allowed: 1-65535)")
+        port = int(port_s)
+    return user or None, host, port
+
+
+def _resolve_jump(spec: str, config, path: Path, alias: str, known_hosts: str,
+                  identity_files: tuple[str, ...]) -> SSHTarget:
+    """The ProxyJump host, as `ssh -J` would take it: its own Host block in the config gives
+    HostName, Port, User, IdentityFile, UserKnownHostsFile; user/port in the spec win. Without its
+    own IdentityFile / UserKnownHostsFile it shares the device's."""
+    where = f"{path}: Host {alias}"
+    juser, jname, jport = _parse_jump_spec(spec, where)
+    jcfg = _lookup(config, path, jname)
+    own_jump = (jcfg.get("proxyjump") or "").strip()
+    if own_jump and own_jump.lower() != "none" and own_jump != spec.strip() and own_jump != jname:
+        raise TransportError(
+            f"{path}: Host {jname} (the ProxyJump host of {alias}) has its own ProxyJump {own_jump!r}; "
+            "hat-edge goes through one jump host only (add `ProxyJump none` to Host " + jname + ")"
+        )
+    if jcfg.get("proxycommand"):
+        raise TransportError(
+            f"{path}: Host {jname} (the ProxyJump host of {alias}) sets ProxyCommand; hat-edge reaches a jump "
+            "host directly: remove it there or add `ProxyCommand none` to Host " + jname
+        )
+    ids = tuple(os.path.expanduser(p) for p in jcfg.get("identityfile", [])) or identity_files
+    known = (jcfg.get("userknownhostsfile", "").split() or [known_hosts])[0]
+    return SSHTarget(
+        hostname=str(jcfg.get("hostname") or jname), port=int(jport or jcfg.get("port", 22)),
+        user=str(juser or jcfg.get("user") or getpass.getuser()), identity_files=ids,
+        known_hosts=os.path.expanduser(known),
+    )
+
+
+def resolve_ssh_target(profile: DeviceProfile) -> SSHTarget:
+    """Profile fields win; `ssh_config_host` fills the rest from ~/.ssh/config (HostName, Port,
+    User, IdentityFile, UserKnownHostsFile, ProxyCommand, ProxyJump), as `ssh ALIAS` would.
+    ProxyCommand's %h/%p/%r are the host, port and user actually used (profile overrides
+    included), so the proxy reaches the host whose key is checked. ProxyJump takes one jump host."""
     cfg: dict = {}
+    config = None
+    path = ssh_config_path()
+    src = profile.source or profile.name
     if profile.ssh_config_host:
-        path = ssh_config_path()
         if not path.is_file():
-            raise TransportError(f"{profile.source or profile.name}: field 'ssh_config_host' is "
+            raise TransportError(f"{src}: field 'ssh_config_host' is "
                                  f"'{profile.ssh_config_host}' but {path} does not exist")
-        try:
-            cfg = dict(paramiko.SSHConfig.from_path(str(path)).lookup(profile.ssh_config_host))
-        except Exception as e:  # paramiko raises several types for a malformed config
-            raise TransportError(f"{path}: cannot parse ({e.__class__.__name__}: {e})") from None
+        config = _read_ssh_config(path)
+        cfg = _lookup(config, path, profile.ssh_config_host)
     hostname = profile.host or cfg.get("hostname") or profile.ssh_config_host
     port = profile.port or int(cfg.get("port", 22))
     user = profile.user or cfg.get("user") or getpass.getuser()
@@ -479,10 +615,42 @@ def resolve_ssh_target(profile: DeviceProfile) -> SSHTarget:
         ids: tuple[str, ...] = (os.path.expanduser(profile.identity_file),)
     else:
         ids = tuple(os.path.expanduser(p) for p in cfg.get("identityfile", []))
-    known = profile.known_hosts or (cfg.get("userknownhostsfile", "").split() or ["~/.ssh/known_hosts"])[0]
+    known = os.path.expanduser(
+        profile.known_hosts or (cfg.get("userknownhostsfile", "").split() or ["~/.ssh/known_hosts"])[0])
+
+    proxy_command = cfg.get("proxycommand")  # None when unset or `ProxyCommand none`
+    proxy_jump = (cfg.get("proxyjump") or "").strip()
+    if proxy_jump.lower() == "none":
+        proxy_jump = ""
+    jump: SSHTarget | None = None
+    if proxy_command or proxy_jump:
+        where = f"{path}: Host {profile.ssh_config_host}"
+        if proxy_command and proxy_jump:
+            raise TransportError(
+                f"{where} gets both ProxyCommand and ProxyJump; keep one (add `ProxyCommand none` or "
+                "`ProxyJump none` to that Host block)"
+            )
+        tokens = dict(
+            host=str(hostname), port=int(port), user=str(user), alias=str(profile.ssh_config_host),
+            host_origin=f"{src}: field 'host'" if profile.host else f"{where}: HostName",
+            user_origin=(f"{src}: field 'user'" if profile.user else
+                         f"{where}: User" if cfg.get("user") else "the local user name"),
+        )
+        if proxy_command:
+            raw = re.sub(r"(?<!\S)~(?=/|\s|$)", lambda _: os.path.expanduser("~"), str(proxy_command))
+            proxy_command = _expand_tokens(raw, "ProxyCommand", where, **tokens)
+            try:
+                if not shlex.split(proxy_command):
+                    raise ValueError("empty command")
+            except ValueError as e:
+                raise TransportError(f"{where}: ProxyCommand {proxy_command!r} cannot be split into a "
+                                     f"command ({e}); fix its quoting") from None
+        else:
+            spec = _expand_tokens(proxy_jump, "ProxyJump", where, **tokens)
+            jump = _resolve_jump(spec, config, path, str(profile.ssh_config_host), known, ids)
     return SSHTarget(
         hostname=str(hostname), port=int(port), user=str(user), identity_files=ids,
-        known_hosts=os.path.expanduser(known), proxy_command=cfg.get("proxycommand"),
+        known_hosts=known, proxy_command=proxy_command or None, proxy_jump=jump,
     )
 
 
@@ -491,6 +659,135 @@ def key_fingerprint(key) -> str:
 
     digest = hashlib.sha256(key.asbytes()).digest()
     return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+# ---- known_hosts ----
+_warned_lines: set[tuple[str, str]] = set()  # (file, line) warned about once per process
+
+
+def _warn_line_once(path: str, line: str, msg: str, *args: object) -> None:
+    if (path, line) not in _warned_lines:
+        _warned_lines.add((path, line))
+        log.warning(msg, *args)
+
+
+def _host_matches(name: str, patterns: Sequence[str]) -> bool:
+    """OpenSSH's known_hosts host patterns: `*`, `?`, `!negation`, hashed `|1|salt|hash` names."""
+    from paramiko.hostkeys import HostKeys
+
+    hit = False
+    for pat in patterns:
+        neg = pat.startswith("!")
+        pat = pat[1:] if neg else pat
+        if pat.startswith("|1|"):
+            try:
+                m = HostKeys.hash_host(name, pat) == pat
+            except Exception:  # a corrupt salt: matches nothing
+                m = False
+        else:
+            rx = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pat)
+            m = re.fullmatch(rx, name, re.IGNORECASE) is not None
+        if m and neg:
+            return False
+        hit = hit or m
+    return hit
+
+
+def _load_known_hosts(path: str, into) -> list[tuple[tuple[str, ...], object, int]]:
+    """Read an OpenSSH known_hosts file: plain lines go into `into` (paramiko HostKeys; hashed
+    names kept as they are); `@revoked` lines come back as (host patterns, key, line number);
+    `@cert-authority` lines are skipped with a warning (hat-edge verifies plain host keys only);
+    a malformed plain line is skipped with a warning (its host stays unknown: fail closed), a
+    malformed `@revoked` line is an error (a revocation must never be lost)."""
+    from paramiko.hostkeys import HostKeyEntry
+
+    revoked: list[tuple[tuple[str, ...], object, int]] = []
+    seen: set[tuple[str, str]] = set()  # (host name, key type): the first line wins, as in HostKeys.load
+    if not os.path.isfile(path):
+        return revoked
+    try:
+        text = Path(path).read_bytes().decode("utf-8", "replace")
+    except OSError as e:
+        raise HostKeyError(f"{path}: cannot read known_hosts ({e.strerror or e}); make it readable or "
+                           "point the profile's 'known_hosts' at another file") from None
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        marker = ""
+        if line.startswith("@"):
+            marker, _, line = line.partition(" ")
+            marker, line = marker.split("\t")[0], line.strip()
+            if marker == "@cert-authority":
+                _warn_line_once(path, raw, "%s:%d: @cert-authority line skipped: hat-edge verifies plain host "
+                                "keys only, not host certificates; add the device's own host key to %s",
+                                path, lineno, path)
+                continue
+            if marker != "@revoked":
+                _warn_line_once(path, raw, "%s:%d: unknown marker %s, line skipped (known markers: @revoked, "
+                                "@cert-authority)", path, lineno, marker[:40])
+                continue
+        fields = re.split(r"[ \t]+", line)
+        err = "fewer than 3 fields" if len(fields) < 3 else ""
+        entry = None
+        if not err:
+            try:
+                entry = HostKeyEntry.from_line(line, lineno)
+            except Exception as e:  # bad base64 or key bytes: paramiko raises several types
+                err = f"{e.__class__.__name__}: {str(e)[:80]}"
+        if marker == "@revoked":
+            if err:
+                raise HostKeyError(f"{path}:{lineno}: cannot read this @revoked line ({err}); fix or remove it "
+                                   "(hat-edge refuses to connect while a revocation is unreadable)")
+            if entry is not None:  # None: a key type paramiko cannot negotiate, so never offered
+                revoked.append((tuple(entry.hostnames), entry.key, lineno))
+            continue
+        if err:
+            _warn_line_once(path, raw, "%s:%d: malformed known_hosts line skipped (%s)", path, lineno, err)
+            continue
+        if entry is None:
+            continue
+        names = [n for n in entry.hostnames if (n, entry.key.get_name()) not in seen]
+        seen.update((n, entry.key.get_name()) for n in names)
+        if names and isinstance(getattr(into, "_entries", None), list):
+            into._entries.append(HostKeyEntry(names, entry.key))  # what HostKeys.load does, in linear time
+        else:
+            for name in names:
+                into.add(name, entry.key.get_name(), entry.key)
+    return revoked
+
+
+def _revoked_msg(target: SSHTarget, profile_name: str, key, lineno: int) -> str:
+    return (
+        f"{profile_name}: host {target.known_hosts_name} offers {key.get_name()} {key_fingerprint(key)}, a key "
+        f"marked @revoked in {target.known_hosts} (line {lineno}); refusing to connect (a revoked key is never "
+        "trusted, also when listed as a plain line). Ask the device's administrator for its new host key"
+    )
+
+
+def _revocation_check(target: SSHTarget, revoked: list, profile_name: str):
+    """check(key): HostKeyError if `key` is marked @revoked for the target's name."""
+
+    def check(key) -> None:  # noqa: ANN001
+        for patterns, rkey, lineno in revoked:
+            if rkey.asbytes() == key.asbytes() and _host_matches(target.known_hosts_name, patterns):
+                raise HostKeyError(_revoked_msg(target, profile_name, key, lineno))
+
+    return check
+
+
+def _revocation_checked_transport(check):  # noqa: ANN001, ANN202
+    """A paramiko Transport class that refuses a revoked host key as soon as the server offers it
+    (SSHClient asks for it before the known/unknown check and before authentication)."""
+    import paramiko
+
+    class _Checked(paramiko.Transport):
+        def get_remote_server_key(self):  # noqa: ANN202
+            key = super().get_remote_server_key()
+            check(key)
+            return key
+
+    return _Checked
 
 
 def _host_key_policy(target: SSHTarget, trust_new_host: bool, profile_name: str):
@@ -617,13 +914,9 @@ class SSHTransport(Transport):
 
         self.profile = profile
         self.target = resolve_ssh_target(profile)
+        self._trust_new_host = trust_new_host
         self._client = paramiko.SSHClient()
-        if os.path.isfile(self.target.known_hosts):
-            try:
-                self._client.load_host_keys(self.target.known_hosts)
-            except (OSError, paramiko.SSHException) as e:
-                raise HostKeyError(f"{self.target.known_hosts}: cannot read known_hosts ({e})") from None
-        self._client.set_missing_host_key_policy(_host_key_policy(self.target, trust_new_host, profile.name))
+        self._jump: paramiko.SSHClient | None = None  # the ProxyJump host's connection, if any
         self._connect(connect_timeout)
         self._sftp = self._client.open_sftp()
         self._sftp.get_channel().settimeout(max(connect_timeout, 60.0))
@@ -631,37 +924,103 @@ class SSHTransport(Transport):
         self.work_dir = self._resolve_dir(profile.resolved_work_dir)
 
     def _connect(self, timeout: float) -> None:
+        """Connect the target: directly, through its ProxyCommand, or over a `direct-tcpip`
+        channel of an SSH connection to its ProxyJump host (whose host key is checked the same way)."""
+        t = self.target
+        sock = None
+        try:
+            if t.proxy_jump is not None:
+                import paramiko
+
+                self._jump = paramiko.SSHClient()
+                self._open_client(self._jump, t.proxy_jump, f"{self.profile.name} (ProxyJump host)", timeout)
+                sock = self._jump_channel(timeout)
+            elif t.proxy_command:
+                sock = self._proxy_command(t.proxy_command)
+            self._open_client(self._client, t, self.profile.name, timeout, sock)
+        except BaseException:
+            if sock is not None:
+                try:
+                    sock.close()
+                except OSError:  # already closed with the client
+                    pass
+            if self._jump is not None:
+                self._jump.close()
+            raise
+        self._ssh_transport().set_keepalive(15)  # notice a dead link between commands
+        if self._jump is not None:
+            self._jump.get_transport().set_keepalive(15)
+
+    def _open_client(self, client, target: SSHTarget, who: str, timeout: float, sock=None) -> None:  # noqa: ANN001
+        """Connect and authenticate one paramiko client; the host key checked against the
+        target's known_hosts (revoked keys refused, unknown ones refused unless trust_new_host)."""
         import paramiko
 
-        t = self.target
-        sock = paramiko.ProxyCommand(t.proxy_command) if t.proxy_command else None
+        revoked = _load_known_hosts(target.known_hosts, client.get_host_keys())
+        check = _revocation_check(target, revoked, who)
+        client.set_missing_host_key_policy(_host_key_policy(target, self._trust_new_host, who))
         try:
-            self._client.connect(
-                t.hostname, port=t.port, username=t.user,
-                key_filename=list(t.identity_files) or None,
-                look_for_keys=not t.identity_files, allow_agent=True,
+            client.connect(
+                target.hostname, port=target.port, username=target.user,
+                key_filename=list(target.identity_files) or None,
+                look_for_keys=not target.identity_files, allow_agent=True,
                 timeout=timeout, banner_timeout=timeout, auth_timeout=timeout, sock=sock,
+                transport_factory=_revocation_checked_transport(check) if revoked else None,
             )
+            tr = client.get_transport()
+            if revoked and tr is not None:  # belt and braces: the transport class checked it already
+                check(tr.get_remote_server_key())
         except HostKeyError:
-            self._client.close()
+            client.close()
             raise
         except paramiko.BadHostKeyException as e:
-            self._client.close()
-            raise HostKeyError(_changed_msg(t, self.profile.name, e.key, e.expected_key)) from None
+            client.close()
+            raise HostKeyError(_changed_msg(target, who, e.key, e.expected_key)) from None
         except paramiko.PasswordRequiredException:
-            self._client.close()
-            raise TransportError(f"{self.profile.name}: the key for {t.display} is passphrase-protected; "
+            client.close()
+            raise TransportError(f"{who}: the key for {target.display} is passphrase-protected; "
                                  "load it into ssh-agent (ssh-add) and retry") from None
         except paramiko.AuthenticationException as e:
-            self._client.close()
+            client.close()
             raise TransportError(
-                f"{self.profile.name}: authentication failed for {t.display} ({e}); put your public key in "
+                f"{who}: authentication failed for {target.display} ({e}); put your public key in "
                 "~/.ssh/authorized_keys on the device, or set identity_file / use ssh-agent"
             ) from None
         except (OSError, EOFError, paramiko.SSHException) as e:
-            self._client.close()
-            raise ConnectionLost(f"{self.profile.name}: cannot connect to {t.display} ({e.__class__.__name__}: {e})") from None
-        self._ssh_transport().set_keepalive(15)  # notice a dead link between commands
+            client.close()
+            raise ConnectionLost(f"{who}: cannot connect to {target.display} ({e.__class__.__name__}: {e})") from None
+
+    def _jump_channel(self, timeout: float):  # noqa: ANN202 (a paramiko Channel)
+        """A `direct-tcpip` channel from the jump host to the target's host and port."""
+        import paramiko
+        from paramiko.common import OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+
+        t, j = self.target, self.target.proxy_jump
+        assert self._jump is not None and j is not None
+        try:
+            return self._jump.get_transport().open_channel(
+                "direct-tcpip", (t.hostname, t.port), ("127.0.0.1", 0), timeout=timeout)
+        except paramiko.ChannelException as e:
+            if e.code == OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED:
+                raise TransportError(
+                    f"{self.profile.name}: ProxyJump host {j.display} refuses to forward to {t.hostname}:{t.port} "
+                    f"({e.text}); allow TCP forwarding there (sshd_config AllowTcpForwarding yes) or drop ProxyJump "
+                    f"from {ssh_config_path()}"
+                ) from None
+            raise ConnectionLost(f"{self.profile.name}: ProxyJump host {j.display} cannot reach "
+                                 f"{t.hostname}:{t.port} ({e.text})") from None
+        except (OSError, EOFError, paramiko.SSHException) as e:
+            raise ConnectionLost(f"{self.profile.name}: connection to ProxyJump host {j.display} lost "
+                                 f"({e.__class__.__name__}: {e})") from None
+
+    def _proxy_command(self, command: str):  # noqa: ANN202 (a paramiko ProxyCommand)
+        import paramiko
+
+        try:
+            return paramiko.ProxyCommand(command)
+        except (OSError, ValueError) as e:
+            raise TransportError(f"{self.profile.name}: ProxyCommand {command!r} (from {ssh_config_path()}) could "
+                                 f"not start ({getattr(e, 'strerror', None) or e})") from None
 
     def _ssh_transport(self):
         tr = self._client.get_transport()
@@ -827,6 +1186,8 @@ class SSHTransport(Transport):
         except Exception:  # closing a dead link must not mask the error being handled
             pass
         self._client.close()
+        if self._jump is not None:
+            self._jump.close()
 
 
 # --------------------------------------------------------------------------------------------
