@@ -319,4 +319,65 @@ def bench_cmd(profile_name: str, arch_files: tuple[str, ...], runtime: str | Non
         raise UserError(f"{sum('error' in o for o in out)} of {len(out)} archs could not be measured")
 
 
-COMMANDS = [profile_group, measure_cmd, bench_cmd]
+
+# --------------------------------------------------------------------------------------------
+# device clean
+# --------------------------------------------------------------------------------------------
+@click.group("device")
+def device_group() -> None:
+    """Housekeeping on a device's work dir (see also `hat-edge profile check`)."""
+
+
+@device_group.command("clean")
+@click.option("--profile", "profile_name", required=True, help="Device profile (name or .toml).")
+@click.option("--dry-run", is_flag=True, help="List what would be removed; remove nothing.")
+@click.option("--keep-deployed", default=1, show_default=True, type=click.IntRange(min=0),
+              help="Keep this many most recently modified deployed bundles (besides those in use), so the "
+                   "last deployment stays usable.")
+@click.option("--all-uploads", is_flag=True,
+              help="Remove every partial upload, not only those untouched for 10 minutes (only when no "
+                   "push to this device is running).")
+@click.option("--store", "store_path", default=None, type=file_path(),
+              help="Latency store deciding which local exports are done with. "
+                   "Default: $HAT_EDGE_STORE or .hat-edge/latency.sqlite (as `hat-edge measure`).")
+@click.option("--trust-new-host", is_flag=True, help=_TRUST_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (removed, kept, by_kind, total_mb).")
+def device_clean(profile_name: str, dry_run: bool, keep_deployed: int, all_uploads: bool,
+                 store_path: Path | None, trust_new_host: bool, as_json: bool) -> None:
+    """Remove what measurements and deployments left on the device, and local exports
+    already measured. Prints each item with its size, grouped by kind, and the total.
+
+    \b
+    On the device, inside the profile's work_dir only:
+      deployed/<name>    deployed bundles, except those in use and the --keep-deployed newest
+      jobs/<id>          job dirs, except active ones
+      .incoming/<file>   partial uploads of a killed push, untouched for 10 minutes
+                         (all of them with --all-uploads)
+      bundles/<key>      measurement bundles, except those an active job names
+      runner-*.pyz/.py   runners of other hat-edge versions (kept while a job is active)
+    On this machine:
+      the export cache ($HAT_EDGE_CACHE/bundles or ~/.cache/hat-edge/bundles): exports whose
+      arch is stored in --store for this profile at its settings (runtime, precision, vocabulary)
+
+    \b
+    Active job: the one of the runner holding the board lock (work_dir/runner.lock), and any
+    job dir written to in the last 10 minutes (a runner starting, waiting for the lock, or run
+    without it). In use: a bundle an active job's job.json names. Links are never followed: a
+    link is removed as a link, a linked dir is left alone. Ages use the device's clock.
+
+    \b
+    Examples:
+      hat-edge device clean --profile raspberrypi4 --dry-run
+      hat-edge device clean --profile raspberrypi4 --keep-deployed 0 --json
+    """
+    from hat_edge.devices.clean import clean, render_clean
+    from hat_edge.devices.profiles import load_profile
+    from hat_edge.latency.store import DEFAULT_STORE_PATH
+
+    p = load_profile(profile_name)
+    rep = clean(p, dry_run=dry_run, keep_deployed=keep_deployed, all_uploads=all_uploads,
+                store_path=store_path or DEFAULT_STORE_PATH, trust_new_host=trust_new_host)
+    click.echo(json.dumps(rep.to_dict(), indent=2) if as_json else render_clean(rep))
+
+
+COMMANDS = [profile_group, measure_cmd, bench_cmd, device_group]

@@ -303,6 +303,12 @@ class Transport(ABC):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def list_dir(self, path: str) -> list[tuple[str, int, int, float]]:
+        """(name, st_mode, size, mtime) of each entry of a device directory, as lstat sees them:
+        a link is reported as the link, never its target. [] when `path` does not exist;
+        TransportError when it is a symbolic link or not a directory (nothing behind it is listed)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot list directories")
+
 
 # --------------------------------------------------------------------------------------------
 # Local
@@ -429,6 +435,26 @@ class LocalTransport(Transport):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+    def list_dir(self, path: str) -> list[tuple[str, int, int, float]]:
+        mode = self._lstat_mode(path)
+        if mode is None:
+            return []
+        if not statmod.S_ISDIR(mode):
+            what = "a symbolic link" if statmod.S_ISLNK(mode) else "not a directory"
+            raise TransportError(f"{self.profile.name}: {path} is {what}; not listed")
+        out = []
+        try:
+            with os.scandir(path) as it:
+                for e in it:
+                    try:
+                        st = e.stat(follow_symlinks=False)
+                    except FileNotFoundError:  # removed meanwhile
+                        continue
+                    out.append((e.name, st.st_mode, st.st_size, st.st_mtime))
+        except FileNotFoundError:
+            return []
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -1188,6 +1214,22 @@ class SSHTransport(Transport):
         self._client.close()
         if self._jump is not None:
             self._jump.close()
+
+    def list_dir(self, path: str) -> list[tuple[str, int, int, float]]:
+        mode = self._lstat_mode(path)
+        if mode is None:
+            return []
+        if not statmod.S_ISDIR(mode):
+            what = "a symbolic link" if statmod.S_ISLNK(mode) else "not a directory"
+            raise TransportError(f"{self.profile.name}: {path} is {what}; not listed")
+
+        def listing() -> list[tuple[str, int, int, float]]:
+            try:  # the server's attributes are lstat's: a link is not followed
+                return [(a.filename, a.st_mode or 0, a.st_size or 0, float(a.st_mtime or 0))
+                        for a in self._sftp.listdir_attr(path)]
+            except FileNotFoundError:
+                return []
+        return self._sftp_call(listing)
 
 
 # --------------------------------------------------------------------------------------------
