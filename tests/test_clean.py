@@ -372,3 +372,25 @@ def test_clean_over_ssh_through_clean_entry_point(sshd_server, ssh_profile, tmp_
     rep = clean(prof, dry_run=False, keep_deployed=1)
     assert str(p["job_a"]) in _removed(rep) and rep.cache_dir is None and not p["job_a"].exists()
     assert p["link_target"].is_file() and p["deployed_new"].is_dir()
+
+
+def test_each_push_first_removes_partial_uploads_a_killed_push_left(tmp_path) -> None:
+    """Uploads go to work_dir/.incoming and are renamed into place; a killed push leaves its
+    partial file there. The next push removes those untouched for UPLOAD_AGE_S, not younger ones."""
+    from hat_edge.devices.profiles import profile_from_dict
+    from hat_edge.devices.transport import UPLOAD_AGE_S, open_transport
+
+    profile = profile_from_dict({"name": "local-push", "work_dir": str(tmp_path / "work")}, "<test>")
+    with open_transport(profile) as t:
+        incoming = Path(t.work_dir) / ".incoming"
+        incoming.mkdir(parents=True)
+        old, young = incoming / "dead-encoder.onnx", incoming / "live-decoder.onnx"
+        old.write_bytes(b"x" * 100)
+        young.write_bytes(b"y" * 100)
+        past = time.time() - UPLOAD_AGE_S - 60
+        os.utime(old, (past, past))
+        src = tmp_path / "file.bin"
+        src.write_bytes(b"payload")
+        assert t.push_many([(src, t.join(t.work_dir, "file.bin"))]) == 1
+        assert not old.exists() and young.exists()
+        assert (Path(t.work_dir) / "file.bin").read_bytes() == b"payload"

@@ -35,20 +35,25 @@ import os
 import posixpath
 import shutil
 import stat as statmod
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from hat_edge.devices.profiles import DeviceProfile
-from hat_edge.devices.transport import ConnectionLost, Transport, TransportError, open_transport
+from hat_edge.devices.transport import UPLOAD_AGE_S, ConnectionLost, Transport, TransportError, open_transport
+from hat_edge.devices import measure
+from hat_edge.devices.measure import push_runner, runner_remote_path
 from hat_edge.errors import UserError
+from hat_edge.latency.store import LatencyStore
+from hat_edge.runtime.errors import RunnerError
+from hat_edge.runtime.formats import JOB_FILE
+from hat_edge.runtime.job import parse_job
+from hat_edge.runtime.lock import LOCK_FILE, describe, lock_status
+from hat_edge.space import Arch
 
 log = logging.getLogger(__name__)
 
-UPLOAD_AGE_S = 600.0  # a partial upload untouched this long is a killed push's
 RECENT_JOB_S = 600.0  # a job dir written to within this is active
-LOCK_FILE = "runner.lock"  # hat_edge.runtime.lock.LOCK_FILE
 RUNNER_PATTERNS = ("runner-*.pyz", "runner-*.py")
 
 # Kinds, in report order: (key, heading).
@@ -115,14 +120,7 @@ def _mb(n: int) -> float:
 # --------------------------------------------------------------------------------------------
 def device_now(t: Transport) -> float:
     """The device's clock (ages of device files are measured against it, not the host's)."""
-    if t.is_local:
-        return time.time()
-    res = t.run([t.python, "-c", "import time; print(repr(time.time()))"], timeout=60)
-    res.check(f"{t.profile.name}: reading the device's clock with {t.python}")
-    try:
-        return float(res.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        raise TransportError(f"{t.profile.name}: unexpected clock output {res.stdout[:100]!r}") from None
+    return t.device_time()
 
 
 def board_lock_status(t: Transport) -> dict[str, Any]:
@@ -134,10 +132,7 @@ def board_lock_status(t: Transport) -> dict[str, Any]:
     if not statmod.S_ISREG(mode):  # the runner would refuse it (O_NOFOLLOW): no runner holds it
         return {"held": False, "holder": None}
     if t.is_local:
-        from hat_edge.runtime.lock import lock_status
-
         return lock_status(path)
-    from hat_edge.devices.measure import push_runner
 
     runner = push_runner(t)
     res = t.run([t.python, runner, "lock-status", path], timeout=60)
@@ -218,16 +213,14 @@ def _within(path: str, top: str) -> bool:
 
 def _job_bundles(t: Transport, job_dir: str) -> list[str] | None:
     """The bundle paths a job's job.json names; None when it cannot be read."""
+    path = t.join(job_dir, JOB_FILE)
     try:
-        data = t.read_from(t.join(job_dir, "job.json"))
-        job = json.loads(data.decode("utf-8")) if data else None
-    except (TransportError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        if isinstance(e, ConnectionLost):
-            raise
+        bundles, _ = parse_job(t.read_from(path).decode("utf-8"), path)
+    except ConnectionLost:
+        raise
+    except (TransportError, UnicodeDecodeError, RunnerError):
         return None
-    if not isinstance(job, dict) or not isinstance(job.get("bundles"), list):
-        return None
-    return [str(b["path"]) for b in job["bundles"] if isinstance(b, dict) and isinstance(b.get("path"), str)]
+    return [b["path"] for b in bundles]
 
 
 def _uploads(t: Transport, older_than_s: float, all_uploads: bool, report: CleanReport,
@@ -268,11 +261,10 @@ def clean_device(t: Transport, *, dry_run: bool = False, keep_deployed: int = 1,
                  report: CleanReport | None = None) -> CleanReport:
     """Clean the work dir of an open transport's device (see the module doc); returns the report
     (`report`, when given, is filled in)."""
-    from hat_edge.devices.measure import runner_remote_path
-
     if keep_deployed < 0:
         raise UserError(f"--keep-deployed must be >= 0, got {keep_deployed}")
     rep = report or CleanReport(t.profile.name, t.work_dir, dry_run)
+    t._incoming_checked = True  # partial uploads are this command's to list (and a dry run removes nothing)
     rep.lock = board_lock_status(t)
     holder = rep.lock.get("holder") if rep.lock.get("held") else None
     held = bool(rep.lock.get("held"))
@@ -416,9 +408,6 @@ def clean_cache(profile: DeviceProfile, store_path: str | Path, cache_dir: str |
     """Remove export cache entries whose measurement is stored for `profile` (same arch, runtime,
     precision, vocabulary and the profile's settings). Entries in use by a measurement of this
     process, without a readable manifest (an export in progress) or not real dirs are kept."""
-    from hat_edge.devices import measure
-    from hat_edge.latency.store import LatencyStore
-    from hat_edge.space import Arch
 
     rep = report or CleanReport(profile.name, "", dry_run)
     cache = Path(cache_dir) if cache_dir else measure.default_cache_dir()
@@ -501,8 +490,6 @@ def render_clean(rep: CleanReport) -> str:
     lines = [f"{rep.profile}: {rep.work_dir}" + ("  (dry run: nothing removed)" if rep.dry_run else "")]
     holder = rep.lock.get("holder")
     if rep.lock.get("held"):
-        from hat_edge.runtime.lock import describe
-
         lines.append(f"board lock: held by {describe(holder)}")
     else:
         lines.append("board lock: free")

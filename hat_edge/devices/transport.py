@@ -85,6 +85,7 @@ _KILL_SCRIPT = (
 
 
 _PLAIN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+UPLOAD_AGE_S = 600.0  # a partial upload untouched this long was left by a killed push
 _OWN_HIDDEN = (".incoming",)  # hidden dirs hat-edge itself makes in the work dir
 
 
@@ -162,6 +163,7 @@ class Transport(ABC):
 
     profile: DeviceProfile
     work_dir: str  # absolute path on the device
+    _incoming_checked: bool = False  # stale partial uploads removed on this connection already
 
     @property
     def python(self) -> str:
@@ -257,6 +259,9 @@ class Transport(ABC):
         or those among the given device paths. `known_sha256` gives local hashes already known (a
         bundle manifest's) so big files are not read twice. Returns the files uploaded."""
         pairs = [(Path(a), b) for a, b in pairs]
+        if not self._incoming_checked:  # once per connection: what killed pushes left behind
+            self._incoming_checked = True
+            self.clean_incoming()
         known = known_sha256 or {}
         want = {remote: known.get(local) or sha256_file(local) for local, remote in pairs}
         have = self.remote_hashes(list(want))
@@ -308,6 +313,34 @@ class Transport(ABC):
         a link is reported as the link, never its target. [] when `path` does not exist;
         TransportError when it is a symbolic link or not a directory (nothing behind it is listed)."""
         raise NotImplementedError(f"{type(self).__name__} cannot list directories")
+
+    def device_time(self) -> float:
+        """The device's clock (epoch seconds): file ages on the device are measured by it."""
+        if self.is_local:
+            return time.time()
+        res = self.run([self.python, "-c", "import time; print(repr(time.time()))"], timeout=60)
+        res.check(f"{self.profile.name}: reading the device's clock with {self.python}")
+        try:
+            return float(res.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise TransportError(f"{self.profile.name}: unexpected clock output {res.stdout[:100]!r}") from None
+
+    def clean_incoming(self, older_than_s: float = UPLOAD_AGE_S) -> int:
+        """Remove partial uploads a killed push left in work_dir/.incoming, untouched for
+        `older_than_s` (by the device's clock); a push in progress elsewhere is younger. One
+        directory listing when there is nothing to remove. Returns how many were removed."""
+        incoming = self.join(self.work_dir, ".incoming")
+        try:
+            entries = self.list_dir(incoming)
+        except TransportError:  # a link in its place: `hat-edge device clean` reports it
+            return 0
+        if not entries:
+            return 0
+        cutoff = self.device_time() - older_than_s
+        old = [self.join(incoming, name) for name, _mode, _size, mtime in entries
+               if mtime < cutoff and _PLAIN_RE.match(name)]
+        self.remove(*old)
+        return len(old)
 
 
 # --------------------------------------------------------------------------------------------

@@ -211,8 +211,13 @@ def write_job(path: Union[str, Path], bundles: Sequence[Tuple[str, str]], spec: 
 def read_job(path: Union[str, Path]) -> Tuple[List[dict], dict]:
     """(bundles, raw settings) of a job file, checked; RunnerError names the bad field."""
     p = Path(path)
+    return parse_job(read_text(p, "no such job file"), str(p))
+
+
+def parse_job(text: str, p: str) -> Tuple[List[dict], dict]:
+    """(bundles, raw settings) of a job file's text, checked; RunnerError names the bad field."""
     try:
-        job = json.loads(read_text(p, "no such job file"))
+        job = json.loads(text)
     except json.JSONDecodeError as e:
         raise RunnerError(f"{p}: not a readable JSON job file ({e.__class__.__name__})") from None
     if not isinstance(job, dict) or job.get("format") != JOB_FORMAT:
