@@ -197,3 +197,30 @@ def test_two_commands_on_one_board_take_turns_or_refuse(board, tmp_path) -> None
     rows = _rows(store)
     assert len(rows) == len({(r[0], r[1]) for r in rows}) >= 5  # seeds may share an arch
     _no_overlap(rows)
+
+
+@pytest.mark.parametrize("board", ["ssh", "local"], indirect=True)
+def test_ctrl_c_during_deploys_benchmark_stops_the_runner(board, tmp_path) -> None:
+    """Every path that starts a runner stops it: here deploy's on-device benchmark."""
+    from hat_edge.exporters import export_bundle
+    from hat_edge.model import SubTransformer
+    from hat_edge.space import get_space
+
+    profile, work = board
+    arch = get_space("demo").sample_n(1, seed=3)[0]
+    bundle = export_bundle(SubTransformer.random(arch, 1000, seed=0), tmp_path / "bundle", fmt="onnx",
+                           exporter="torchscript")
+    proc = subprocess.Popen([sys.executable, "-m", "hat_edge", "deploy", "--profile", str(profile), "--bundle",
+                             str(bundle)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "HAT_EDGE_CACHE": str(tmp_path / "cache")})
+    deadline = time.monotonic() + 240
+    while not _runners(work):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    time.sleep(3)
+    assert _runners(work) == []
+    assert not any((work / "jobs").iterdir())  # the benchmark's job dir was removed too

@@ -398,6 +398,9 @@ class LocalTransport(Transport):
             raise CommandTimeout(
                 f"{self.profile.name}: command '{argv[0]}' timed out after {timeout:g} s and was killed"
             ) from None
+        except BaseException:  # Ctrl-C, SIGTERM/SIGHUP: the command stops with us
+            p.kill()
+            raise
         out, err = p.output()
         return Result(tuple(argv), rc, out, err, (time.perf_counter() - t0) * 1e3)
 
@@ -1116,15 +1119,24 @@ class SSHTransport(Transport):
         t0 = time.perf_counter()
         p = self.spawn(argv, env)
         deadline = time.monotonic() + timeout
-        while (rc := p.poll()) is None:
-            left = deadline - time.monotonic()
-            if left <= 0:
+        try:
+            while (rc := p.poll()) is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    p.kill()
+                    raise CommandTimeout(
+                        f"{self.profile.name}: command '{argv[0]}' on {self.target.display} timed out after "
+                        f"{timeout:g} s and was killed"
+                    )
+                p.wait_io(min(left, 0.5))
+        except CommandTimeout:
+            raise
+        except BaseException:  # Ctrl-C, SIGTERM/SIGHUP: the command on the device stops with us
+            try:
                 p.kill()
-                raise CommandTimeout(
-                    f"{self.profile.name}: command '{argv[0]}' on {self.target.display} timed out after "
-                    f"{timeout:g} s and was killed"
-                )
-            p.wait_io(min(left, 0.5))
+            except Exception:  # a dead link: the device's runner finds no lock holder to wait for
+                pass
+            raise
         out, err = p.output()
         return Result(tuple(argv), rc, out, err, (time.perf_counter() - t0) * 1e3)
 
