@@ -21,7 +21,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-MEAS = {"warmup": 1, "min_repeats": 3, "min_time_s": 2.0, "vocab_size": 1000, "timeout_s": 120.0}
+MEAS = {"warmup": 1, "min_repeats": 3, "min_time_s": 1.0, "vocab_size": 1000, "timeout_s": 120.0}
 
 
 def _toml(fields: dict, meas: dict) -> str:
@@ -136,7 +136,7 @@ def test_kill_9_then_rerun_adopts_the_orphan_and_never_runs_two(board, tmp_path)
     waits for it, stores what it finished, and measures only the rest; at no moment do two
     runners time on the board."""
     profile, work = board
-    profile.write_text(profile.read_text().replace("min_time_s = 2.0", "min_time_s = 5.0"))  # a slow orphan
+    profile.write_text(profile.read_text().replace("min_time_s = 1.0", "min_time_s = 5.0"))  # a slow orphan
     store = tmp_path / "lat.sqlite"
     proc = _measure(tmp_path, profile, "-n", "6", "--batch-size", "4")  # the orphan has 3 to go, >= 15 s
     _wait_rows(store, 1, proc)
@@ -175,8 +175,9 @@ def test_kill_9_then_rerun_adopts_the_orphan_and_never_runs_two(board, tmp_path)
 @pytest.mark.parametrize("board", ["ssh"], indirect=True)
 def test_two_commands_on_one_board_take_turns_or_refuse(board, tmp_path) -> None:
     profile, work = board
+    profile.write_text(profile.read_text().replace("min_time_s = 1.0", "min_time_s = 4.0"))  # A times >= 12 s
     store = tmp_path / "lat.sqlite"
-    a = _measure(tmp_path, profile, "-n", "3", "--seed", "1")
+    a = _measure(tmp_path, profile, "-n", "3", "--seed", "1", "--batch-size", "3")
     deadline = time.monotonic() + 240
     while not _runners(work):
         assert a.poll() is None and time.monotonic() < deadline
@@ -189,6 +190,7 @@ def test_two_commands_on_one_board_take_turns_or_refuse(board, tmp_path) -> None
     assert r.returncode != 0
     msg = r.stderr.strip().splitlines()[-1]
     assert "the board is busy" in msg and "runner pid" in msg and str(work) in msg
+    assert not (tmp_path / "cache2" / "bundles").exists()  # refused before exporting anything
     # Without it: the second command waits for its turn.
     b = _measure(tmp_path, profile, "-n", "3", "--seed", "2")
     for p in (a, b):

@@ -278,7 +278,7 @@ def test_anchored_measurement_corrects_a_real_slowdown(tmp_path: Path, monkeypat
     from hat_edge.latency.store import LatencyStore
 
     monkeypatch.setenv("HAT_EDGE_CACHE", str(tmp_path / "cache"))
-    profile = dataclasses.replace(fast_local_profile(tmp_path, 4000, min_time_s=0.5), cpu_affinity=(0,))
+    profile = fast_local_profile(tmp_path, 4000, min_time_s=0.5).with_measurement(cpu_affinity=(0,))
     anchor, cand = DEMO.smallest(), DEMO.sample_n(1, seed=11)[0]
     before = {r.arch: r.median_ms for r in measure_archs(profile, [anchor, cand], LatencyStore(":memory:"),
                                                           progress=False, interleave=True)}

@@ -37,6 +37,7 @@ from typing import Any, Callable, Mapping, Sequence
 from hat_edge.devices.profiles import DeviceProfile
 from hat_edge.devices.transport import (
     ConnectionLost,
+    HostKeyError,
     Transport,
     TransportError,
     open_transport,
@@ -290,11 +291,12 @@ DEFAULT_LIST_TIMEOUT_S = 120.0
 
 
 def adopt_orphans(t: Transport, store: LatencyStore, say: Callable[[str], None] | None = None,
-                  stop: bool = False, poll_s: float = 1.0) -> int:
+                  stop: bool = False, poll_s: float = 1.0, no_wait: bool = False) -> int:
     """Jobs a dead command left on the board (kill -9, a closed lid, a lost link): a runner still
     timing one is waited for (or, with `stop`, stopped), the results it finished are stored under
     the job's own device, runtime and settings (its `job-host.json`), and its job dir is removed.
-    A live command's job is left alone (its runner holds the lock; ours will wait for it).
+    A live command's job is left alone (its runner holds the lock; ours will wait for it), or with
+    `no_wait` it is a one-line error naming it, before anything is exported or sent.
     Starts no runner. Returns the number of records stored."""
     name = t.profile.name
     say = say or (lambda m: print(m, file=sys.stderr, flush=True))
@@ -304,7 +306,12 @@ def adopt_orphans(t: Transport, store: LatencyStore, say: Callable[[str], None] 
     while True:
         lock = data.get("lock") if isinstance(data.get("lock"), dict) else {}
         holder = lock.get("holder") if lock.get("held") and isinstance(lock.get("holder"), dict) else None
-        if holder is None or _owner_alive(holder.get("host")):
+        if holder is None:
+            break
+        if _owner_alive(holder.get("host")):
+            if no_wait:
+                raise UserError(f"{name}: the board is busy: {describe(holder)} holds "
+                                f"{t.work_path(LOCK_FILE)}; wait for it, or stop it")
             break
         if stop and isinstance(holder.get("pid"), int):
             say(f"{name}: stopping the orphaned {describe(holder)}")
@@ -345,20 +352,28 @@ def _adopt(profile: DeviceProfile, store: LatencyStore, kw: Mapping[str, Any]) -
     """`adopt_once` into a real store (a scratch `:memory:` store is not where results belong)."""
     if str(store.path) == ":memory:":
         return 0
-    n = adopt_once(profile, store, bool(kw.get("trust_new_host", False)))
+    n = adopt_once(profile, store, bool(kw.get("trust_new_host", False)), no_wait=bool(kw.get("no_wait", False)))
     if n and kw.get("on_adopt") is not None:
         kw["on_adopt"](n)
     return n
 
 
 def adopt_once(profile: DeviceProfile, store: LatencyStore, trust_new_host: bool = False,
-               say: Callable[[str], None] | None = None) -> int:
-    """`adopt_orphans` once per profile and work dir in this process (before its first measurement)."""
+               say: Callable[[str], None] | None = None, no_wait: bool = False) -> int:
+    """`adopt_orphans` once per profile and work dir in this process (before its first measurement).
+    A device where the runner cannot even list its jobs (no numpy, a wrong python) is left to the
+    measurement, which says why in one line; the board lock still keeps runners apart."""
     key = (profile.name, profile.resolved_work_dir)
     if key in _ADOPTED:
         return 0
     with open_transport(profile, trust_new_host=trust_new_host) as t:
-        n = adopt_orphans(t, store, say)
+        try:
+            n = adopt_orphans(t, store, say, no_wait=no_wait)
+        except (ConnectionLost, HostKeyError):
+            raise
+        except TransportError as e:
+            log.warning("%s; left-over jobs not adopted", e)
+            return 0
     _ADOPTED.add(key)
     return n
 
@@ -737,7 +752,7 @@ def measure_archs(
         return have, todo
 
     have, todo = split()
-    if todo and _adopt(profile, store, {"trust_new_host": trust_new_host, "on_adopt": on_adopt}):
+    if todo and _adopt(profile, store, {"trust_new_host": trust_new_host, "on_adopt": on_adopt, "no_wait": no_wait}):
         have, todo = split()
     bar = None
     if todo:
