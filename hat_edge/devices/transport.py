@@ -314,6 +314,16 @@ class Transport(ABC):
         TransportError when it is a symbolic link or not a directory (nothing behind it is listed)."""
         raise NotImplementedError(f"{type(self).__name__} cannot list directories")
 
+    def _listable(self, path: str) -> bool:
+        """False when `path` does not exist; TransportError when it is a link or not a directory."""
+        mode = self._lstat_mode(path)
+        if mode is None:
+            return False
+        if not statmod.S_ISDIR(mode):
+            what = "a symbolic link" if statmod.S_ISLNK(mode) else "not a directory"
+            raise TransportError(f"{self.profile.name}: {path} is {what}; not listed")
+        return True
+
     def device_time(self) -> float:
         """The device's clock (epoch seconds): file ages on the device are measured by it."""
         if self.is_local:
@@ -473,12 +483,8 @@ class LocalTransport(Transport):
                 pass
 
     def list_dir(self, path: str) -> list[tuple[str, int, int, float]]:
-        mode = self._lstat_mode(path)
-        if mode is None:
+        if not self._listable(path):
             return []
-        if not statmod.S_ISDIR(mode):
-            what = "a symbolic link" if statmod.S_ISLNK(mode) else "not a directory"
-            raise TransportError(f"{self.profile.name}: {path} is {what}; not listed")
         out = []
         try:
             with os.scandir(path) as it:
@@ -1261,12 +1267,8 @@ class SSHTransport(Transport):
             self._jump.close()
 
     def list_dir(self, path: str) -> list[tuple[str, int, int, float]]:
-        mode = self._lstat_mode(path)
-        if mode is None:
+        if not self._listable(path):
             return []
-        if not statmod.S_ISDIR(mode):
-            what = "a symbolic link" if statmod.S_ISLNK(mode) else "not a directory"
-            raise TransportError(f"{self.profile.name}: {path} is {what}; not listed")
 
         def listing() -> list[tuple[str, int, int, float]]:
             try:  # the server's attributes are lstat's: a link is not followed

@@ -122,15 +122,20 @@ def export_bundle(
             "tokenizer": tok_info,
             "parity": None,
         }
-        manifest = write_manifest(tmp, manifest)
-        if parity_check:
-            manifest["parity"] = graph_parity(sub, Bundle(tmp, manifest))
-            manifest = write_manifest(tmp, manifest)
-        _publish(tmp, out_dir)
+        _seal(tmp, out_dir, manifest, sub if parity_check else None)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _seal(tmp: Path, out_dir: Path, manifest: dict[str, Any], sub: "SubTransformer | None") -> None:
+    """Hash the files into the manifest, record the parity with `sub` when given, publish."""
+    manifest = write_manifest(tmp, manifest)
+    if sub is not None:
+        manifest["parity"] = graph_parity(sub, Bundle(tmp, manifest))
+        write_manifest(tmp, manifest)
+    _publish(tmp, out_dir)
 
 
 def quantize_bundle(src: str | Path, out_dir: str | Path, sub: "SubTransformer | None" = None) -> Path:
@@ -151,11 +156,7 @@ def quantize_bundle(src: str | Path, out_dir: str | Path, sub: "SubTransformer |
         manifest = {k: v for k, v in b.manifest.items() if k not in ("files", "manifest_sha256")}
         manifest.update(precision="int8", parity=None,
                         created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-        manifest = write_manifest(tmp, manifest)
-        if sub is not None:
-            manifest["parity"] = graph_parity(sub, Bundle(tmp, manifest))
-            manifest = write_manifest(tmp, manifest)
-        _publish(tmp, out_dir)
+        _seal(tmp, out_dir, manifest, sub)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

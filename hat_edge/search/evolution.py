@@ -36,8 +36,8 @@ FitnessFn = Callable[[Arch], float]
 LatencyFn = Callable[[Sequence[Arch]], Any]  # list of archs -> (n,) latencies in ms
 MemoryFn = Callable[[Arch], float]
 
-RESULT_FORMAT = "hat-edge-search"
-RESULT_VERSION = 1
+SEARCH_FORMAT = "hat-edge-search"
+SEARCH_VERSION = 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,8 +163,8 @@ class SearchResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "format": RESULT_FORMAT,
-            "version": RESULT_VERSION,
+            "format": SEARCH_FORMAT,
+            "version": SEARCH_VERSION,
             "method": self.method,
             "best": self.best.to_dict(),
             "front": [c.to_dict() for c in self.front],
