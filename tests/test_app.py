@@ -200,3 +200,28 @@ def test_search_does_not_import_the_app_layer():
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not [n for n in names if n == "hat_edge.app" or n.startswith("hat_edge.app.")], path
+
+
+def test_a_budget_is_a_budget() -> None:
+    """'within budget' only at or under it; over it, by how much and whether the tolerance covers it."""
+    from hat_edge.app.results import budget_verdict
+
+    assert budget_verdict(10.4, 10.4, 0.03) == "within budget"
+    assert budget_verdict(10.58, 10.4, 0.03) == "over by 1.7% (within the 3% tolerance)"
+    assert budget_verdict(11.0, 10.4, 0.03).startswith("BUDGET NOT MET: over by 5.8%")
+    assert budget_verdict(None, 10.4, 0.03) == "not measured"
+
+
+def test_int8_deploy_shows_agreement_against_stated_levels() -> None:
+    import dataclasses
+
+    from hat_edge.app.deploy import render_deploy
+
+    dep = _synthetic_summary().deploy
+    hv = {"precision": "int8", "greedy_agreement": 1.0, "beam_agreement": 0.88, "tokens_equal": False,
+          "max_abs_diff": 0.2}
+    text = render_deploy(dataclasses.replace(dep, host_verify=hv))
+    assert "tokens equal: NO" not in text
+    assert "greedy 1.00, beam 0.88 (expected >= 0.90 / 0.80: ok)" in text
+    low = render_deploy(dataclasses.replace(dep, host_verify={**hv, "beam_agreement": 0.5}))
+    assert "beam 0.50 (expected >= 0.90 / 0.80: LOW)" in low

@@ -619,3 +619,22 @@ def test_cli_profile_check_over_ssh(sshd_server, ssh_profile, tmp_path: Path) ->
     env = json.loads(res.stdout)
     assert env["cores"] >= 1 and env["onnxruntime"] and env["os"].startswith("Linux")
     assert env["host"] == f"{p.user}@127.0.0.1:{p.port}"
+
+
+def test_profile_list_flags_a_name_that_differs_from_its_file(tmp_path: Path, monkeypatch) -> None:
+    """A copy of raspberrypi4.toml saved as mypi.toml still says name = "raspberrypi4"."""
+    import json as _json
+
+    from click.testing import CliRunner
+
+    from hat_edge.cli import cli
+
+    d = tmp_path / "profiles"
+    d.mkdir()
+    (d / "mypi.toml").write_text((REPO / "device_profiles" / "raspberrypi4.toml").read_text())
+    monkeypatch.setenv("HAT_EDGE_PROFILE_PATH", str(d))
+    r = CliRunner().invoke(cli, ["profile", "list", "--json"])
+    assert r.exit_code == 0, r.output
+    item = next(i for i in _json.loads(r.output) if i["path"] == str(d / "mypi.toml"))
+    assert "field 'name' is 'raspberrypi4' but the file is mypi.toml" in item["error"]
+    assert 'set name = "mypi"' in item["error"]

@@ -34,6 +34,7 @@ from hat_edge.devices.transport import Result, Transport, TransportError, open_t
 from hat_edge.errors import UserError
 from hat_edge.exporters import export_bundle, load_bundle, verify_bundle
 from hat_edge.exporters import translate as host_translate
+from hat_edge.exporters.verify import INT8_AGREEMENT
 from hat_edge.runtime.formats import FORMAT_OF_RUNTIME, MANIFEST, PRECISIONS, RUNTIMES
 from hat_edge.space import Arch
 
@@ -321,7 +322,14 @@ def render_deploy(r: DeployResult) -> str:
         f"  push          {r.files_sent} file(s) sent, {r.files_skipped} unchanged",
         f"  hashes        {yes(r.hashes_ok)} (checked on the device)",
     ]
-    if hv is not None:
+    if hv is not None and hv.get("precision", "fp32") != "fp32":
+        g, b = float(hv.get("greedy_agreement", float("nan"))), float(hv.get("beam_agreement", float("nan")))
+        ok = g >= INT8_AGREEMENT["greedy"] and b >= INT8_AGREEMENT["beam"]
+        lines.append(
+            f"  host parity   {hv.get('precision')}: tokens agreeing with PyTorch: greedy {g:.2f}, beam {b:.2f} "
+            f"(expected >= {INT8_AGREEMENT['greedy']:.2f} / {INT8_AGREEMENT['beam']:.2f}: {'ok' if ok else 'LOW'})"
+        )
+    elif hv is not None:
         lines.append(
             f"  host parity   max |diff| vs PyTorch {hv.get('max_abs_diff', float('nan')):.2e}, "
             f"tokens equal: {yes(hv.get('tokens_equal'))}"

@@ -27,7 +27,8 @@ from typing import Callable
 
 
 from hat_edge.app.job import prepare_job
-from hat_edge.app.results import LargestSummary, PredictorError, RandomComparison, RunSummary, SideBySide, WinnerSummary
+from hat_edge.app.results import LargestSummary, PredictorError, RandomComparison, RunSummary, SideBySide
+from hat_edge.app.results import WinnerSummary, budget_verdict
 from hat_edge.errors import UserError
 from hat_edge.search.evolution import Constraints, EvolutionSettings, SearchResult, random_search
 from hat_edge.search.loop import (
@@ -131,7 +132,9 @@ def run_main_job(
 
     # 5. random search at the same number of evaluations, same latency model and budget
     rnd = None
-    if s.compare_random:
+    if not s.compare_random:
+        say("[5/7] random search for comparison: skipped (--compare-random runs it)")
+    else:
         n_eval = loop.last_search.evaluations
         say(f"[5/7] random search with the same {n_eval} evaluations, for comparison")
         rnd = random_search(
@@ -242,7 +245,7 @@ def render_summary(s: RunSummary) -> str:
         f"  budget                {f(s.budget_ms, 1)} ms ({s.budget_source})",
         f"  winner latency        predicted {f(w.predicted_latency_ms)} ms "
         f"[{f(w.predicted_lo_ms)}, {f(w.predicted_hi_ms)}], measured {f(w.measured_latency_ms)} ms "
-        f"-> {'within budget' if s.met else 'BUDGET NOT MET'}",
+        f"-> {budget_verdict(w.measured_latency_ms, s.budget_ms, s.tolerance)}",
         f"  deployed              median {f(d.median_ms)} ms, p90 {f(d.p90_ms)} ms "
         f"(hashes {'ok' if d.hashes_ok else 'BAD'}, device = host: {'yes' if d.parity else 'NO'}, "
         f"{d.files_sent} file(s) sent)",

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
-from hat_edge.app.results import RunSummary
+from hat_edge.app.results import RunSummary, budget_verdict
 from hat_edge.search.evolution import SearchResult, pareto_front
 from hat_edge.search.loop import LoopResult
 
@@ -205,7 +205,8 @@ def render_markdown(s: RunSummary) -> str:
         f"| speed-up over the largest{' (side by side)' if side else ''} | "
         f"**{_f(s.speedup, 2)}x** | 1.00x |",
         "",
-        f"Budget met: **{'yes' if s.met else 'NO'}** (measured <= budget x {1 + s.tolerance:.2f}). "
+        f"Budget met: **{'yes' if s.met else 'NO'}** (measured <= budget x {1 + s.tolerance:.2f}): "
+        f"{budget_verdict(w.measured_latency_ms, s.budget_ms, s.tolerance)}. "
         f"Winner: `{w.describe}`.",
         "",
         "## The loop",

@@ -56,6 +56,9 @@ def profile_list(as_json: bool) -> None:
             p = load_profile_file(e.path)
             item.update(transport=p.transport, runtime=p.runtime, device=p.device,
                         target=_target(p), description=p.description, error=None)
+            if p.name != e.name:  # a copied example keeps its old `name`: messages and the store use that
+                item["error"] = (f"field 'name' is '{p.name}' but the file is {e.path.name}: --profile {e.name} "
+                                 f"measures as '{p.name}'; set name = \"{e.name}\"")
         except UserError as err:
             item.update(transport=None, runtime=None, device=None, target=None, description="", error=str(err))
         out.append(item)

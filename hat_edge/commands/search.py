@@ -270,7 +270,8 @@ def deploy_cmd(profile_name: str, arch_file: str | None, checkpoint: str | None,
                trust_new_host: bool, as_json: bool) -> None:
     """Export, push, verify and benchmark one SubTransformer on a device.
 
-    With ARCH_FILE and --checkpoint the arch's weights are cut from the SuperTransformer and exported
+    ARCH_FILE is an arch file (HAT YAML or hat-edge JSON), or `smallest` / `largest` of the
+    checkpoint's space. With ARCH_FILE and --checkpoint the arch's weights are cut from the SuperTransformer and exported
     for the profile's runtime, then checked on the host against PyTorch. With --bundle an exported
     bundle goes as it is. On the device: the sha256 of every file is checked, test sentences are
     translated and compared token for token with the host, and the model is benchmarked with the

@@ -27,6 +27,9 @@ from hat_edge.model import SubTransformer, decode
 from hat_edge.runtime.backends import Model, OrtModel, TorchScriptModel, translate
 
 FP32_TOLERANCE = 1e-4
+# int8 changes the numbers, so tokens may differ: the share of tokens equal to PyTorch's is the
+# figure, shown against these levels (the demo's largest SubTransformer: greedy 1.00, beam 0.88).
+INT8_AGREEMENT = {"greedy": 0.9, "beam": 0.8}
 
 
 def _np(x: Any) -> np.ndarray:
