@@ -638,3 +638,13 @@ def test_profile_list_flags_a_name_that_differs_from_its_file(tmp_path: Path, mo
     item = next(i for i in _json.loads(r.output) if i["path"] == str(d / "mypi.toml"))
     assert "field 'name' is 'raspberrypi4' but the file is mypi.toml" in item["error"]
     assert 'set name = "mypi"' in item["error"]
+
+
+def test_profile_check_names_a_board_python_older_than_the_runner_needs() -> None:
+    from hat_edge.commands.devices import _env_warnings
+    from hat_edge.devices.profiles import load_profile_file
+
+    p = load_profile_file(REPO / "device_profiles" / "jetson-nano.toml")
+    old = _env_warnings(p, {"python": "3.6.9", "onnxruntime": "1.10.0", "governor": "performance"})
+    assert any("python is 3.6.9; the runner needs 3.8 or newer" in w and "field 'python'" in w for w in old)
+    assert not any("python is" in w for w in _env_warnings(p, {"python": "3.9.2", "onnxruntime": "1.18"}))

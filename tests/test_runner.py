@@ -149,6 +149,16 @@ def test_settings_validation() -> None:
             job.MeasureSpec.from_job(bad)
 
 
+def test_runner_parses_with_the_oldest_board_python_grammar() -> None:
+    """The runner runs on board pythons down to RUNNER_MIN_PYTHON: no newer syntax in it."""
+    from hat_edge.runtime.formats import RUNNER_MIN_PYTHON
+
+    for path in sorted(RUNTIME_DIR.glob("*.py")):
+        ast.parse(path.read_text(), filename=str(path), feature_version=RUNNER_MIN_PYTHON)
+    with pytest.raises(SyntaxError):  # the check bites: a match statement is 3.10 grammar
+        ast.parse("match x:\n    case 1:\n        pass\n", feature_version=RUNNER_MIN_PYTHON)
+
+
 def test_runner_imports_only_stdlib_numpy_and_runtimes() -> None:
     allowed = set(sys.stdlib_module_names) | {"numpy", "onnxruntime", "torch"}
     mods = set()

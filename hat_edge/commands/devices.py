@@ -133,7 +133,18 @@ def profile_check(name: str, trust_new_host: bool, as_json: bool) -> None:
 
 
 def _env_warnings(p, env: dict[str, Any]) -> list[str]:
+    from hat_edge.runtime.formats import RUNNER_MIN_PYTHON
+
     out = []
+    py = str(env.get("python") or "")
+    try:
+        too_old = tuple(int(x) for x in py.split(".")[:2]) < RUNNER_MIN_PYTHON
+    except ValueError:
+        too_old = False
+    if too_old:
+        need = ".".join(map(str, RUNNER_MIN_PYTHON))
+        out.append(f"the device's python is {py}; the runner needs {need} or newer: set the profile's field "
+                   f"'python' to one (e.g. python{need}, or a venv made with it)")
     if p.runtime == "onnxruntime" and not env.get("onnxruntime"):
         out.append(f"onnxruntime is not installed for {p.remote_python} (pip install onnxruntime)")
     if p.runtime == "torchscript" and not env.get("torch"):

@@ -12,6 +12,9 @@ from __future__ import annotations
 from typing import Dict, Optional, Tuple
 
 RUNNER_VERSION = 1
+# The oldest python the runner runs on (a board's; the host needs 3.11). Kept by
+# tests/test_runner.py, which parses the runtime with this grammar.
+RUNNER_MIN_PYTHON = (3, 8)
 BUNDLE_FORMAT = "hat-edge-bundle"
 BUNDLE_VERSION = 1
 JOB_FORMAT = "hat-edge-job"
