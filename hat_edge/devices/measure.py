@@ -41,6 +41,7 @@ from hat_edge.devices.transport import (
     Transport,
     TransportError,
     open_transport,
+    python_missing,
 )
 from hat_edge.errors import UserError
 from hat_edge.exporters import export_bundle
@@ -190,12 +191,15 @@ def _last_json_line(text: str, what: str) -> dict[str, Any]:
     raise TransportError(f"{what}: no JSON in the runner's output: {text.strip()[-300:]!r}")
 
 
-def device_env(profile: DeviceProfile, trust_new_host: bool = False, timeout: float = 120.0) -> dict[str, Any]:
+def device_env(profile: DeviceProfile, trust_new_host: bool = False, timeout: float = 120.0,
+               retries: int = 3) -> dict[str, Any]:
     """Connect and describe the device (`runner.pyz env`): OS, CPU, cores, memory, python, runtime
-    versions, governor, Raspberry Pi temperature and throttling."""
-    with open_transport(profile, trust_new_host=trust_new_host) as t:
+    versions, governor, Raspberry Pi temperature and throttling. `retries`: connection attempts
+    after the first (0: an unreachable device fails within the profile's connect_timeout_s)."""
+    with open_transport(profile, trust_new_host=trust_new_host, retries=retries) as t:
         runner = push_runner(t)
         res = t.run([t.python, runner, "env"], timeout=timeout, env=profile.env_dict)
+        python_missing(res, t)
         if res.returncode != 0:
             tail = " | ".join(res.stderr.strip().splitlines()[-3:])
             raise TransportError(f"{profile.name}: `{t.python} {Path(runner).name} env` failed (exit {res.returncode}): "

@@ -62,6 +62,7 @@ class DeviceProfile:
     ssh_config_host: str | None = None
     python: str | None = None          # None: this interpreter (local) or "python3" (ssh)
     work_dir: str | None = None        # None: ~/.cache/hat-edge/work (local) or ~/.hat-edge (ssh)
+    connect_timeout_s: float = 5.0     # an unreachable device fails this fast (per try)
     description: str = ""
     measurement: MeasureSpec = field(default_factory=lambda: MeasureSpec(runtime="onnxruntime"))
     source: str = field(default="", compare=False)  # file it came from ("" when built in code)
@@ -128,7 +129,7 @@ class DeviceProfile:
         m = self.measurement
         d: dict[str, Any] = {k: getattr(self, k) for k in (
             "name", "transport", "host", "port", "user", "identity_file", "known_hosts", "ssh_config_host",
-            "python", "work_dir", "runtime", "device", "threads")}
+            "python", "work_dir", "connect_timeout_s", "runtime", "device", "threads")}
         d["env"] = self.env_dict
         d["cpu_affinity"] = list(self.cpu_affinity) if self.cpu_affinity is not None else None
         d["description"] = self.description
@@ -219,6 +220,7 @@ _TOP: dict[str, Check] = {
     "ssh_config_host": _str("a Host alias from ~/.ssh/config"),
     "python": _str("the python command or path on the device"),
     "work_dir": _str("a directory path on the device"),
+    "connect_timeout_s": _float(0.0, positive=True),
     "runtime": _choice(RUNTIMES),
     "device": _choice(DEVICES),
     "threads": _int(0),

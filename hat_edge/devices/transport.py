@@ -120,6 +120,17 @@ class Result:
         return self
 
 
+def python_missing(res: Result, t: "Transport") -> None:
+    """A command that could not start the profile's python (exit 127, "not found"): one line naming
+    the field to change, not the shell's words."""
+    err = res.stderr or ""
+    if res.returncode == 127 or (res.returncode != 0 and "not found" in err and t.python in err):
+        where = "on the device" if not t.is_local else "on this machine"
+        raise TransportError(
+            f"{t.profile.name}: the profile's field 'python' is '{t.python}', which cannot be run {where}; "
+            "set it to the board's python >= 3.8 with numpy and onnxruntime (e.g. /home/pi/hat-venv/bin/python)")
+
+
 class Process(ABC):
     """A command started with `Transport.spawn`."""
 
@@ -236,6 +247,7 @@ class Transport(ABC):
         if not paths:
             return {}
         res = self.run([self.python, "-c", _HASH_SCRIPT, *paths], timeout=DEFAULT_COMMAND_TIMEOUT_S)
+        python_missing(res, self)
         res.check(f"{self.profile.name}: hashing files with {self.python}")
         try:
             return json.loads(res.stdout.strip().splitlines()[-1])
@@ -401,7 +413,7 @@ class LocalTransport(Transport):
     def run(self, argv: Sequence[str], timeout: float | None = None, env: Mapping[str, str] | None = None) -> Result:
         timeout = DEFAULT_COMMAND_TIMEOUT_S if timeout is None else timeout
         t0 = time.perf_counter()
-        p = _LocalProcess(argv, env)
+        p = self.spawn(argv, env)
         try:
             rc = p.wait(timeout)
         except CommandTimeout:
@@ -415,7 +427,14 @@ class LocalTransport(Transport):
         return Result(tuple(argv), rc, out, err, (time.perf_counter() - t0) * 1e3)
 
     def spawn(self, argv: Sequence[str], env: Mapping[str, str] | None = None, log_path: str | None = None) -> Process:
-        return _LocalProcess(argv, env, log_path)
+        try:
+            return _LocalProcess(argv, env, log_path)
+        except (FileNotFoundError, PermissionError) as e:
+            if argv and argv[0] == self.python:
+                raise TransportError(
+                    f"{self.profile.name}: the profile's field 'python' is '{self.python}', which cannot be run "
+                    f"on this machine ({e.strerror}); set it to a python >= 3.8 with numpy and onnxruntime") from None
+            raise TransportError(f"{self.profile.name}: cannot run {argv[0]!r} ({e.strerror})") from None
 
     def remote_hashes(self, paths: Sequence[str]) -> dict[str, str | None]:
         return {p: sha256_file(p) if os.path.isfile(p) else None for p in paths}
@@ -1054,9 +1073,27 @@ class SSHTransport(Transport):
                 f"{who}: authentication failed for {target.display} ({e}); put your public key in "
                 "~/.ssh/authorized_keys on the device, or set identity_file / use ssh-agent"
             ) from None
-        except (OSError, EOFError, paramiko.SSHException) as e:
+        except paramiko.SSHException as e:
             client.close()
+            if "No authentication methods" in str(e):
+                raise TransportError(
+                    f"{who}: no SSH key to log in to {target.display}: set the profile's field 'identity_file' "
+                    "to your private key (e.g. ~/.ssh/id_ed25519), or load one into ssh-agent (ssh-add)"
+                ) from None
             raise ConnectionLost(f"{who}: cannot connect to {target.display} ({e.__class__.__name__}: {e})") from None
+        except (TimeoutError, socket.timeout):
+            client.close()
+            raise ConnectionLost(
+                f"{who}: no answer from {target.hostname}:{target.port} within {timeout:g} s: check the profile's "
+                "fields 'host' and 'port' (or 'ssh_config_host'), and that the device is on and reachable") from None
+        except (OSError, EOFError) as e:
+            client.close()
+            refused = isinstance(e, ConnectionRefusedError) or "Unable to connect" in str(e)
+            raise ConnectionLost(
+                f"{who}: cannot connect to {target.display}: connection refused (no sshd answers there); check the "
+                "profile's fields 'host' and 'port' (or 'ssh_config_host')"
+                if refused else f"{who}: cannot connect to {target.display} ({e.__class__.__name__}: {e}); check the "
+                "profile's fields 'host' and 'port' (or 'ssh_config_host')") from None
 
     def _jump_channel(self, timeout: float):  # noqa: ANN202 (a paramiko Channel)
         """A `direct-tcpip` channel from the jump host to the target's host and port."""
@@ -1285,13 +1322,14 @@ def open_transport(
     trust_new_host: bool = False,
     retries: int = 3,
     backoff_s: float = 1.0,
-    connect_timeout: float = CONNECT_TIMEOUT_S,
+    connect_timeout: float | None = None,
 ) -> Transport:
     """Connect to the profile's device. Transient failures (refused, reset, timed out) are retried
     `retries` times with exponential backoff (backoff_s, 2x, 4x, ...); host key and authentication
-    problems fail at once."""
+    problems fail at once. `connect_timeout`: per try; default the profile's `connect_timeout_s`."""
     if profile.is_local:
         return LocalTransport(profile)
+    connect_timeout = profile.connect_timeout_s if connect_timeout is None else connect_timeout
     delay = backoff_s
     for attempt in range(retries + 1):
         try:

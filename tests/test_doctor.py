@@ -1,0 +1,79 @@
+"""`hat-edge profile check` as a doctor: each connection failure is one line naming the profile
+field to change, fast. Against the suite's real sshd on loopback."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from hat_edge.cli import cli
+from ssh_fixtures import free_port
+
+
+def _write(tmp_path, profile) -> str:
+    import json
+
+    d = {k: v for k, v in profile.to_dict().items() if k not in ("measurement", "source", "env", "cpu_affinity")
+         and v is not None and not (k == "description" and not v)}
+    path = tmp_path / "doctor.toml"
+    path.write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in d.items()) + "\n")
+    return str(path)
+
+
+def _check(tmp_path, profile) -> tuple[str, float]:
+    t0 = time.monotonic()
+    r = CliRunner().invoke(cli, ["profile", "check", _write(tmp_path, profile)])
+    assert r.exit_code != 0
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), r.output
+    return lines[0], time.monotonic() - t0
+
+
+@pytest.mark.ssh
+def test_no_key_names_identity_file_and_ssh_agent(tmp_path, sshd_server, ssh_profile, monkeypatch) -> None:
+    import dataclasses
+
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ssh/id_* keys to find
+    p = dataclasses.replace(ssh_profile(sshd_server), identity_file=None)
+    msg, _ = _check(tmp_path, p)
+    assert "field 'identity_file'" in msg and "ssh-add" in msg
+
+
+@pytest.mark.ssh
+def test_wrong_port_names_host_and_port_at_once(tmp_path, sshd_server, ssh_profile) -> None:
+    import dataclasses
+
+    p = dataclasses.replace(ssh_profile(sshd_server), port=free_port())
+    msg, took = _check(tmp_path, p)
+    assert "fields 'host' and 'port'" in msg and "connection refused" in msg
+    assert took < 6
+
+
+@pytest.mark.ssh
+def test_unreachable_host_fails_within_the_connect_timeout(tmp_path, sshd_server, ssh_profile) -> None:
+    import dataclasses
+
+    # TEST-NET-1 (RFC 5737): never routed; the SYN goes nowhere (or the network says unreachable).
+    p = dataclasses.replace(ssh_profile(sshd_server), host="192.0.2.1", connect_timeout_s=3.0)
+    msg, took = _check(tmp_path, p)
+    assert "'host'" in msg and took <= 6
+
+
+@pytest.mark.ssh
+def test_wrong_python_names_the_python_field(tmp_path, sshd_server, ssh_profile) -> None:
+    import dataclasses
+
+    p = dataclasses.replace(ssh_profile(sshd_server), python="/nonexistent/hat-venv/bin/python")
+    msg, _ = _check(tmp_path, p)
+    assert "field 'python' is '/nonexistent/hat-venv/bin/python'" in msg and "on the device" in msg
+
+
+def test_wrong_python_for_the_local_profile(tmp_path) -> None:
+    from hat_edge.devices.profiles import profile_from_dict
+
+    p = profile_from_dict({"name": "lp", "python": "/nonexistent/python3", "work_dir": str(tmp_path / "w")}, "<t>")
+    msg, _ = _check(tmp_path, p)
+    assert "field 'python' is '/nonexistent/python3'" in msg and "on this machine" in msg
