@@ -77,3 +77,28 @@ def test_wrong_python_for_the_local_profile(tmp_path) -> None:
     p = profile_from_dict({"name": "lp", "python": "/nonexistent/python3", "work_dir": str(tmp_path / "w")}, "<t>")
     msg, _ = _check(tmp_path, p)
     assert "field 'python' is '/nonexistent/python3'" in msg and "on this machine" in msg
+
+
+@pytest.mark.ssh
+@pytest.mark.parametrize("command", ["measure", "deploy"])
+def test_torchscript_profile_on_a_board_without_torch_fails_before_any_export(tmp_path, sshd_server, ssh_profile,
+                                                                              monkeypatch, command) -> None:
+    """The suite's board venv has numpy + onnxruntime only: a TorchScript profile is refused once,
+    naming the device, before anything is exported or uploaded."""
+    import dataclasses
+
+    monkeypatch.setenv("HAT_EDGE_CACHE", str(tmp_path / "cache"))
+    base = ssh_profile(sshd_server)
+    p = dataclasses.replace(base, measurement=dataclasses.replace(base.measurement, runtime="torchscript"))
+    path = _write(tmp_path, p)
+    assert 'runtime = "torchscript"' in open(path).read()
+    args = (["measure", "--profile", path, "-n", "2", "--store", str(tmp_path / "s.sqlite"), "--no-progress"]
+            if command == "measure" else ["deploy", "--profile", path, "smallest", "--checkpoint", "demo",
+                                          "--out-dir", str(tmp_path / "bundle")])
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code != 0
+    errors = [x for x in r.output.splitlines() if x.startswith("Error:")]
+    assert len(errors) == 1 and r.output.count("is not installed") == 1, r.output
+    assert "runtime 'torchscript' is not installed" in errors[0] and f"on the device '{p.name}'" in errors[0]
+    assert not (tmp_path / "cache" / "bundles").exists() and not (tmp_path / "bundle").exists()
+    assert not (tmp_path / "board-work" / "bundles").exists() and not (tmp_path / "board-work" / "deployed").exists()

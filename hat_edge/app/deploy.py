@@ -28,7 +28,7 @@ import numpy as np
 
 from hat_edge.checkpoint import Checkpoint, load_checkpoint
 from hat_edge.data.tokenizer import Tokenizer
-from hat_edge.devices.measure import device_env, push_runner, run_one_job
+from hat_edge.devices.measure import device_env, push_runner, require_runtime, run_one_job
 from hat_edge.devices.profiles import DeviceProfile
 from hat_edge.devices.transport import Result, Transport, TransportError, open_transport
 from hat_edge.errors import UserError
@@ -38,6 +38,7 @@ from hat_edge.exporters.verify import INT8_AGREEMENT
 from hat_edge.runtime.formats import FORMAT_OF_RUNTIME, MANIFEST, PRECISIONS, RUNTIMES
 from hat_edge.space import Arch
 
+RUNTIME_MODULE = {"onnxruntime": "onnxruntime", "torchscript": "torch"}  # the env key of each runtime's version
 DEPLOY_FORMAT = "hat-edge-deploy"
 DEPLOY_VERSION = 1
 
@@ -193,6 +194,8 @@ def deploy(
     if env is None:
         say(f"connecting to '{profile.name}' ...")
         env = device_env(profile, trust_new_host=trust_new_host)
+    # A runtime the device lacks fails here, before anything is exported or sent.
+    require_runtime(profile, bool(env.get(RUNTIME_MODULE[profile.runtime])), profile.remote_python)
     timings["connect_ms"] = (time.perf_counter() - t0) * 1e3
 
     # 2. the bundle

@@ -266,6 +266,21 @@ ORPHAN_AGE_S = 120.0  # a job of another host's command, with no runner, untouch
 _ADOPTED: set[tuple[str, str]] = set()  # (profile, work dir) adopted in this process already
 
 
+_RUNTIME_HINT = {
+    "onnxruntime": "install it there (`pip install onnxruntime` in the board's venv)",
+    "torchscript": "install torch there, or set the profile's field 'runtime' to \"onnxruntime\"",
+}
+
+
+def require_runtime(profile: DeviceProfile, installed: bool | None, python: str) -> None:
+    """Fail before anything is exported or sent when the device's python lacks the profile's
+    runtime (None: unknown, let the runner say)."""
+    if installed is False:
+        where = f"on the device '{profile.name}'" if not profile.is_local else "on this machine"
+        raise UserError(f"{profile.name}: the profile's runtime '{profile.runtime}' is not installed for {python} "
+                        f"{where}: {_RUNTIME_HINT[profile.runtime]}; nothing was exported or sent")
+
+
 def _owner_alive(owner: Any) -> bool:
     """Is the command that started a job (`host:pid`) still running? Known only on this host;
     elsewhere it is presumed alive (never take a live command's job)."""
@@ -306,6 +321,8 @@ def adopt_orphans(t: Transport, store: LatencyStore, say: Callable[[str], None] 
     say = say or (lambda m: print(m, file=sys.stderr, flush=True))
     runner = push_runner(t)
     data = _list_jobs(t, runner, f"{name}: adopting left-over jobs")
+    runtimes = data.get("runtimes") if isinstance(data.get("runtimes"), dict) else {}
+    require_runtime(t.profile, runtimes.get(t.profile.runtime), t.python)
     said = False
     while True:
         lock = data.get("lock") if isinstance(data.get("lock"), dict) else {}

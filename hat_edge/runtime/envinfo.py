@@ -114,6 +114,14 @@ def throttled_during(before: Optional[int], after: Optional[int]) -> Optional[bo
     return bool(((before | after) & 0xF) or ((after & ~before) & 0xF0000))
 
 
+def installed_runtimes() -> Dict[str, bool]:
+    """Which bundle runtimes this python can import (found, not imported: cheap)."""
+    import importlib.util
+
+    return {"onnxruntime": importlib.util.find_spec("onnxruntime") is not None,
+            "torchscript": importlib.util.find_spec("torch") is not None}
+
+
 def collect_env(probe_runtimes: bool = True) -> dict:
     """One JSON-able object describing this machine (absent facts are null)."""
     uname = platform.uname()

@@ -23,7 +23,7 @@ from typing import Callable, List, Optional, Tuple, Union
 
 from .backends import Model, open_model, translate
 from .bundle import read_manifest
-from .envinfo import collect_env, get_throttled, temperature_c, throttled_during
+from .envinfo import collect_env, get_throttled, installed_runtimes, temperature_c, throttled_during
 from .errors import RunnerError
 from .formats import RESULT_VERSION
 from .job import MeasureSpec, done_ids, list_jobs, read_job, result_settings
@@ -182,7 +182,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     r.add_argument("--owner", default="", help="the host that started this runner (recorded in the lock)")
     ls = sub.add_parser("lock-status", help="print whether a live runner holds a board lock, and who (JSON)")
     ls.add_argument("lock")
-    lj = sub.add_parser("list-jobs", help="the board's lock status and its job dirs with their results (JSON)")
+    lj = sub.add_parser("list-jobs", help="the board's lock status, its job dirs with their results, and which "
+                                          "runtimes this python has (JSON)")
     lj.add_argument("work_dir")
     t = sub.add_parser("translate", help="decode token ids with a bundle, print JSON")
     t.add_argument("bundle")
@@ -203,7 +204,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 1 if failures else 0
         if args.cmd == "list-jobs":
             print(json.dumps({"lock": lock_status(os.path.join(args.work_dir, LOCK_FILE)),
-                              "jobs": list_jobs(args.work_dir)}))
+                              "jobs": list_jobs(args.work_dir), "runtimes": installed_runtimes()}))
             return 0
         if args.cmd == "lock-status":
             print(json.dumps(lock_status(args.lock)))
