@@ -102,3 +102,48 @@ def test_torchscript_profile_on_a_board_without_torch_fails_before_any_export(tm
     assert "runtime 'torchscript' is not installed" in errors[0] and f"on the device '{p.name}'" in errors[0]
     assert not (tmp_path / "cache" / "bundles").exists() and not (tmp_path / "bundle").exists()
     assert not (tmp_path / "board-work" / "bundles").exists() and not (tmp_path / "board-work" / "deployed").exists()
+
+
+def test_profile_new_writes_a_named_copy_of_an_example(tmp_path, monkeypatch) -> None:
+    from hat_edge.devices.profiles import EXAMPLE_PROFILES, list_examples, load_profile_file
+
+    monkeypatch.chdir(tmp_path)  # no clone here: the examples come from the package
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert {e.name for e in list_examples()} == {"raspberrypi4", "jetson-nano"}
+    r = CliRunner().invoke(cli, ["profile", "list"])
+    assert r.exit_code == 0 and "examples to copy: jetson-nano, raspberrypi4" in r.output
+    r = CliRunner().invoke(cli, ["profile", "new", "mypi", "--host", "10.0.0.7", "--user", "alice", "--port", "2222",
+                                 "--python", "/home/alice/hat-venv/bin/python", "--no-check"])
+    assert r.exit_code == 0, r.output
+    path = tmp_path / ".config" / "hat-edge" / "profiles" / "mypi.toml"
+    p = load_profile_file(path)
+    assert (p.name, p.host, p.user, p.port, p.python) == ("mypi", "10.0.0.7", "alice", 2222,
+                                                          "/home/alice/hat-venv/bin/python")
+    assert p.measurement == load_profile_file(EXAMPLE_PROFILES / "raspberrypi4.toml").measurement
+    assert "# Example: a Raspberry Pi 4" in path.read_text()  # the example's comments kept
+    r = CliRunner().invoke(cli, ["profile", "new", "mypi", "--host", "x", "--no-check"])
+    assert r.exit_code != 0 and "exists" in r.output
+    r = CliRunner().invoke(cli, ["profile", "new", "bad name", "--host", "x", "--no-check"])
+    assert r.exit_code != 0 and "NAME 'bad name'" in r.output
+
+
+def test_example_profiles_in_the_package_match_the_repo() -> None:
+    from pathlib import Path
+
+    from hat_edge.devices.profiles import EXAMPLE_PROFILES
+
+    repo = Path(__file__).resolve().parent.parent / "device_profiles"
+    for name in ("raspberrypi4", "jetson-nano"):
+        assert (EXAMPLE_PROFILES / f"{name}.toml").read_text() == (repo / f"{name}.toml").read_text()
+
+
+@pytest.mark.ssh
+def test_profile_new_checks_the_board(tmp_path, sshd_server, ssh_profile, monkeypatch) -> None:
+    p = ssh_profile(sshd_server)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "device_profiles").mkdir()
+    r = CliRunner().invoke(cli, ["profile", "new", "loopy", "--host", "127.0.0.1", "--port", str(p.port),
+                                 "--user", p.user, "--python", p.python])
+    # The example has no identity_file / known_hosts for this test server: the check names the fix.
+    assert r.exit_code != 0 and (tmp_path / "device_profiles" / "loopy.toml").exists()
+    assert "then: hat-edge profile check" in r.output and r.output.count("Error:") == 1

@@ -68,6 +68,62 @@ def profile_list(as_json: bool) -> None:
     rows = [[i["name"] + (" (shadowed)" if i["shadowed"] else ""), i["transport"] or "?",
              i["runtime"] or "?", i["target"] or "", i["error"] or i["description"], i["path"]] for i in out]
     _echo_table(rows, ["name", "transport", "runtime", "target", "description", "file"])
+    from hat_edge.devices.profiles import list_examples
+
+    click.echo(f"examples to copy: {', '.join(e.name for e in list_examples())} "
+               "(`hat-edge profile new NAME --from EXAMPLE --host HOST`)")
+
+
+@profile_group.command("new")
+@click.argument("name")
+@click.option("--host", default=None, help="The device's host name or IP address.")
+@click.option("--user", default=None, help="The login user on the device (default: your local user, or ~/.ssh/config).")
+@click.option("--port", type=click.IntRange(1, 65535), default=None, help="SSH port (default 22, or ~/.ssh/config).")
+@click.option("--ssh-config-host", default=None, help="A Host alias of ~/.ssh/config instead of --host/--user/--port.")
+@click.option("--python", "python", default=None,
+              help="The board's python with numpy + onnxruntime (e.g. /home/pi/hat-venv/bin/python).")
+@click.option("--from", "example", default="raspberrypi4", show_default=True,
+              help="The example to start from (`hat-edge profile list` names them).")
+@click.option("--dir", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where to write NAME.toml. Default: ./device_profiles if it exists, else ~/.config/hat-edge/profiles.")
+@click.option("--force", is_flag=True, help="Replace an existing NAME.toml.")
+@click.option("--check/--no-check", default=True, show_default=True, help="Run `profile check NAME` after writing.")
+@click.option("--trust-new-host", is_flag=True, help=_TRUST_HELP)
+def profile_new(name: str, host: str | None, user: str | None, port: int | None, ssh_config_host: str | None,
+                python: str | None, example: str, out_dir: Path | None, force: bool, check: bool,
+                trust_new_host: bool) -> None:
+    """Write a profile NAME.toml for a new board from an example (its comments kept, `name` set to
+    NAME), then check the board: connect, find its python and runtime, and say what to fix.
+
+    \b
+    Example (a Raspberry Pi 4 on Pi OS bookworm 64-bit, after the venv in docs/profiles.md):
+      hat-edge profile new mypi --host raspberrypi.local --user pi --python /home/pi/hat-venv/bin/python
+    """
+    from hat_edge.devices.measure import device_env
+    from hat_edge.devices.profiles import load_profile_file, new_profile_text
+
+    if not (host or ssh_config_host):
+        raise UserError("profile new needs --host HOST (or --ssh-config-host ALIAS)")
+    text = new_profile_text(name, example, host=host, user=user, port=port, ssh_config_host=ssh_config_host,
+                            python=python)
+    d = out_dir or (Path("device_profiles") if Path("device_profiles").is_dir()
+                    else Path.home() / ".config" / "hat-edge" / "profiles")
+    path = d / f"{name}.toml"
+    if path.exists() and not force:
+        raise UserError(f"{path} exists; edit it, or pass --force to replace it")
+    d.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    click.echo(f"wrote {path} (from the '{example}' example; edit it to change anything)")
+    if check:
+        p = load_profile_file(path)
+        try:
+            env = device_env(p, trust_new_host=trust_new_host, retries=0)
+        except UserError as e:
+            raise UserError(f"{e} (then: hat-edge profile check {path})") from None
+        click.echo(f"{p.name}: reachable; python {env.get('python')}, numpy {env.get('numpy')}, "
+                   f"onnxruntime {env.get('onnxruntime') or 'MISSING'}")
+        for w in _env_warnings(p, env):
+            click.echo(f"  warning: {w}", err=True)
 
 
 def _target(p) -> str:

@@ -38,6 +38,7 @@ from hat_edge.runtime.job import MeasureSpec
 
 PROFILE_SUFFIX = ".toml"
 PACKAGE_PROFILES = Path(__file__).resolve().parent.parent / "assets" / "profiles"
+EXAMPLE_PROFILES = PACKAGE_PROFILES / "examples"  # commented examples to copy (`hat-edge profile new --from`)
 TRANSPORTS = ("local", "ssh")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -339,6 +340,40 @@ def list_profiles() -> list[ProfileEntry]:
     return out
 
 
+def list_examples() -> list[ProfileEntry]:
+    """The example profiles shipped in the package (a board to copy, not a device to measure)."""
+    return [ProfileEntry(p.stem, p) for p in sorted(EXAMPLE_PROFILES.glob(f"*{PROFILE_SUFFIX}"))]
+
+
+def new_profile_text(name: str, example: str, **fields: Any) -> str:
+    """An example profile's text (comments kept) with `name` and the given top-level fields set;
+    a field the example leaves commented out (`# port = 22`) is set in its place. Validated."""
+    src = next((e.path for e in list_examples() if e.name == example), None)
+    if src is None:
+        raise ProfileError(f"--from {example!r}: allowed: {', '.join(e.name for e in list_examples())}")
+    if not _NAME_RE.match(name):
+        raise ProfileError(f"NAME {name!r}: allowed: letters, digits, '.', '_' or '-' (e.g. mypi)")
+    lines = src.read_text().splitlines()
+    values = {"name": name, **{k: v for k, v in fields.items() if v is not None}}
+    done: set[str] = set()
+    for i, line in enumerate(lines):
+        if line.startswith("["):
+            break  # top-level fields only
+        m = re.match(r"^#?\s*([a-z_]+)\s*=", line)
+        if m and m.group(1) in values and m.group(1) not in done:
+            key = m.group(1)
+            lines[i] = f"{key} = {_toml_value(values[key])}"
+            done.add(key)
+    head = [f"{k} = {_toml_value(v)}" for k, v in values.items() if k not in done]
+    text = "\n".join(head + lines) + "\n"
+    profile_from_dict(tomllib.loads(text), f"<new profile {name}>")  # refuse a bad --port etc. now
+    return text
+
+
+def _toml_value(v: Any) -> str:
+    return str(v) if isinstance(v, int) and not isinstance(v, bool) else '"' + str(v).replace('"', '\\"') + '"'
+
+
 def load_profile(name_or_path: str | Path) -> DeviceProfile:
     """A profile by name (searched in `profile_dirs()`) or by path to a `.toml` file."""
     key = str(name_or_path)
@@ -350,7 +385,9 @@ def load_profile(name_or_path: str | Path) -> DeviceProfile:
         if cand.is_file():
             return load_profile_file(cand)
     names = sorted({e.name for e in list_profiles()})
-    raise ProfileError(f"unknown profile '{key}', allowed: {', '.join(names) or 'none found'} or a path to a .toml file")
+    examples = ", ".join(e.name for e in list_examples())
+    raise ProfileError(f"unknown profile '{key}', allowed: {', '.join(names) or 'none found'} or a path to a .toml file "
+                       f"(examples to copy: {examples}; `hat-edge profile new NAME --from EXAMPLE --host HOST`)")
 
 
 __all__ = [
@@ -360,7 +397,9 @@ __all__ = [
     "ProfileError",
     "RUNTIMES",
     "TRANSPORTS",
+    "list_examples",
     "list_profiles",
+    "new_profile_text",
     "load_profile",
     "load_profile_file",
     "profile_dirs",
