@@ -147,3 +147,19 @@ def test_profile_new_checks_the_board(tmp_path, sshd_server, ssh_profile, monkey
     # The example has no identity_file / known_hosts for this test server: the check names the fix.
     assert r.exit_code != 0 and (tmp_path / "device_profiles" / "loopy.toml").exists()
     assert "then: hat-edge profile check" in r.output and r.output.count("Error:") == 1
+
+
+def test_doctor_warnings_name_the_fix() -> None:
+    from hat_edge.commands.devices import _env_warnings
+    from hat_edge.devices.profiles import EXAMPLE_PROFILES, load_profile_file
+
+    p = load_profile_file(EXAMPLE_PROFILES / "raspberrypi4.toml")
+    w = " | ".join(_env_warnings(p, {"python": "3.11.2", "machine": "armv7l", "onnxruntime": None,
+                                     "raspberry_pi": "Raspberry Pi 4 Model B", "throttled": None}))
+    assert "32-bit OS (armv7l)" in w and "64-bit" in w
+    assert "python3 -m venv ~/hat-venv" in w and "field 'python'" in w
+    assert "vcgencmd" in w and "libraspberrypi-bin" in w
+    w = " | ".join(_env_warnings(p, {"python": "3.11.2", "machine": "aarch64", "onnxruntime": "1.10.0"}))
+    assert "onnxruntime 1.10.0" in w and ">= 1.14" in w
+    assert _env_warnings(p, {"python": "3.11.2", "machine": "aarch64", "onnxruntime": "1.20.1",
+                             "governor": "performance", "throttled": "0x0"}) == []

@@ -189,6 +189,7 @@ def profile_check(name: str, trust_new_host: bool, as_json: bool) -> None:
 
 
 def _env_warnings(p, env: dict[str, Any]) -> list[str]:
+    from hat_edge.devices.measure import VENV_HINT
     from hat_edge.runtime.formats import RUNNER_MIN_PYTHON
 
     out = []
@@ -201,8 +202,23 @@ def _env_warnings(p, env: dict[str, Any]) -> list[str]:
         need = ".".join(map(str, RUNNER_MIN_PYTHON))
         out.append(f"the device's python is {py}; the runner needs {need} or newer: set the profile's field "
                    f"'python' to one (e.g. python{need}, or a venv made with it)")
+    machine = str(env.get("machine") or "")
+    if machine in ("armv7l", "armv6l", "armhf"):
+        out.append(f"the device runs a 32-bit OS ({machine}): onnxruntime has no wheel for it; "
+                   "install a 64-bit OS (Raspberry Pi OS 64-bit, aarch64)")
     if p.runtime == "onnxruntime" and not env.get("onnxruntime"):
-        out.append(f"onnxruntime is not installed for {p.remote_python} (pip install onnxruntime)")
+        out.append(f"onnxruntime is not installed for {p.remote_python} on the device. {VENV_HINT}")
+    ort = str(env.get("onnxruntime") or "")
+    try:
+        old_ort = bool(ort) and tuple(int(x) for x in ort.split(".")[:2]) < (1, 14)
+    except ValueError:
+        old_ort = False
+    if p.runtime == "onnxruntime" and old_ort:
+        out.append(f"onnxruntime {ort} on the device cannot load the opset-18 graphs hat-edge exports: it needs "
+                   ">= 1.14 (`pip install -U onnxruntime` in the board's venv)")
+    if env.get("raspberry_pi") and env.get("throttled") is None:
+        out.append("throttling cannot be read: `vcgencmd` is missing (sudo apt install libraspberrypi-bin); "
+                   "a throttled Pi times slower without telling")
     if p.runtime == "torchscript" and not env.get("torch"):
         out.append(f"torch is not installed for {p.remote_python}")
     if p.device == "cuda" and not env.get("cuda_device"):

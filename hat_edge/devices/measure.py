@@ -203,7 +203,7 @@ def device_env(profile: DeviceProfile, trust_new_host: bool = False, timeout: fl
         if res.returncode != 0:
             tail = " | ".join(res.stderr.strip().splitlines()[-3:])
             raise TransportError(f"{profile.name}: `{t.python} {Path(runner).name} env` failed (exit {res.returncode}): "
-                                 f"{tail or 'no output'}; is numpy installed for {t.python}?")
+                                 f"{tail or 'no output'}; is numpy installed for {t.python}? {VENV_HINT}")
         env = _last_json_line(res.stdout, f"{profile.name}: runner env")
         env.setdefault("profile", profile.name)
         env.setdefault("transport", profile.transport)
@@ -266,6 +266,9 @@ ORPHAN_AGE_S = 120.0  # a job of another host's command, with no runner, untouch
 _ADOPTED: set[tuple[str, str]] = set()  # (profile, work dir) adopted in this process already
 
 
+VENV_HINT = ("On the board (Pi OS bookworm refuses a plain pip install): `python3 -m venv ~/hat-venv && "
+             "~/hat-venv/bin/pip install numpy onnxruntime`, then set the profile's field 'python' to "
+             "~/hat-venv/bin/python (its full path)")
 _RUNTIME_HINT = {
     "onnxruntime": "install it there (`pip install onnxruntime` in the board's venv)",
     "torchscript": "install torch there, or set the profile's field 'runtime' to \"onnxruntime\"",

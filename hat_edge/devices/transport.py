@@ -890,7 +890,8 @@ def _host_key_policy(target: SSHTarget, trust_new_host: bool, profile_name: str)
                 raise HostKeyError(
                     f"{profile_name}: host {target.known_hosts_name} is not in {target.known_hosts} "
                     f"(it offers {key.get_name()} {fp}); check that fingerprint on the device, then add it with "
-                    f"`ssh-keyscan -p {target.port} {shlex.quote(target.hostname)} >> {shlex.quote(target.known_hosts)}` "
+                    f"`mkdir -p {shlex.quote(str(Path(target.known_hosts).parent))} && ssh-keyscan -p {target.port} "
+                    f"{shlex.quote(target.hostname)} >> {shlex.quote(target.known_hosts)}` "
                     f"or rerun with --trust-new-host"
                 )
             client.get_host_keys().add(hostname, key.get_name(), key)
