@@ -291,10 +291,12 @@ def measure_cmd(profiles: tuple[str, ...], space_name: str, n: int, seed: int, s
     store = LatencyStore(store_path or DEFAULT_STORE_PATH)
     before = {p.name: sum(store.has(p.name, a, p.runtime, p.measure_spec().identity()) for a in archs) for p in profs}
     errors: dict[str, int] = {p.name: 0 for p in profs}
+    why: set[str] = set()
     adopted = [0]
 
     def on_error(err) -> None:
         errors[err.device] += 1
+        why.add(err.error)
 
     results = measure_many(profs, archs, store, progress=progress, trust_new_host=trust_new_host,
                            batch_size=batch_size, on_error=on_error, side_by_side=side_by_side, group=group,
@@ -321,8 +323,11 @@ def measure_cmd(profiles: tuple[str, ...], space_name: str, n: int, seed: int, s
                            "median ms (min - max)", "median CV"])
         click.echo(f"store: {store.path}")
     if any(errors.values()):
-        raise UserError(f"{sum(errors.values())} models failed (see the errors above); "
-                        "run the same command again to retry them")
+        n = sum(errors.values())
+        if len(why) == 1 and n > 1:  # one cause for all: a rerun cannot help until it is fixed
+            raise UserError(f"all {n} failed models failed the same way: {next(iter(why))}; fix that first "
+                            f"(`hat-edge profile check {profs[0].name}`), then run the same command again")
+        raise UserError(f"{n} models failed (see the errors above); run the same command again to retry them")
 
 
 # --------------------------------------------------------------------------------------------

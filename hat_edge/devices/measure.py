@@ -700,10 +700,11 @@ class _DeviceWorker:
         err = MeasureError(self.p.name, it.arch, error)
         self.errors.append(err)
         msg = f"{self.p.name}: {it.arch.describe()}: {error}"
-        log.warning(msg)
-        if self.bar is not None:
+        if self.bar is not None:  # one channel: the bar's line, else the log (never both)
             self.bar.write(f"error: {msg}", file=sys.stderr)
             self.bar.update(1)
+        else:
+            log.warning(msg)
         if self.on_error is not None:
             self.on_error(err)
 
