@@ -133,7 +133,7 @@ def run_main_job(
     # 5. random search at the same number of evaluations, same latency model and budget
     rnd = None
     if not s.compare_random:
-        say("[5/7] random search for comparison: skipped (--compare-random runs it)")
+        say("      step 5/7, random search for comparison: skipped (--compare-random runs it)")
     else:
         n_eval = loop.last_search.evaluations
         say(f"[5/7] random search with the same {n_eval} evaluations, for comparison")
