@@ -339,3 +339,39 @@ def test_search_command_argument_errors():
     assert r.exit_code != 0 and "--budget" in r.output
     r = CliRunner().invoke(cli, ["search", "--budget", "10"])
     assert r.exit_code != 0 and "--predictor" in r.output
+
+
+def test_round_line_says_which_arch_won_and_why() -> None:
+    """`run`'s screen: one line per round naming the pick (size, shape, loss, why), the device's
+    verdict in budget words, and the best arch measured within the budget so far."""
+    from hat_edge.search.loop import Measured, RoundReport, arch_tag, round_line
+
+    space = PRESETS["demo"]
+    small, big = space.smallest(), space.largest()
+
+    def meas(arch: Arch, loss: float, ms: float, rnd: int, kind: str = "exploit") -> Measured:
+        return Measured(arch=arch, loss=loss, predicted_ms=10.0, predicted_lo_ms=9.0, predicted_hi_ms=11.0,
+                        measured_ms=ms, round=rnd, kind=kind)
+
+    def report(rnd: int, pick: Measured, met: bool) -> RoundReport:
+        return RoundReport(round=rnd, fitted_on=26, evaluations=273, search_ms=1.0, measure_ms=1.0,
+                           best_loss=pick.loss, best_predicted_ms=10.0, candidates=(pick,), met=met)
+
+    # Round 1 meets the budget with a slight overshoot: the words say so (not "within budget").
+    p1 = meas(small, 2.73, 10.58, 1)
+    line1 = round_line(report(1, p1, True), p1, 10.4, 0.03)
+    assert line1.startswith(f"round 1: pick {arch_tag(small)} (lowest loss 2.7300 of 273 archs searched")
+    assert "over by 1.7% (within the 3% tolerance) -> met; best so far" in line1
+    assert "\n" not in line1
+
+    # Round 2's pick misses: the line says so, and names the arch `run` will report instead.
+    p2 = meas(big, 2.60, 14.0, 2)
+    line2 = round_line(report(2, p2, False), p1, 10.4, 0.03)
+    assert "BUDGET NOT MET: over by 34.6% (tolerance 3%) -> missed" in line2
+    assert line2.endswith(f"best so far (within the budget): round 1's exploit pick, {arch_tag(small)}, "
+                          "loss 2.7300, measured 10.58 ms")
+    # An arch from the initial dataset with a lower loss: named as such.
+    early = meas(small, 2.50, 10.0, 0, kind="measured")
+    assert "best so far (lower loss): the earlier measurements," in round_line(report(2, p2, False), early, 10.4, 0.03)
+    assert round_line(report(1, p2, False), None, 10.4, 0.03).endswith("nothing measured within the budget yet")
+    assert arch_tag(big).startswith(f"{big.params() / 1e6:.2f}M params, enc {big.encoder_embed_dim}x")

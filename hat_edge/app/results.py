@@ -6,26 +6,12 @@ report without `report`): the same keys as before the result was typed, so scrip
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
 from hat_edge.app.deploy import DeployResult, Translation
-from hat_edge.search.loop import RoundReport
+from hat_edge.search.loop import RoundReport, budget_verdict
 from hat_edge.space import Arch
-
-
-def budget_verdict(measured_ms: float | None, budget_ms: float, tolerance: float) -> str:
-    """A budget is a budget: "within budget" only at or under it; over it, by how much, and whether
-    that is inside the loop's tolerance."""
-    if measured_ms is None or not math.isfinite(measured_ms):
-        return "not measured"
-    if measured_ms <= budget_ms:
-        return "within budget"
-    over = (measured_ms / budget_ms - 1.0) * 100.0
-    if measured_ms <= budget_ms * (1.0 + tolerance):
-        return f"over by {over:.1f}% (within the {tolerance * 100:g}% tolerance)"
-    return f"BUDGET NOT MET: over by {over:.1f}% (tolerance {tolerance * 100:g}%)"
 
 
 class _Plain:
@@ -200,4 +186,5 @@ class RunSummary:
         }
 
 
-__all__ = ["LargestSummary", "PredictorError", "RandomComparison", "RunSummary", "SideBySide", "WinnerSummary"]
+# budget_verdict is re-exported: the wording lives with the loop that decides what met means.
+__all__ = ["LargestSummary", "budget_verdict", "PredictorError", "RandomComparison", "RunSummary", "SideBySide", "WinnerSummary"]

@@ -290,6 +290,50 @@ class LoopResult:
 
 
 # --------------------------------------------------------------------------------------------
+# What the screen says
+# --------------------------------------------------------------------------------------------
+def budget_verdict(measured_ms: float | None, budget_ms: float, tolerance: float) -> str:
+    """A budget is a budget: "within budget" only at or under it; over it, by how much, and whether
+    that is inside the loop's tolerance."""
+    if measured_ms is None or not math.isfinite(measured_ms):
+        return "not measured"
+    if measured_ms <= budget_ms:
+        return "within budget"
+    over = (measured_ms / budget_ms - 1.0) * 100.0
+    if measured_ms <= budget_ms * (1.0 + tolerance):
+        return f"over by {over:.1f}% (within the {tolerance * 100:g}% tolerance)"
+    return f"BUDGET NOT MET: over by {over:.1f}% (tolerance {tolerance * 100:g}%)"
+
+
+def arch_tag(arch: Arch) -> str:
+    """A SubTransformer in a few words: its size and shape (`Arch.describe` has every layer)."""
+    return (f"{arch.params() / 1e6:.2f}M params, enc {arch.encoder_embed_dim}x{arch.encoder_layer_num}, "
+            f"dec {arch.decoder_embed_dim}x{arch.decoder_layer_num}")
+
+
+def _where_from(c: Measured) -> str:
+    return "the earlier measurements" if c.round == 0 else f"round {c.round}'s {c.kind} pick"
+
+
+def round_line(r: RoundReport, best: Measured | None, budget_ms: float, tolerance: float) -> str:
+    """One line per round: which arch this round's search picked and why, what the device said,
+    and which arch is the best measured within the budget so far (the one `run` will report)."""
+    w = r.candidates[0]
+    line = (
+        f"round {r.round}: pick {arch_tag(w.arch)} (lowest loss {w.loss:.4f} of {r.evaluations} archs searched, "
+        f"predicted {w.predicted_ms:.2f} ms) measured {w.measured_ms:.2f} ms vs the {budget_ms:.2f} ms budget: "
+        f"{budget_verdict(w.measured_ms, budget_ms, tolerance)} -> {'met' if r.met else 'missed'}"
+    )
+    if best is None:
+        return line + "; nothing measured within the budget yet"
+    if best.arch == w.arch:
+        return line + "; best so far"
+    why = "lower loss" if best.loss < w.loss else "within the budget"
+    return (line + f"; best so far ({why}): {_where_from(best)}, {arch_tag(best.arch)}, loss {best.loss:.4f}, "
+            f"measured {best.measured_ms:.2f} ms")
+
+
+# --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
 def initial_archs(space: SearchSpace, n: int, seed: int = 0) -> list[Arch]:
@@ -544,12 +588,9 @@ def run_loop(
                 candidates=cands, met=met, explored_better=bool(better), drift=drift, calibration=bias,
             )
         )
-        say(
-            f"round {r}: predictor fitted on {len(known)}, {search.evaluations} evaluations; winner loss "
-            f"{w.loss:.4f}, predicted {w.predicted_ms:.2f} ms, measured {w.measured_ms:.2f} ms "
-            f"(budget {s.budget_ms:.2f} ms) -> {'met' if met else 'missed'}"
-            + (f"; exploring found {len(better)} better within the budget" if better else "")
-        )
+        best = min(accepted, key=lambda c: (c.loss, c.measured_ms)) if accepted else None
+        say(round_line(rounds[-1], best, s.budget_ms, s.tolerance)
+            + (f"; exploring found {len(better)} better within the budget, searching again from them" if better else ""))
         # Done when the search's own winner holds on the device and exploring found nothing
         # better; a better explored arch is measured now, so the next search starts from it.
         if met and not better:
@@ -574,9 +615,11 @@ def run_loop(
         ]
     if accepted:
         winner = min(accepted, key=lambda c: (c.loss, c.measured_ms))
-        if winner.kind == "measured":
-            say(f"the best arch measured within the budget came from the earlier measurements "
-                f"(loss {winner.loss:.4f}, measured {winner.measured_ms:.2f} ms), not from this search")
+        why = (f"the lowest loss of the {len(accepted)} archs measured within the budget"
+               f" (+{s.tolerance * 100:g}% tolerance)")
+        say(f"winner: {_where_from(winner)}, {arch_tag(winner.arch)}, loss {winner.loss:.4f}, measured "
+            f"{winner.measured_ms:.2f} ms: {why}"
+            + ("; no search found a better one than these earlier measurements" if winner.kind == "measured" else ""))
     else:
         # Nothing measured within the budget: report the fastest candidate, flagged as not met.
         winner = min((c for rr in rounds for c in rr.candidates), key=lambda c: (c.measured_ms, c.loss))
@@ -615,12 +658,15 @@ __all__ = [
     "RoundReport",
     "SideBySideDevice",
     "SplitDevice",
+    "arch_tag",
     "budget_from_measurements",
+    "budget_verdict",
     "fit_predictor",
     "initial_archs",
     "latency_fn",
     "p_feasible",
     "pick_anchors",
+    "round_line",
     "selection_bias",
     "measure_initial",
     "run_loop",
