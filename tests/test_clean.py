@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from hat_edge.devices.clean import UPLOAD_AGE_S, clean, clean_cache, clean_device, clean_stale_uploads
+from hat_edge.devices.clean import UPLOAD_AGE_S, clean, clean_cache, clean_device
 from hat_edge.devices.profiles import profile_from_dict
 from hat_edge.devices.transport import open_transport
 from hat_edge.runtime.lock import BoardLock
@@ -230,17 +230,17 @@ def test_keep_deployed_zero_and_all_uploads(tmp_path: Path) -> None:
     assert {str(p["deployed_new"]), str(p["deployed_old"]), str(p["upload_new"]), str(p["upload_old"])} <= gone
 
 
-def test_clean_stale_uploads_only_touches_old_partial_uploads(tmp_path: Path) -> None:
+def test_clean_incoming_only_touches_old_partial_uploads(tmp_path: Path) -> None:
     work = tmp_path / "work"
     p = _leftovers(work)
     with open_transport(_local_profile(work)) as t:
-        removed = clean_stale_uploads(t, UPLOAD_AGE_S)
-        assert [i.path for i in removed] == [str(p["upload_old"])]
-        assert clean_stale_uploads(t, UPLOAD_AGE_S) == []
+        removed = t.clean_incoming(UPLOAD_AGE_S)
+        assert removed == [str(p["upload_old"])]
+        assert t.clean_incoming(UPLOAD_AGE_S) == []
     assert p["upload_new"].is_file() and p["deployed_old"].is_dir() and p["job_a"].is_dir() and p["bundle"].is_dir()
     empty = tmp_path / "empty"
     with open_transport(_local_profile(empty)) as t:
-        assert clean_stale_uploads(t, 0) == []  # no .incoming at all: nothing, no error
+        assert t.clean_incoming(0) == []  # no .incoming at all: nothing, no error
 
 
 # ---------------------------------------------------------------------------------------------

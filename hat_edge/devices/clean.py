@@ -352,23 +352,6 @@ def clean_device(t: Transport, *, dry_run: bool = False, keep_deployed: int = 1,
     return rep
 
 
-def clean_stale_uploads(t: Transport, older_than_s: float = UPLOAD_AGE_S) -> list[CleanItem]:
-    """Remove partial uploads (work_dir/.incoming) untouched for `older_than_s` seconds: what a
-    killed push left. For the start of a push; a failure is logged, never raised (a dropped link
-    still raises ConnectionLost). Returns what was removed."""
-    rep = CleanReport(t.profile.name, t.work_dir, dry_run=False)
-    try:
-        _remove(t, [(e, "uploads", f"untouched for {older_than_s:g} s") for e in _uploads(t, older_than_s, False, rep)],
-                rep, dry_run=False)
-    except ConnectionLost:
-        raise
-    except TransportError as e:
-        log.warning("%s: cleaning partial uploads failed: %s", t.profile.name, e)
-    for note in rep.notes:
-        log.warning("%s: %s", t.profile.name, note)
-    return rep.removed
-
-
 # --------------------------------------------------------------------------------------------
 # Host side: the export cache
 # --------------------------------------------------------------------------------------------
@@ -521,7 +504,6 @@ __all__ = [
     "clean",
     "clean_cache",
     "clean_device",
-    "clean_stale_uploads",
     "device_now",
     "render_clean",
 ]

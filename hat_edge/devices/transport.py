@@ -347,22 +347,23 @@ class Transport(ABC):
         except (ValueError, IndexError):
             raise TransportError(f"{self.profile.name}: unexpected clock output {res.stdout[:100]!r}") from None
 
-    def clean_incoming(self, older_than_s: float = UPLOAD_AGE_S) -> int:
+    def clean_incoming(self, older_than_s: float = UPLOAD_AGE_S) -> list[str]:
         """Remove partial uploads a killed push left in work_dir/.incoming, untouched for
         `older_than_s` (by the device's clock); a push in progress elsewhere is younger. One
-        directory listing when there is nothing to remove. Returns how many were removed."""
+        directory listing when there is nothing to remove. Returns the removed paths. (The one
+        place partial uploads are cleaned at push time; `hat-edge device clean` reports them too.)"""
         incoming = self.join(self.work_dir, ".incoming")
         try:
             entries = self.list_dir(incoming)
         except TransportError:  # a link in its place: `hat-edge device clean` reports it
-            return 0
+            return []
         if not entries:
-            return 0
+            return []
         cutoff = self.device_time() - older_than_s
         old = [self.join(incoming, name) for name, _mode, _size, mtime in entries
                if mtime < cutoff and _PLAIN_RE.match(name)]
         self.remove(*old)
-        return len(old)
+        return old
 
 
 # --------------------------------------------------------------------------------------------
