@@ -175,9 +175,10 @@ def test_kill_9_then_rerun_adopts_the_orphan_and_never_runs_two(board, tmp_path)
 @pytest.mark.parametrize("board", ["ssh"], indirect=True)
 def test_two_commands_on_one_board_take_turns_or_refuse(board, tmp_path) -> None:
     profile, work = board
-    profile.write_text(profile.read_text().replace("min_time_s = 1.0", "min_time_s = 4.0"))  # A times >= 12 s
+    profile.write_text(profile.read_text().replace("min_time_s = 1.0", "min_time_s = 4.0"))
     store = tmp_path / "lat.sqlite"
-    a = _measure(tmp_path, profile, "-n", "3", "--seed", "1", "--batch-size", "3")
+    # A times >= 24 s in one runner: room for the second command's start-up on a loaded machine
+    a = _measure(tmp_path, profile, "-n", "6", "--seed", "1", "--batch-size", "6")
     deadline = time.monotonic() + 240
     while not _runners(work):
         assert a.poll() is None and time.monotonic() < deadline

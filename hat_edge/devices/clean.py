@@ -48,7 +48,7 @@ from hat_edge.latency.store import LatencyStore
 from hat_edge.runtime.errors import RunnerError
 from hat_edge.runtime.formats import JOB_FILE
 from hat_edge.runtime.job import parse_job
-from hat_edge.runtime.lock import LOCK_FILE, describe, lock_status
+from hat_edge.runtime.lock import LOCK_FILE, describe
 from hat_edge.space import Arch
 
 log = logging.getLogger(__name__)
@@ -124,28 +124,12 @@ def device_now(t: Transport) -> float:
 
 
 def board_lock_status(t: Transport) -> dict[str, Any]:
-    """{"held": bool, "holder": {...} | None} of the board lock (`runner.pyz lock-status`)."""
-    path = t.join(t.work_dir, LOCK_FILE)
-    mode = t._lstat_mode(path)
-    if mode is None:
+    """{"held": bool, "holder": {...} | None} of the board lock, read as every command reads it
+    (`measure.board_state`: the runner's `list-jobs`)."""
+    mode = t._lstat_mode(t.join(t.work_dir, LOCK_FILE))
+    if mode is None or not statmod.S_ISREG(mode):  # the runner refuses a link (O_NOFOLLOW): nobody holds it
         return {"held": False, "holder": None}
-    if not statmod.S_ISREG(mode):  # the runner would refuse it (O_NOFOLLOW): no runner holds it
-        return {"held": False, "holder": None}
-    if t.is_local:
-        return lock_status(path)
-
-    runner = push_runner(t)
-    res = t.run([t.python, runner, "lock-status", path], timeout=60)
-    res.check(f"{t.profile.name}: `{posixpath.basename(runner)} lock-status`")
-    for line in reversed(res.stdout.strip().splitlines()):
-        if line.strip().startswith("{"):
-            try:
-                out = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            if isinstance(out, dict) and "held" in out:
-                return {"held": bool(out["held"]), "holder": out.get("holder")}
-    raise TransportError(f"{t.profile.name}: no JSON from `lock-status`: {res.stdout.strip()[-200:]!r}")
+    return measure.lock_of(measure.board_state(t, push_runner(t), f"{t.profile.name}: the board lock"))
 
 
 def _entries(t: Transport, path: str) -> Iterable[tuple[str, int, int, float]]:

@@ -301,7 +301,9 @@ def _owner_alive(owner: Any) -> bool:
     return True
 
 
-def _list_jobs(t: Transport, runner: str, what: str) -> dict[str, Any]:
+def board_state(t: Transport, runner: str, what: str) -> dict[str, Any]:
+    """The board as the runner sees it (`runner.pyz list-jobs`): {"lock": {"held", "holder"},
+    "jobs": [...], "runtimes": {...}}. The one way the host reads the board lock and the jobs."""
     res = t.run([t.python, runner, "list-jobs", t.work_dir], timeout=DEFAULT_LIST_TIMEOUT_S)
     if res.returncode != 0:
         tail = " | ".join(res.stderr.strip().splitlines()[-3:])
@@ -310,6 +312,13 @@ def _list_jobs(t: Transport, runner: str, what: str) -> dict[str, Any]:
 
 
 DEFAULT_LIST_TIMEOUT_S = 120.0
+
+
+def lock_of(state: dict[str, Any]) -> dict[str, Any]:
+    """{"held": bool, "holder": dict | None} from a `board_state` (anything else: not held)."""
+    lock = state.get("lock") if isinstance(state.get("lock"), dict) else {}
+    holder = lock.get("holder") if lock.get("held") and isinstance(lock.get("holder"), dict) else None
+    return {"held": holder is not None, "holder": holder}
 
 
 def adopt_orphans(t: Transport, store: LatencyStore, say: Callable[[str], None] | None = None,
@@ -323,13 +332,12 @@ def adopt_orphans(t: Transport, store: LatencyStore, say: Callable[[str], None] 
     name = t.profile.name
     say = say or (lambda m: print(m, file=sys.stderr, flush=True))
     runner = push_runner(t)
-    data = _list_jobs(t, runner, f"{name}: adopting left-over jobs")
+    data = board_state(t, runner, f"{name}: adopting left-over jobs")
     runtimes = data.get("runtimes") if isinstance(data.get("runtimes"), dict) else {}
     require_runtime(t.profile, runtimes.get(t.profile.runtime), t.python)
     said = False
     while True:
-        lock = data.get("lock") if isinstance(data.get("lock"), dict) else {}
-        holder = lock.get("holder") if lock.get("held") and isinstance(lock.get("holder"), dict) else None
+        holder = lock_of(data)["holder"]
         if holder is None:
             break
         if _owner_alive(holder.get("host")):
@@ -344,7 +352,7 @@ def adopt_orphans(t: Transport, store: LatencyStore, say: Callable[[str], None] 
             say(f"{name}: waiting for the orphaned {describe(holder)} to finish; its results will be stored")
             said = True
         time.sleep(poll_s)
-        data = _list_jobs(t, runner, f"{name}: adopting left-over jobs")
+        data = board_state(t, runner, f"{name}: adopting left-over jobs")
     live = holder.get("job") if holder else None
     stored = 0
     for job in data.get("jobs") or []:
@@ -969,9 +977,11 @@ def measure_many(
 __all__ = [
     "MeasureCancelled",
     "MeasureError",
+    "board_state",
     "bundle_key",
     "device_env",
     "export_for_measurement",
+    "lock_of",
     "measure_anchored",
     "measure_archs",
     "measure_many",
