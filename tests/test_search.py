@@ -361,17 +361,17 @@ def test_round_line_says_which_arch_won_and_why() -> None:
     p1 = meas(small, 2.73, 10.58, 1)
     line1 = round_line(report(1, p1, True), p1, 10.4, 0.03)
     assert line1.startswith(f"round 1: pick {arch_tag(small)} (lowest loss 2.7300 of 273 archs searched")
-    assert "over by 1.7% (within the 3% tolerance) -> met; best so far" in line1
+    assert "over by 1.7% (within the 3% tolerance) -> met; the best pick so far" in line1
     assert "\n" not in line1
 
     # Round 2's pick misses: the line says so, and names the arch `run` will report instead.
     p2 = meas(big, 2.60, 14.0, 2)
     line2 = round_line(report(2, p2, False), p1, 10.4, 0.03)
     assert "BUDGET NOT MET: over by 34.6% (tolerance 3%) -> missed" in line2
-    assert line2.endswith(f"best so far (within the budget): round 1's exploit pick, {arch_tag(small)}, "
+    assert line2.endswith(f"the best pick so far (within the budget): round 1's exploit pick, {arch_tag(small)}, "
                           "loss 2.7300, measured 10.58 ms")
     # An arch from the initial dataset with a lower loss: named as such.
     early = meas(small, 2.50, 10.0, 0, kind="measured")
-    assert "best so far (lower loss): the earlier measurements," in round_line(report(2, p2, False), early, 10.4, 0.03)
-    assert round_line(report(1, p2, False), None, 10.4, 0.03).endswith("nothing measured within the budget yet")
+    assert "the best pick so far (lower loss): the earlier measurements," in round_line(report(2, p2, False), early, 10.4, 0.03)
+    assert round_line(report(1, p2, False), None, 10.4, 0.03).endswith("no search pick has measured within the budget yet")
     assert arch_tag(big).startswith(f"{big.params() / 1e6:.2f}M params, enc {big.encoder_embed_dim}x")

@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
 from hat_edge.app.results import RunSummary, budget_verdict
 from hat_edge.search.evolution import SearchResult, pareto_front
 from hat_edge.search.loop import LoopResult
+from hat_edge.space import Arch
 
 if TYPE_CHECKING:
     from matplotlib.artist import Artist
@@ -126,15 +127,26 @@ def plot_front(
     """references: label -> (latency ms, loss) of named archs (e.g. the largest SubTransformer)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
-    res = loop.last_search
-    lat = np.array([c.latency_ms for c in res.evaluated])
-    loss = np.array([c.loss for c in res.evaluated])
-    ax.scatter(lat, loss, s=8, c="0.7", label=f"evaluated ({len(lat)}, latency predicted or measured)")
-    front = pareto_front(res.evaluated)
+    # Every arch every round's search evaluated (each once, its latest latency: predicted, or
+    # measured when known), the front of them, and what the device measured of the picks.
+    seen: dict[Arch, Any] = {}
+    for res in loop.searches:
+        for c in res.evaluated:
+            seen[c.arch] = c
+    evaluated = list(seen.values())
+    ax.scatter([c.latency_ms for c in evaluated], [c.loss for c in evaluated], s=8, c="0.7",
+               label=f"searched ({len(evaluated)}, latency predicted)")
+    front = pareto_front(evaluated)
     ax.step([c.latency_ms for c in front], [c.loss for c in front], where="post", color="tab:blue", lw=1.5,
-            label="Pareto front (loss vs latency)")
+            label="Pareto front of the searched")
     ax.scatter([c.latency_ms for c in front], [c.loss for c in front], s=16, c="tab:blue", zorder=3)
+    cands = loop.candidates()
+    ax.scatter([c.measured_ms for c in cands], [c.loss for c in cands], s=28, facecolors="none",
+               edgecolors="tab:orange", zorder=4, label=f"picks measured on the device ({len(cands)})")
     ax.axvline(loop.budget_ms, color="tab:red", ls="--", lw=1, label=f"budget {loop.budget_ms:.1f} ms")
+    if loop.tolerance > 0:
+        ax.axvspan(loop.budget_ms, loop.budget_ms * (1 + loop.tolerance), color="tab:red", alpha=0.08,
+                   label=f"+{loop.tolerance * 100:g}% tolerance")
     w = loop.winner
     ax.scatter([w.measured_ms], [w.loss], marker="*", s=260, c="gold", edgecolors="k", zorder=5,
                label=f"winner (measured {w.measured_ms:.1f} ms, loss {w.loss:.3f})")
@@ -143,7 +155,7 @@ def plot_front(
                    edgecolors="k", zorder=4, label=f"{label} ({ms:.1f} ms, loss {loss:.3f})")
     ax.set_xlabel("latency (ms)")
     ax.set_ylabel("validation loss (lower is better)")
-    ax.set_title("Accuracy vs latency: the searched SubTransformers")
+    ax.set_title("Accuracy vs latency: the searched SubTransformers and the winner")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7.5)
     return _save(fig, path)

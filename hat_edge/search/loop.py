@@ -317,7 +317,9 @@ def _where_from(c: Measured) -> str:
 
 def round_line(r: RoundReport, best: Measured | None, budget_ms: float, tolerance: float) -> str:
     """One line per round: which arch this round's search picked and why, what the device said,
-    and which arch is the best measured within the budget so far (the one `run` will report)."""
+    and the best pick measured within the budget so far (`best`: the lowest-loss candidate of the
+    rounds so far that met it). The initial dataset's archs join only at the end, when their
+    losses are computed; the final `winner:` line says where the winner came from."""
     w = r.candidates[0]
     line = (
         f"round {r.round}: pick {arch_tag(w.arch)} (lowest loss {w.loss:.4f} of {r.evaluations} archs searched, "
@@ -325,11 +327,11 @@ def round_line(r: RoundReport, best: Measured | None, budget_ms: float, toleranc
         f"{budget_verdict(w.measured_ms, budget_ms, tolerance)} -> {'met' if r.met else 'missed'}"
     )
     if best is None:
-        return line + "; nothing measured within the budget yet"
+        return line + "; no search pick has measured within the budget yet"
     if best.arch == w.arch:
-        return line + "; best so far"
+        return line + "; the best pick so far"
     why = "lower loss" if best.loss < w.loss else "within the budget"
-    return (line + f"; best so far ({why}): {_where_from(best)}, {arch_tag(best.arch)}, loss {best.loss:.4f}, "
+    return (line + f"; the best pick so far ({why}): {_where_from(best)}, {arch_tag(best.arch)}, loss {best.loss:.4f}, "
             f"measured {best.measured_ms:.2f} ms")
 
 
