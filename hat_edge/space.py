@@ -15,8 +15,8 @@ Files: HAT's `*-subtransformer` YAML keys are read and written unchanged; a Sear
 
 from __future__ import annotations
 
+import hashlib
 import json
-
 import random
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -809,6 +809,11 @@ def iter_feature_rows(archs: Iterable[Arch]) -> list[list[float]]:
 
 def arch_key(arch: Arch) -> str:
     return arch.to_json()
+
+
+def arch_id(arch: Arch) -> str:
+    """A short name for an arch on screen: 8 hex digits of the sha256 of its JSON."""
+    return hashlib.sha256(arch.to_json().encode()).hexdigest()[:8]
 
 
 def with_depth(arch: Arch, decoder_layer_num: int, space: SearchSpace) -> Arch:

@@ -344,7 +344,10 @@ def test_search_command_argument_errors():
 def test_round_line_says_which_arch_won_and_why() -> None:
     """`run`'s screen: one line per round naming the pick (size, shape, loss, why), the device's
     verdict in budget words, and the best arch measured within the budget so far."""
+    import dataclasses
+
     from hat_edge.search.loop import Measured, RoundReport, arch_tag, round_line
+    from hat_edge.space import arch_id
 
     space = PRESETS["demo"]
     small, big = space.smallest(), space.largest()
@@ -374,4 +377,7 @@ def test_round_line_says_which_arch_won_and_why() -> None:
     early = meas(small, 2.50, 10.0, 0, kind="measured")
     assert "the best pick so far (lower loss): the earlier measurements," in round_line(report(2, p2, False), early, 10.4, 0.03)
     assert round_line(report(1, p2, False), None, 10.4, 0.03).endswith("no search pick has measured within the budget yet")
-    assert arch_tag(big).startswith(f"{big.params() / 1e6:.2f}M params, enc {big.encoder_embed_dim}x")
+    assert arch_tag(big).startswith(f"{arch_id(big)} ({big.params() / 1e6:.2f}M params, enc {big.encoder_embed_dim}x")
+    # two archs of one size and shape are told apart by their ids
+    twin = dataclasses.replace(big, encoder_ffn_embed_dim=(small.encoder_ffn_embed_dim[0],) * big.encoder_layer_num)
+    assert arch_tag(twin) != arch_tag(big) and len(arch_id(big)) == 8

@@ -49,7 +49,7 @@ from hat_edge.search.protocols import (
     SideBySideDevice,
     SplitDevice,
 )
-from hat_edge.space import Arch, SearchSpace
+from hat_edge.space import Arch, SearchSpace, arch_id
 
 if TYPE_CHECKING:
     from hat_edge.devices.profiles import DeviceProfile
@@ -306,9 +306,10 @@ def budget_verdict(measured_ms: float | None, budget_ms: float, tolerance: float
 
 
 def arch_tag(arch: Arch) -> str:
-    """A SubTransformer in a few words: its size and shape (`Arch.describe` has every layer)."""
-    return (f"{arch.params() / 1e6:.2f}M params, enc {arch.encoder_embed_dim}x{arch.encoder_layer_num}, "
-            f"dec {arch.decoder_embed_dim}x{arch.decoder_layer_num}")
+    """A SubTransformer in a few words: a short id, its size and shape (`Arch.describe` has every
+    layer; two archs of one size and shape differ in their ids)."""
+    return (f"{arch_id(arch)} ({arch.params() / 1e6:.2f}M params, enc {arch.encoder_embed_dim}x{arch.encoder_layer_num}, "
+            f"dec {arch.decoder_embed_dim}x{arch.decoder_layer_num})")
 
 
 def _where_from(c: Measured) -> str:
