@@ -59,6 +59,7 @@ from hat_edge.latency.fitting import (
     fit_relative,
     independent_columns,
 )
+from hat_edge.latency.prior import PRIOR_STRENGTHS, Prior, fit_with_prior, prior_from_dict
 from hat_edge.space import HAT_FEATURE_NORM, Arch
 
 PREDICTOR_FORMAT = "hat-edge-predictor"
@@ -74,6 +75,17 @@ X_t = Sequence[Arch] | np.ndarray
 def _rows(a: np.ndarray | None, ix: np.ndarray) -> np.ndarray | None:
     """The rows `ix` of an optional per-row array (the split encoder/decoder timings may be absent)."""
     return None if a is None else a[ix]
+
+
+def _t_quantile(p: float, dof: int) -> float:
+    """Student-t quantile (Cornish-Fisher expansion around the normal; < 0.5% off for dof >= 3)."""
+    z = _z(2 * p - 1)
+    g1 = (z**3 + z) / 4
+    g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
+    g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
+    g4 = (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160
+    v = float(dof)
+    return z + g1 / v + g2 / v**2 + g3 / v**3 + g4 / v**4
 
 
 def _z(level: float) -> float:
@@ -159,6 +171,10 @@ class Predictor(ABC):
 
     def _resid_quantiles(self, level: float) -> tuple[float, float]:
         r = self._resid_log
+        if r is not None and len(r) >= 3 and self._small_sample:
+            # Few rows (a prior-based fit): t interval on the RMS of the held-out log residuals.
+            q = _t_quantile((1 + level) / 2, max(1, len(r) - 1)) * float(np.sqrt(np.mean(r**2)))
+            return q, q
         if r is None or len(r) < 3:
             return 0.1, 0.1
         a = (1 - level) / 2
@@ -166,6 +182,10 @@ class Predictor(ABC):
 
     def _point_spread(self, archs: Sequence[Arch] | None, F: np.ndarray) -> np.ndarray:
         return np.zeros(len(F))
+
+    @property
+    def _small_sample(self) -> int:
+        return 0
 
     # ---- files ----
     def to_dict(self) -> dict[str, Any]:
@@ -237,6 +257,13 @@ class AnalyticPredictor(Predictor):
     alone. The default was chosen over 0 with the training rows only: nested validation inside
     HAT's seed-0 training pools (bench/predictor_select.py: mean inner acc10 90.17 vs 89.93,
     RMSE +0.16%). It trades MAPE and within-5% share for acc10 (bench/results/predictor.json).
+    prior: cost models of devices measured before (`latency.prior.Prior`); with one, each side's
+    coefficients start from a non-negative combination of the prior devices' and are pulled
+    towards it with strength `prior_strength` (None: chosen by cross-validation on the rows, see
+    `latency.prior`), which makes 5-10 measurements of a new board enough. The prior is saved in
+    the predictor file. With a prior and fewer than `small_n` rows, the interval is a Student-t
+    interval on the out-of-fold log residuals' RMS (an empirical 5%/95% quantile of a handful of
+    residuals is their min/max, too narrow).
     """
 
     kind = "default"
@@ -254,8 +281,18 @@ class AnalyticPredictor(Predictor):
         centre_max: float = 0.03,
         centre_z: float = 2.0,
         seed: int = 0,
+        prior: Prior | None = None,
+        prior_strength: float | None = None,
+        small_n: int = 30,
     ) -> None:
         super().__init__()
+        self.prior = prior if prior is not None and len(prior) else None
+        if prior_strength is not None and not (math.isfinite(prior_strength) and prior_strength > 0):
+            raise UserError(f"prior strength must be a positive number, got {prior_strength!r}")
+        self.prior_strength = prior_strength
+        self.small_n = int(small_n)
+        self.lam: float | None = None  # the prior strength used by the last fit
+        self._n_fit = 0
         self.huber_k = huber_k
         self.centre_max = float(centre_max)
         self.centre_z = float(centre_z)
@@ -277,6 +314,7 @@ class AnalyticPredictor(Predictor):
         self.scale = 1.0
         self.boot: list[tuple[_Linear | None, _Linear | None, _Linear | None]] = []
         self.cv_table: dict[int, float] = {}
+        self.strength_cv: dict[str, float] = {}
 
     def params(self) -> dict[str, Any]:
         return {
@@ -290,6 +328,8 @@ class AnalyticPredictor(Predictor):
             "centre_max": self.centre_max,
             "centre_z": self.centre_z,
             "seed": self.seed,
+            "prior_strength": self.prior_strength,
+            "small_n": self.small_n,
         }
 
     # ---- the analytic part ----
@@ -301,15 +341,37 @@ class AnalyticPredictor(Predictor):
     def _joint_terms(TE: np.ndarray, TD: np.ndarray) -> np.ndarray:
         return np.concatenate([TE, TD[:, 1:]], axis=1)  # one constant column, not two
 
-    def _fit_linear(self, T: np.ndarray, y: np.ndarray) -> _Linear:
+    def _fit_linear(self, T: np.ndarray, y: np.ndarray, side: str = "joint") -> _Linear:
+        if self.prior is not None:
+            lam = self.lam if self.lam is not None else (self.prior_strength or 1.0)
+            c = fit_with_prior(T, y, self.prior.coef(side), lam, huber_k=self.huber_k)
+            return _Linear(tuple(range(T.shape[1])), tuple(float(v) for v in c))
         cols = independent_columns(T)
         c = fit_relative(T[:, cols], y, huber_k=self.huber_k)
         return _Linear(tuple(cols), tuple(float(v) for v in c))
 
     def _fit_base(self, TE, TD, y, enc, dec):
         if self.split:
-            return self._fit_linear(TE, enc), self._fit_linear(TD, dec), None
-        return None, None, self._fit_linear(self._joint_terms(TE, TD), y)
+            return self._fit_linear(TE, enc, "encoder"), self._fit_linear(TD, dec, "decoder"), None
+        return None, None, self._fit_linear(self._joint_terms(TE, TD), y, "joint")
+
+    def _choose_strength(self, TE, TD, y, enc, dec, rng: np.random.Generator) -> tuple[float, dict[str, float]]:
+        """The prior strength with the lowest cross-validated mean absolute log error of the
+        analytic part (leave-one-out below 13 rows, else `folds`-fold)."""
+        n = len(y)
+        k = n if n <= 12 else min(self.folds, n)
+        folds = np.array_split(rng.permutation(n), k)
+        errs: dict[str, float] = {}
+        for lam in PRIOR_STRENGTHS:
+            self.lam = lam
+            pred = np.zeros(n)
+            for fold in folds:
+                rest = np.setdiff1d(np.arange(n), fold)
+                m = self._fit_base(TE[rest], TD[rest], y[rest], _rows(enc, rest), _rows(dec, rest))
+                pred[fold] = self._base(m, TE[fold], TD[fold])
+            errs[repr(lam)] = self._cv_error(pred, y)
+        best = min(PRIOR_STRENGTHS, key=lambda v: errs[repr(v)])  # ties: the weaker prior
+        return float(best), errs
 
     def _base(self, models, TE, TD) -> np.ndarray:
         e, d, j = models
@@ -331,6 +393,13 @@ class AnalyticPredictor(Predictor):
         Z = normalized_features(data.features)
         n = len(y)
         rng = np.random.default_rng(self.seed)
+        self._n_fit = n
+        self.strength_cv = {}
+        if self.prior is not None:
+            if self.prior_strength is not None:
+                self.lam = float(self.prior_strength)
+            else:
+                self.lam, self.strength_cv = self._choose_strength(TE, TD, y, enc, dec, rng)
 
         # K-fold CV inside the training rows: out-of-fold predictions for every candidate size
         # of the correction; pick the size with the lowest out-of-fold error.
@@ -417,6 +486,10 @@ class AnalyticPredictor(Predictor):
             return s
         return 1.0
 
+    @property
+    def _small_sample(self) -> int:
+        return int(self.prior is not None and 0 < self._n_fit < self.small_n)
+
     @staticmethod
     def _cv_error(pred: np.ndarray, y: np.ndarray) -> float:
         # Mean absolute log error: relative (like acc10 / MAPE), symmetric, and continuous.
@@ -472,6 +545,10 @@ class AnalyticPredictor(Predictor):
             "correction": None if self.correction is None else {
                 "lr": self.correction.lr, "trees": [t.to_dict() for t in self.correction.trees]},
             "bootstrap": [[lin(m) for m in b] for b in self.boot],
+            "prior": None if self.prior is None else self.prior.to_dict(),
+            "prior_strength_used": self.lam if self.prior is not None else None,
+            "prior_strength_cv": dict(self.strength_cv) if self.prior is not None else None,
+            "n_fit": self._n_fit,
         }
 
     def _load_state(self, s: dict[str, Any]) -> None:
@@ -487,6 +564,11 @@ class AnalyticPredictor(Predictor):
         c = s.get("correction")
         self.correction = None if c is None else Boosted(tuple(Tree.from_dict(t) for t in c["trees"]), float(c["lr"]))
         self.boot = [tuple(lin(m) for m in b) for b in s.get("bootstrap", [])]  # type: ignore[misc]
+        p = s.get("prior")
+        self.prior = None if p is None else prior_from_dict(p, "field 'state.prior'")
+        self.lam = None if s.get("prior_strength_used") is None else float(s["prior_strength_used"])
+        self.strength_cv = dict(s.get("prior_strength_cv") or {})
+        self._n_fit = int(s.get("n_fit", 0))
 
 
 # --------------------------------------------------------------------------------------------
@@ -659,6 +741,8 @@ def load_predictor(path: str | Path) -> Predictor:
         pred._load_state(doc["state"])
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{path}: damaged predictor file ({e.__class__.__name__}: {e})") from None
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
     pred.meta = {k: doc.get(k) for k in ("feature_set", "device", "training_size", "cv", "source", "created_at")}
     r = doc.get("residuals_log")
     pred._resid_log = None if r is None else np.asarray(r, float)
