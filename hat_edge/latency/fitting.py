@@ -252,8 +252,31 @@ def kendall_tau(a: np.ndarray, b: np.ndarray) -> float:
     return float((conc - disc) / denom) if denom > 0 else float("nan")
 
 
+def _ranks(a: np.ndarray) -> np.ndarray:
+    """Ranks 1..n, ties given their average rank."""
+    order = np.argsort(a, kind="stable")
+    r = np.empty(len(a))
+    r[order] = np.arange(1, len(a) + 1)
+    vals, inv = np.unique(a, return_inverse=True)
+    sums = np.bincount(inv, weights=r)
+    counts = np.bincount(inv)
+    return (sums / counts)[inv]
+
+
+def spearman_rho(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation (Pearson correlation of average ranks)."""
+    a = np.asarray(a, float)
+    b = np.asarray(b, float)
+    if len(a) < 2:
+        return float("nan")
+    ra, rb = _ranks(a), _ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = float(np.sqrt((ra**2).sum() * (rb**2).sum()))
+    return float((ra * rb).sum() / den) if den > 0 else float("nan")
+
+
 def accuracy_metrics(pred_ms: np.ndarray, true_ms: np.ndarray) -> dict[str, float]:
-    """RMSE and MAPE (ms, %), share within 5% / 10% (%, HAT's 'acc10'), Kendall tau."""
+    """RMSE and MAPE (ms, %), share within 5% / 10% (%, HAT's 'acc10'), Kendall tau, Spearman rho."""
     p = np.asarray(pred_ms, float)
     y = np.asarray(true_ms, float)
     rel = np.abs(p - y) / y
@@ -264,6 +287,7 @@ def accuracy_metrics(pred_ms: np.ndarray, true_ms: np.ndarray) -> dict[str, floa
         "acc5_pct": float(100 * (rel <= 0.05).mean()),
         "acc10_pct": float(100 * (rel <= 0.10).mean()),
         "kendall_tau": kendall_tau(p, y),
+        "spearman_rho": spearman_rho(p, y),
     }
 
 
@@ -276,5 +300,6 @@ __all__ = [
     "fit_tree",
     "fit_boosted",
     "kendall_tau",
+    "spearman_rho",
     "accuracy_metrics",
 ]

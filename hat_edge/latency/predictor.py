@@ -172,9 +172,16 @@ class Predictor(ABC):
     def _resid_quantiles(self, level: float) -> tuple[float, float]:
         r = self._resid_log
         if r is not None and len(r) >= 3 and self._small_sample:
-            # Few rows (a prior-based fit): t interval on the RMS of the held-out log residuals.
+            # Few rows (a prior-based fit): a t interval on the RMS of the held-out log residuals,
+            # pooled with the prior devices' noise band (worth `noise_rows` rows; a handful of a
+            # new board's rows cannot show its skewed noise tail), the band scaled to `level`.
             q = _t_quantile((1 + level) / 2, max(1, len(r) - 1)) * float(np.sqrt(np.mean(r**2)))
-            return q, q
+            band = self._prior_noise()
+            if band is None:
+                return q, q
+            k, n = self.noise_rows, len(r)
+            f = _z(level) / _z(0.9)
+            return tuple(math.sqrt((k * (f * b) ** 2 + n * q**2) / (k + n)) for b in band)  # type: ignore[return-value]
         if r is None or len(r) < 3:
             return 0.1, 0.1
         a = (1 - level) / 2
@@ -186,6 +193,9 @@ class Predictor(ABC):
     @property
     def _small_sample(self) -> int:
         return 0
+
+    def _prior_noise(self) -> tuple[float, float] | None:
+        return None
 
     # ---- files ----
     def to_dict(self) -> dict[str, Any]:
@@ -284,6 +294,9 @@ class AnalyticPredictor(Predictor):
         prior: Prior | None = None,
         prior_strength: float | None = None,
         small_n: int = 30,
+        noise_rows: int = 10,
+        strengths: Sequence[float] = PRIOR_STRENGTHS,
+        strength_rule: str = "min",
     ) -> None:
         super().__init__()
         self.prior = prior if prior is not None and len(prior) else None
@@ -291,6 +304,13 @@ class AnalyticPredictor(Predictor):
             raise UserError(f"prior strength must be a positive number, got {prior_strength!r}")
         self.prior_strength = prior_strength
         self.small_n = int(small_n)
+        self.noise_rows = int(noise_rows)
+        self.strengths = tuple(sorted(float(v) for v in strengths))
+        if not self.strengths or any(not (math.isfinite(v) and v > 0) for v in self.strengths):
+            raise UserError(f"prior strengths must be positive numbers, got {list(strengths)}")
+        if strength_rule not in ("min", "1se"):
+            raise UserError(f"strength_rule must be 'min' or '1se', got {strength_rule!r}")
+        self.strength_rule = strength_rule
         self.lam: float | None = None  # the prior strength used by the last fit
         self._n_fit = 0
         self.huber_k = huber_k
@@ -315,6 +335,7 @@ class AnalyticPredictor(Predictor):
         self.boot: list[tuple[_Linear | None, _Linear | None, _Linear | None]] = []
         self.cv_table: dict[int, float] = {}
         self.strength_cv: dict[str, float] = {}
+        self.post_cov: dict[str, np.ndarray] = {}
 
     def params(self) -> dict[str, Any]:
         return {
@@ -330,6 +351,9 @@ class AnalyticPredictor(Predictor):
             "seed": self.seed,
             "prior_strength": self.prior_strength,
             "small_n": self.small_n,
+            "noise_rows": self.noise_rows,
+            "strengths": list(self.strengths),
+            "strength_rule": self.strength_rule,
         }
 
     # ---- the analytic part ----
@@ -362,15 +386,22 @@ class AnalyticPredictor(Predictor):
         k = n if n <= 12 else min(self.folds, n)
         folds = np.array_split(rng.permutation(n), k)
         errs: dict[str, float] = {}
-        for lam in PRIOR_STRENGTHS:
+        per_row: dict[float, np.ndarray] = {}
+        for lam in self.strengths:
             self.lam = lam
             pred = np.zeros(n)
             for fold in folds:
                 rest = np.setdiff1d(np.arange(n), fold)
                 m = self._fit_base(TE[rest], TD[rest], y[rest], _rows(enc, rest), _rows(dec, rest))
                 pred[fold] = self._base(m, TE[fold], TD[fold])
-            errs[repr(lam)] = self._cv_error(pred, y)
-        best = min(PRIOR_STRENGTHS, key=lambda v: errs[repr(v)])  # ties: the weaker prior
+            per_row[lam] = np.abs(np.log(pred / y))
+            errs[repr(lam)] = float(per_row[lam].mean())
+        best = min(self.strengths, key=lambda v: errs[repr(v)])  # ties: the weaker prior
+        if self.strength_rule == "1se":
+            # The strongest prior whose error is within one standard error of the best (a handful
+            # of held-out rows cannot tell close strengths apart; the simpler model wins).
+            se = float(per_row[best].std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+            best = max(v for v in self.strengths if errs[repr(v)] <= errs[repr(best)] + se)
         return float(best), errs
 
     def _base(self, models, TE, TD) -> np.ndarray:
@@ -452,6 +483,20 @@ class AnalyticPredictor(Predictor):
             ncoef = sum(len(m.cols) for m in models if m is not None)
             self._resid_log = r * math.sqrt(n / max(1, n - ncoef)) if n > ncoef else r * 3
 
+        # With a prior: the coefficients' posterior covariance (Gaussian approximation of the
+        # penalised fit), for a per-point spread that widens away from the measured rows.
+        self.post_cov = {}
+        if self.prior is not None and self.lam is not None:
+            sig2 = float(np.mean(self._resid_log**2)) if self._resid_log is not None else 0.01
+            sides = (("encoder", TE, enc), ("decoder", TD, dec)) if self.split else (
+                ("joint", self._joint_terms(TE, TD), y),)
+            for side, T, t in sides:
+                Ar = T / t[:, None]
+                share = Ar.mean(axis=0)
+                sc = np.where(share > 0, share, 1.0)
+                H = Ar.T @ Ar + self.lam * np.diag(sc**2)
+                self.post_cov[side] = sig2 * np.linalg.pinv(H)
+
         # Bootstrap ensemble of the analytic part: how much the fit itself could move.
         self.boot = []
         for _ in range(self.bootstrap):
@@ -490,6 +535,9 @@ class AnalyticPredictor(Predictor):
     def _small_sample(self) -> int:
         return int(self.prior is not None and 0 < self._n_fit < self.small_n)
 
+    def _prior_noise(self) -> tuple[float, float] | None:
+        return None if self.prior is None else self.prior.noise_band()
+
     @staticmethod
     def _cv_error(pred: np.ndarray, y: np.ndarray) -> float:
         # Mean absolute log error: relative (like acc10 / MAPE), symmetric, and continuous.
@@ -506,6 +554,12 @@ class AnalyticPredictor(Predictor):
         return p * self.scale
 
     def _point_spread(self, archs: Sequence[Arch] | None, F: np.ndarray) -> np.ndarray:
+        if self.post_cov:
+            TE, TD = self._terms(archs, F)
+            p = self._base((self.enc, self.dec, self.joint), TE, TD)
+            mats = {"encoder": TE, "decoder": TD, "joint": self._joint_terms(TE, TD)}
+            var = sum(np.einsum("ij,jk,ik->i", mats[k], C, mats[k]) for k, C in self.post_cov.items())
+            return np.sqrt(np.maximum(var, 0.0)) / p  # sd of the log prediction (delta method)
         if len(self.boot) < 2:
             return np.zeros(len(F))
         TE, TD = self._terms(archs, F)
@@ -549,6 +603,7 @@ class AnalyticPredictor(Predictor):
             "prior_strength_used": self.lam if self.prior is not None else None,
             "prior_strength_cv": dict(self.strength_cv) if self.prior is not None else None,
             "n_fit": self._n_fit,
+            "posterior_cov": {k: v.tolist() for k, v in self.post_cov.items()},
         }
 
     def _load_state(self, s: dict[str, Any]) -> None:
@@ -569,6 +624,14 @@ class AnalyticPredictor(Predictor):
         self.lam = None if s.get("prior_strength_used") is None else float(s["prior_strength_used"])
         self.strength_cv = dict(s.get("prior_strength_cv") or {})
         self._n_fit = int(s.get("n_fit", 0))
+        sizes = {"encoder": len(ENCODER_TERMS), "decoder": len(DECODER_TERMS),
+                 "joint": len(ENCODER_TERMS) + len(DECODER_TERMS) - 1}
+        self.post_cov = {}
+        for k, v in (s.get("posterior_cov") or {}).items():
+            C = np.asarray(v, float)
+            if k not in sizes or C.shape != (sizes[k], sizes[k]) or not np.isfinite(C).all():
+                raise ValueError(f"state.posterior_cov.{k} is not a finite {sizes.get(k, '?')}-square matrix")
+            self.post_cov[k] = C
 
 
 # --------------------------------------------------------------------------------------------

@@ -70,10 +70,14 @@ class DevicePrior:
     decoder: tuple[float, ...]  # len(DECODER_TERMS)
     rows: int = 0
     source: str = ""
+    # 5% and 95% quantiles of log(measured / fitted) over its rows: the device's noise band
+    # (skewed: interference only slows a run). None when unknown.
+    noise: tuple[float, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "rows": self.rows, "source": self.source,
-                "encoder": list(self.encoder), "decoder": list(self.decoder)}
+                "encoder": list(self.encoder), "decoder": list(self.decoder),
+                "noise_log_q05_q95": None if self.noise is None else list(self.noise)}
 
 
 @dataclass(frozen=True)
@@ -93,13 +97,20 @@ class Prior:
 
     def without(self, name: str) -> "Prior":
         """The prior minus one device (a device's own entry must not be its prior)."""
-        return Prior(tuple(d for d in self.devices if d.name != name), self.notice, self.origin)
+        return Prior(tuple(d for d in self.devices if d.name != name), self.notice, self.origin, self.extra)
 
     def merged(self, other: "Prior") -> "Prior":
         seen = set(self.names())
         devs = self.devices + tuple(d for d in other.devices if d.name not in seen)
         notice = "\n\n".join(n for n in (self.notice, other.notice) if n)
         return Prior(devs, notice, self.origin or other.origin)
+
+    def noise_band(self) -> tuple[float, float] | None:
+        """(down, up) >= 0: the mean of the prior devices' 5%/95% log-residual quantiles."""
+        bands = [d.noise for d in self.devices if d.noise is not None]
+        if not bands:
+            return None
+        return max(0.0, -float(np.mean([b[0] for b in bands]))), max(0.0, float(np.mean([b[1] for b in bands])))
 
     def coef(self, side: str) -> np.ndarray:
         """(K, p) coefficients of `side`: "encoder", "decoder" or "joint" (see `joint_terms`)."""
@@ -186,7 +197,15 @@ def prior_from_dict(doc: Any, where: str) -> Prior:
             vecs.append(tuple(float(x) for x in v))
         if not any(vecs[0]) and not any(vecs[1]):
             raise bad(at, "has every coefficient 0 (a device that costs nothing)")
-        out.append(DevicePrior(name, vecs[0], vecs[1], rows, source))
+        noise = d.get("noise_log_q05_q95")
+        if noise is not None:
+            ok = (isinstance(noise, list) and len(noise) == 2
+                  and all(not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x) for x in noise)
+                  and -2.0 <= noise[0] <= 0.0 <= noise[1] <= 2.0)
+            if not ok:
+                raise bad(f"{at}.noise_log_q05_q95", f"is {_short(noise)}, expected [q05, q95] with -2 <= q05 <= 0 <= q95 <= 2")
+            noise = (float(noise[0]), float(noise[1]))
+        out.append(DevicePrior(name, vecs[0], vecs[1], rows, source, noise))
     return Prior(tuple(out), notice, where)
 
 
@@ -240,8 +259,11 @@ def device_prior_from_data(data: LatencyData, name: str, huber_k: float | None =
         cj = fit(np.concatenate([TE, TD[:, 1:]], axis=1), data.latency_ms)
         ce = cj[: len(ENCODER_TERMS)]
         cd = np.concatenate([[0.0], cj[len(ENCODER_TERMS):]])
+    fitted = np.maximum(TE @ ce + TD @ cd, 1e-9)
+    r = np.log(data.latency_ms / fitted)
+    noise = (min(0.0, float(np.quantile(r, 0.05))), max(0.0, float(np.quantile(r, 0.95))))
     return DevicePrior(name, tuple(float(v) for v in ce), tuple(float(v) for v in cd), len(data),
-                       Path(data.source).name if data.source else "")
+                       Path(data.source).name if data.source else "", noise)
 
 
 def build_prior(sources: Sequence[tuple[str, LatencyData]], notice: str = "") -> Prior:
