@@ -271,9 +271,15 @@ class AnalyticPredictor(Predictor):
     coefficients start from a non-negative combination of the prior devices' and are pulled
     towards it with strength `prior_strength` (None: chosen by cross-validation on the rows, see
     `latency.prior`), which makes 5-10 measurements of a new board enough. The prior is saved in
-    the predictor file. With a prior and fewer than `small_n` rows, the interval is a Student-t
-    interval on the out-of-fold log residuals' RMS (an empirical 5%/95% quantile of a handful of
-    residuals is their min/max, too narrow).
+    the predictor file. With a prior and fewer than `small_n` rows, the interval's noise part is a
+    Student-t interval on the out-of-fold log residuals' RMS (an empirical 5%/95% quantile of a
+    handful of residuals is their min/max, too narrow), pooled with the prior devices' noise band
+    (worth `noise_rows` rows). point_spread: "bootstrap" (the ensemble's spread, the default) or
+    "posterior" (the penalised fit's Gaussian posterior; it ignores the non-negativity that bounds
+    the real uncertainty and gave 1,000%-wide intervals at 5 rows). strengths / strength_rule: the
+    candidates and the rule ("min" or "1se") of the strength's cross-validation. The prior
+    defaults (design ridge, strengths with 0, rule, spread) were chosen on validation rows only:
+    bench/predictor_transfer.py --select (rounds 1 and 2, bench/results/predictor_transfer_select*.json).
     """
 
     kind = "default"
@@ -297,6 +303,7 @@ class AnalyticPredictor(Predictor):
         noise_rows: int = 10,
         strengths: Sequence[float] = PRIOR_STRENGTHS,
         strength_rule: str = "min",
+        point_spread: str = "bootstrap",
     ) -> None:
         super().__init__()
         self.prior = prior if prior is not None and len(prior) else None
@@ -306,8 +313,11 @@ class AnalyticPredictor(Predictor):
         self.small_n = int(small_n)
         self.noise_rows = int(noise_rows)
         self.strengths = tuple(sorted(float(v) for v in strengths))
-        if not self.strengths or any(not (math.isfinite(v) and v > 0) for v in self.strengths):
-            raise UserError(f"prior strengths must be positive numbers, got {list(strengths)}")
+        if not self.strengths or any(not (math.isfinite(v) and v >= 0) for v in self.strengths):
+            raise UserError(f"prior strengths must be non-negative numbers (0: no prior), got {list(strengths)}")
+        if point_spread not in ("bootstrap", "posterior"):
+            raise UserError(f"point_spread must be 'bootstrap' or 'posterior', got {point_spread!r}")
+        self.point_spread = point_spread
         if strength_rule not in ("min", "1se"):
             raise UserError(f"strength_rule must be 'min' or '1se', got {strength_rule!r}")
         self.strength_rule = strength_rule
@@ -354,6 +364,7 @@ class AnalyticPredictor(Predictor):
             "noise_rows": self.noise_rows,
             "strengths": list(self.strengths),
             "strength_rule": self.strength_rule,
+            "point_spread": self.point_spread,
         }
 
     # ---- the analytic part ----
@@ -366,8 +377,8 @@ class AnalyticPredictor(Predictor):
         return np.concatenate([TE, TD[:, 1:]], axis=1)  # one constant column, not two
 
     def _fit_linear(self, T: np.ndarray, y: np.ndarray, side: str = "joint") -> _Linear:
-        if self.prior is not None:
-            lam = self.lam if self.lam is not None else (self.prior_strength or 1.0)
+        lam = self.lam if self.lam is not None else (self.prior_strength or 1.0)
+        if self.prior is not None and lam > 0:
             c = fit_with_prior(T, y, self.prior.coef(side), lam, huber_k=self.huber_k)
             return _Linear(tuple(range(T.shape[1])), tuple(float(v) for v in c))
         cols = independent_columns(T)
@@ -486,7 +497,7 @@ class AnalyticPredictor(Predictor):
         # With a prior: the coefficients' posterior covariance (Gaussian approximation of the
         # penalised fit), for a per-point spread that widens away from the measured rows.
         self.post_cov = {}
-        if self.prior is not None and self.lam is not None:
+        if self.prior is not None and self.lam and self.point_spread == "posterior":
             sig2 = float(np.mean(self._resid_log**2)) if self._resid_log is not None else 0.01
             sides = (("encoder", TE, enc), ("decoder", TD, dec)) if self.split else (
                 ("joint", self._joint_terms(TE, TD), y),)

@@ -21,7 +21,7 @@ y (n,) and the prior devices' coefficients C (K, p):
    so the prior fades as measurements accumulate.
 
 `lam` (the prior strength) is chosen per fit by cross-validation on the new device's own rows
-(leave-one-out below 13 rows) from `PRIOR_STRENGTHS`, unless fixed.
+(leave-one-out below 13 rows) from `PRIOR_STRENGTHS`, 0 (no prior) included, unless fixed.
 
 Choosing what to measure first (`choose_informative`): greedy expected reduction of the total
 predictive variance over a candidate pool (I-optimal design) under the same linear model, with the
@@ -52,7 +52,8 @@ from hat_edge.space import Arch
 PRIOR_FORMAT = "hat-edge-latency-prior"
 PRIOR_VERSION = 1
 # Candidate prior strengths (lam above); chosen by cross-validation on the new device's rows.
-PRIOR_STRENGTHS = (1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)
+# 0 is "no prior" (the plain fit), so a prior that does not fit the new board can be turned down.
+PRIOR_STRENGTHS = (0.0, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)
 # Design ridge of `choose_informative` in standardised term units (chosen with the training rows
 # only, see the module docstring).
 DESIGN_RIDGE = 10.0
