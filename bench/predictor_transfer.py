@@ -57,13 +57,15 @@ VALIDATION = slice(1600, 1800)
 # chose the design ridge and the strength rule (ridge10-min); round 2 (after the first table showed
 # 1,000%-wide intervals at N=5 and a bad strength pick on 5 random rows) compares the point spread of
 # the interval and whether "no prior" (strength 0) is a candidate of the cross-validation.
-STRENGTHS_WITH_ZERO = (0.0, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)
+STRENGTHS = (1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)
+STRENGTHS_WITH_ZERO = (0.0, *STRENGTHS)
+_R1 = {"point_spread": "posterior", "strengths": STRENGTHS}
 SELECT_CONFIGS = {
-    "ridge10-min": (10.0, {"point_spread": "posterior"}),
-    "ridge1-min": (1.0, {"point_spread": "posterior"}),
-    "ridge100-min": (100.0, {"point_spread": "posterior"}),
-    "ridge10-1se": (10.0, {"strength_rule": "1se", "point_spread": "posterior"}),
-    "ridge10-min-boot": (10.0, {"point_spread": "bootstrap"}),
+    "ridge10-min": (10.0, _R1),
+    "ridge1-min": (1.0, _R1),
+    "ridge100-min": (100.0, _R1),
+    "ridge10-1se": (10.0, {**_R1, "strength_rule": "1se"}),
+    "ridge10-min-boot": (10.0, {"point_spread": "bootstrap", "strengths": STRENGTHS}),
     "ridge10-min-zero": (10.0, {"point_spread": "posterior", "strengths": STRENGTHS_WITH_ZERO}),
     "ridge10-min-zero-boot": (10.0, {"point_spread": "bootstrap", "strengths": STRENGTHS_WITH_ZERO}),
 }
