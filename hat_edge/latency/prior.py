@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -88,7 +88,6 @@ class Prior:
     devices: tuple[DevicePrior, ...]
     notice: str = ""
     origin: str = ""  # where it was read from (messages only)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.devices)
@@ -98,7 +97,7 @@ class Prior:
 
     def without(self, name: str) -> "Prior":
         """The prior minus one device (a device's own entry must not be its prior)."""
-        return Prior(tuple(d for d in self.devices if d.name != name), self.notice, self.origin, self.extra)
+        return Prior(tuple(d for d in self.devices if d.name != name), self.notice, self.origin)
 
     def merged(self, other: "Prior") -> "Prior":
         seen = set(self.names())
