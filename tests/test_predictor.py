@@ -573,3 +573,32 @@ def test_cli_train_with_prior(tmp_path: Path) -> None:
     res = run.invoke(cli, ["predictor", "train", "--data", str(ten), "--prior", "builtin", "--kind", "hat-mlp",
                            "--out", str(model)])
     assert res.exit_code != 0 and "default kind only" in res.output
+
+
+def test_prior_from_a_latency_store(tmp_path: Path) -> None:
+    """A user's own store is a prior: one cost model per device with enough records."""
+    from hat_edge.latency.prior import resolve_priors
+    from hat_edge.latency.store import LatencyRecord, LatencyStore
+
+    store = LatencyStore(tmp_path / "lat.sqlite")
+    settings = {"src_len": 30, "steps": 30, "beam": 5}
+    for dev, n, slow in (("board-a", 20, 1.0), ("board-b", 20, 3.0), ("board-c", 3, 1.0)):
+        archs, y, enc, dec = _synthetic(n, seed=20 + n, space="demo")
+        for a, v, e, d in zip(archs, y, enc, dec):
+            store.add(LatencyRecord(
+                device=dev, arch=a, features=a.features(), runtime="onnxruntime", settings=settings,
+                median_ms=float(v) * slow, mean_10_90_ms=float(v) * slow, p90_ms=None, iqr_ms=None, cv=None,
+                runs=(), encoder_ms=float(e) * slow, decoder_ms=float(d) * slow))
+    store.close()
+    prior = resolve_priors([str(tmp_path / "lat.sqlite")], exclude="board-a")
+    assert prior is not None and prior.names() == ["board-b"]  # board-c: too few records
+    assert prior.devices[0].rows == 20 and prior.devices[0].noise is not None
+    # board-b is board-a three times slower: a strong prior (strength 100, held to board-b's cost
+    # shape) fitted on 5 rows of board-a must find the 1/3 scale and be right
+    archs, y, enc, dec = _synthetic(5, seed=30, space="demo")
+    test_archs, y_test, _, _ = _synthetic(60, seed=31, space="demo")
+    pred = AnalyticPredictor(prior=prior, prior_strength=100.0).fit(archs, y, encoder_ms=enc, decoder_ms=dec)
+    assert pred.lam == 100.0
+    assert accuracy_metrics(pred.predict(test_archs), y_test)["acc10_pct"] >= 95
+    with pytest.raises(UserError, match="no such latency store"):
+        resolve_priors([str(tmp_path / "none.sqlite")])

@@ -166,7 +166,8 @@ def predictor_group() -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--prior", "priors", multiple=True,
               help="Devices measured before, to start a new board's model from (default kind; repeat): "
-                   "'builtin' (HAT's Pi, Xeon and TITAN Xp, packaged), a prior JSON file, or a latency CSV. "
+                   "'builtin' (HAT's Pi, Xeon and TITAN Xp, packaged), a prior JSON file, a latency CSV, or a "
+                   "latency store (.sqlite). "
                    "With a prior, 5-10 measured rows suffice.")
 @click.option("--prior-strength", default=None, type=float,
               help="How strongly the prior pulls each cost term (default: chosen by cross-validation on the rows).")

@@ -51,7 +51,7 @@ def _log(msg: str) -> None:
               help="Also run random search with as many fitness evaluations (slower; plotted with the search).")
 @click.option("--seed", default=0, show_default=True, help="Seed of sampling and search.")
 @click.option("--prior", "priors", multiple=True,
-              help="Latency prior (repeat): 'builtin' (HAT's Pi, Xeon, TITAN Xp), a prior JSON, or a latency CSV. "
+              help="Latency prior (repeat): 'builtin' (HAT's Pi, Xeon, TITAN Xp), a prior JSON, a latency CSV or store. "
                    "The initial dataset is then the most informative archs, and stops before --initial once the "
                    "predictor's cross-validated error is low enough.")
 @click.option("--trust-new-host", is_flag=True, help=TRUST_HELP)

@@ -274,16 +274,61 @@ def build_prior(sources: Sequence[tuple[str, LatencyData]], notice: str = "") ->
     return Prior(tuple(device_prior_from_data(d, n) for n, d in sources), notice)
 
 
+def prior_from_store(path: str | Path, min_rows: int = 5) -> Prior:
+    """One device prior per (device, runtime, measurement settings) of a latency store with at
+    least `min_rows` records (anchored records on their anchors' scale, as the predictor reads them).
+    A device measured under one setting is named as in the store, else `device[runtime]#k`."""
+    import json as _json
+
+    from hat_edge.latency.store import LatencyStore
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such latency store")
+    store = LatencyStore(path)
+    try:
+        groups: dict[tuple[str, str, str], list] = {}
+        for r in store.records():
+            groups.setdefault((r.device, r.runtime, _json.dumps(dict(r.settings), sort_keys=True)), []).append(r)
+    finally:
+        store.close()
+    per_device: dict[str, int] = {}
+    for dev, _, _ in groups:
+        per_device[dev] = per_device.get(dev, 0) + 1
+    devices = []
+    for k, ((dev, runtime, _), recs) in enumerate(sorted(groups.items(), key=lambda kv: kv[0])):
+        if len(recs) < min_rows:
+            continue
+        split = all(r.encoder_ms and r.decoder_ms for r in recs)
+        archs = [r.arch for r in recs]
+        data = LatencyData(
+            features=np.array([r.features for r in recs], float),
+            latency_ms=np.array([r.corrected_ms for r in recs], float),
+            encoder_ms=np.array([r.corrected_split()[0] for r in recs], float) if split else None,
+            decoder_ms=np.array([r.corrected_split()[1] for r in recs], float) if split else None,
+            archs=tuple(archs) if all(a is not None for a in archs) else None,  # type: ignore[arg-type]
+            source=f"{path} [{dev}]",
+        )
+        name = dev if per_device[dev] == 1 else f"{dev}[{runtime}]#{k}"
+        devices.append(device_prior_from_data(data, name))
+    if not devices:
+        raise UserError(f"{path}: no device with at least {min_rows} measurements to make a prior from")
+    return Prior(tuple(devices), origin=str(path))
+
+
 def resolve_priors(items: Sequence[str | Path], exclude: str | None = None) -> Prior | None:
     """Priors named on a command line, merged: "builtin" (the packaged prior), a prior JSON file,
-    or a latency CSV (HAT's or hat-edge's; one device named after the file). `exclude`: the
-    target device's own name, dropped from the prior. None when nothing is left."""
+    a latency CSV (HAT's or hat-edge's; one device named after the file), or a latency store
+    (.sqlite: each device in it). `exclude`: the target device's own name, dropped from the prior.
+    None when nothing is left."""
     from hat_edge.latency.features import read_latency_csv
 
     merged: Prior | None = None
     for item in items:
         if str(item) == "builtin":
             p = packaged_prior()
+        elif str(item).lower().endswith((".sqlite", ".sqlite3", ".db")):
+            p = prior_from_store(item)
         elif str(item).lower().endswith(".csv"):
             path = Path(item)
             p = Prior((device_prior_from_data(read_latency_csv(path), path.stem),), origin=str(path))
@@ -426,6 +471,7 @@ __all__ = [
     "device_prior_from_data",
     "build_prior",
     "resolve_priors",
+    "prior_from_store",
     "prior_mean",
     "fit_with_prior",
     "choose_informative",
