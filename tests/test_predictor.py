@@ -573,6 +573,9 @@ def test_cli_train_with_prior(tmp_path: Path) -> None:
     res = run.invoke(cli, ["predictor", "train", "--data", str(ten), "--prior", "builtin", "--kind", "hat-mlp",
                            "--out", str(model)])
     assert res.exit_code != 0 and "default kind only" in res.output
+    # `loop --prior`: a bad prior file fails first, before any device is looked at
+    res = run.invoke(cli, ["loop", "--profile", "no-such-board", "--budget", "50", "--prior", str(bad)])
+    assert res.exit_code != 0 and f"{bad}: field 'encoder_terms'" in res.output and "no-such-board" not in res.output
 
 
 def test_prior_from_a_latency_store(tmp_path: Path) -> None:

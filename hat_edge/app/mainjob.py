@@ -115,7 +115,7 @@ def run_main_job(
     if s.prior:
         from hat_edge.latency.prior import resolve_priors
 
-        prior = resolve_priors(s.prior, exclude=profile.name)
+        prior = resolve_priors(s.prior, exclude=profile.name)  # checked before any measurement
     say(f"[2/7] latency dataset: {'up to ' if prior else ''}{s.initial} SubTransformers of space "
         f"'{space.name}' on '{profile.name}'" + (f" (prior: {', '.join(prior.names())})" if prior else ""))
     measured, init, n_new = measure_initial(space, device, s.initial, s.seed, progress=progress, log=say,
