@@ -78,14 +78,10 @@ def _rows(a: np.ndarray | None, ix: np.ndarray) -> np.ndarray | None:
 
 
 def _t_quantile(p: float, dof: int) -> float:
-    """Student-t quantile (Cornish-Fisher expansion around the normal; < 0.5% off for dof >= 3)."""
-    z = _z(2 * p - 1)
-    g1 = (z**3 + z) / 4
-    g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
-    g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
-    g4 = (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160
-    v = float(dof)
-    return z + g1 / v + g2 / v**2 + g3 / v**3 + g4 / v**4
+    """Student-t quantile (scipy)."""
+    from scipy.stats import t
+
+    return float(t.ppf(p, dof))
 
 
 def _z(level: float) -> float:
