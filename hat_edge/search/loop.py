@@ -385,7 +385,9 @@ def measure_initial(
         if len(init) >= len(order):
             break
         split = device.split() if isinstance(device, SplitDevice) else None
-        pred = fit_predictor("default", measured, split, device.name, prior=prior)
+        # Decided on the initial archs alone (not other stored measurements), so a rerun that finds
+        # them all stored stops at the same place.
+        pred = fit_predictor("default", {a: measured[a] for a in init}, split, device.name, prior=prior)
         cv = getattr(pred, "meta", {}).get("cv") or {}
         if cv.get("mape_pct") is not None and cv["mape_pct"] <= cv_mape:
             if log:
