@@ -15,6 +15,7 @@ Writes bench/results/predictor.json and prints a table.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import random
 import sys
@@ -31,7 +32,18 @@ from hat_edge.latency.features import read_latency_csv  # noqa: E402
 from hat_edge.latency.fitting import accuracy_metrics  # noqa: E402
 from hat_edge.latency.predictor import HAT_LAT_NORM, make_predictor  # noqa: E402
 
-DATA = REPO.parent / "shared" / "data" / "hat" / "latency"
+
+
+def _shared() -> Path:
+    """HAT's shared data: $HAT_EDGE_SHARED, else ../shared beside the checkout, else /work/shared."""
+    env = os.environ.get("HAT_EDGE_SHARED")
+    for c in ([Path(env)] if env else [REPO.parent / "shared", Path("/work/shared")]):
+        if (c / "data" / "hat").is_dir():
+            return c
+    return Path(env) if env else REPO.parent / "shared"
+
+
+DATA = _shared() / "data" / "hat" / "latency"
 FILES = {
     "raspberrypi": "wmt14ende_cpu_raspberrypi_all.csv",
     "xeon": "wmt14ende_cpu_xeon_all.csv",

@@ -413,3 +413,195 @@ def test_cli_train_from_store(tmp_path: Path) -> None:
     res = CliRunner().invoke(cli, ["predictor", "train", "--store", str(tmp_path / "lat.sqlite"), "--profile", "pi",
                                    "--out", str(model)])
     assert res.exit_code != 0 and "no records for device 'pi'" in res.output and "board" in res.output
+
+
+# --------------------------------------------------------------------------------------------
+# A new board from a prior (#16)
+# --------------------------------------------------------------------------------------------
+TITANXP = HAT_LATENCY / "wmt14ende_gpu_titanxp_all.csv"
+
+
+def test_spearman_rho_with_ties() -> None:
+    from hat_edge.latency.fitting import spearman_rho
+
+    assert spearman_rho([1, 2, 3, 4], [10, 30, 20, 40]) == pytest.approx(0.8)
+    # ties take their average rank: ranks (1.5, 1.5, 3) vs (1, 2, 3)
+    assert spearman_rho([1, 1, 2], [1, 2, 3]) == pytest.approx(np.sqrt(3) / 2)
+    assert spearman_rho([3, 2, 1], [1, 2, 3]) == pytest.approx(-1.0)
+
+
+def test_packaged_prior_is_hat_data_with_its_notice() -> None:
+    """The shipped prior is what scripts/build_latency_prior.py derives from HAT's three files."""
+    from hat_edge.latency.prior import device_prior_from_data, packaged_prior
+
+    _need_hat_data()
+    prior = packaged_prior()
+    assert prior.names() == ["raspberrypi", "xeon", "titanxp"]
+    assert "MIT" in prior.notice and "Copyright (c) 2020, Hanrui Wang" in prior.notice
+    rebuilt = device_prior_from_data(read_latency_csv(XEON), "xeon")
+    shipped = prior.devices[1]
+    np.testing.assert_allclose(shipped.encoder, rebuilt.encoder, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(shipped.decoder, rebuilt.decoder, rtol=1e-9, atol=1e-12)
+    assert shipped.rows == 2000 and shipped.noise is not None and shipped.noise[0] <= 0 <= shipped.noise[1]
+
+
+def test_transfer_from_10_rows_beats_no_prior_on_a_held_out_hat_device() -> None:
+    """Leave-one-device-out: prior = Pi + Xeon, target = the TITAN Xp file (a GPU: its costs are
+    per-layer overheads, not FLOPs, so the prior must be re-weighted, not copied). 10 rows chosen by
+    `choose_informative` from HAT's training pool; scored on HAT's test rows."""
+    from hat_edge.latency.prior import build_prior, choose_informative
+
+    _need_hat_data()
+    prior = build_prior([("raspberrypi", read_latency_csv(PI)), ("xeon", read_latency_csv(XEON))])
+    data = read_latency_csv(TITANXP)
+    pool, test = _protocol(1600)
+    sel = choose_informative(data.subset(pool).X, 10, prior)
+    assert len(set(sel)) == 10 and sel == choose_informative(data.subset(pool).X, 10, prior)  # deterministic
+    train, T = data.subset([pool[i] for i in sel]), data.subset(test)
+    with_prior = AnalyticPredictor(prior=prior).fit_data(train, device="titanxp")
+    without = AnalyticPredictor().fit_data(data.subset(pool[:10]), device="titanxp")
+    m = accuracy_metrics(with_prior.predict(T.X), T.latency_ms)
+    m0 = accuracy_metrics(without.predict(T.X), T.latency_ms)
+    assert m["acc10_pct"] >= m0["acc10_pct"] + 10, (m, m0)
+    assert m["spearman_rho"] > 0.9, m
+    assert with_prior.lam is not None and with_prior.lam in with_prior.strengths
+    lo, hi = with_prior.predict_interval(T.X, level=0.9)
+    coverage = float(np.mean((T.latency_ms >= lo) & (T.latency_ms <= hi)))
+    assert 0.8 <= coverage < 1.0, coverage  # honest: near 90%, and not everything-covering
+    assert np.median((hi - lo) / with_prior.predict(T.X)) < 0.6
+
+
+def test_choose_informative_respects_already_and_pool_size() -> None:
+    from hat_edge.latency.prior import choose_informative, packaged_prior
+
+    archs = PRESETS["hat-wmt"].sample_n(40, seed=12)
+    first = choose_informative(archs, 6, packaged_prior())
+    assert len(first) == 6 and len(set(first)) == 6
+    more = choose_informative(archs, 4, packaged_prior(), already=first)
+    assert not set(more) & set(first) and len(more) == 4
+    assert len(choose_informative(archs[:5], 10)) == 5  # no prior: still a design; never more than the pool
+
+
+def test_predictor_with_prior_roundtrips_and_a_tampered_prior_is_named(tmp_path: Path) -> None:
+    from hat_edge.latency.prior import packaged_prior
+
+    archs, y, enc, dec = _synthetic(8, seed=13)
+    test_archs, y_test, _, _ = _synthetic(50, seed=14)
+    pred = AnalyticPredictor(prior=packaged_prior()).fit(archs, y, encoder_ms=enc, decoder_ms=dec, device="new")
+    path = pred.save(tmp_path / "p.json")
+    back = load_predictor(path)
+    assert isinstance(back, AnalyticPredictor) and back.prior is not None
+    assert back.prior.names() == ["raspberrypi", "xeon", "titanxp"] and back.lam == pred.lam
+    np.testing.assert_allclose(back.predict(test_archs), pred.predict(test_archs), rtol=1e-12)
+    for a, b in zip(back.predict_interval(test_archs), pred.predict_interval(test_archs)):
+        np.testing.assert_allclose(a, b, rtol=1e-9)
+    doc = json.loads(path.read_text())
+    doc["state"]["prior"]["devices"][2]["decoder"][4] = -1.0
+    path.write_text(json.dumps(doc))
+    with pytest.raises(UserError) as e:
+        load_predictor(path)
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg and "devices[2].decoder[4]" in msg and "non-negative" in msg
+
+
+def _prior_doc() -> dict:
+    from hat_edge.latency.prior import PACKAGED_PRIOR
+
+    return json.loads(PACKAGED_PRIOR.read_text())
+
+
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        (lambda d: d.update(format="other"), "'format'"),
+        (lambda d: d.update(version=2), "'version'"),
+        (lambda d: d.update(decoder_terms=d["decoder_terms"][:-1]), "'decoder_terms'"),
+        (lambda d: d.update(devices=[]), "'devices'"),
+        (lambda d: d["devices"].__setitem__(0, "pi"), "'devices[0]'"),
+        (lambda d: d["devices"][1].pop("name"), "'devices[1].name'"),
+        (lambda d: d["devices"][1].update(name=d["devices"][0]["name"]), "'devices[1].name'"),
+        (lambda d: d["devices"][0].update(encoder=[1.0] * 7), "'devices[0].encoder'"),
+        (lambda d: d["devices"][0]["encoder"].__setitem__(3, "1.0"), "'devices[0].encoder[3]'"),
+        (lambda d: d["devices"][0]["decoder"].__setitem__(0, float("inf")), "'devices[0].decoder[0]'"),
+        (lambda d: d["devices"][0]["decoder"].__setitem__(0, True), "'devices[0].decoder[0]'"),
+        (lambda d: d["devices"][2].update(encoder=[0.0] * 8, decoder=[0.0] * 12), "'devices[2]'"),
+        (lambda d: d["devices"][0].update(rows=-3), "'devices[0].rows'"),
+        (lambda d: d["devices"][0].update(noise_log_q05_q95=[0.1, 0.2]), "'devices[0].noise_log_q05_q95'"),
+        (lambda d: d.update(notice=5), "'notice'"),
+    ],
+)
+def test_bad_prior_file_is_a_one_line_error_naming_the_field(tmp_path: Path, edit, field: str) -> None:
+    from hat_edge.latency.prior import load_prior
+
+    doc = _prior_doc()
+    edit(doc)
+    path = tmp_path / "prior.json"
+    path.write_text(json.dumps(doc))  # json writes inf as Infinity, which json.loads reads back
+    with pytest.raises(UserError) as e:
+        load_prior(path)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{path}: ") and f"field {field}" in msg, msg
+
+
+def test_cli_train_with_prior(tmp_path: Path) -> None:
+    """`predictor train --prior`: builtin, a CSV of another device, a bad file, the wrong kind."""
+    _need_hat_data()
+    with TITANXP.open() as f:
+        rows = list(csv.reader(f))
+    ten = _write_csv(tmp_path / "gpu10.csv", rows[0], rows[1:11])
+    run = CliRunner()
+    model = tmp_path / "gpu.json"
+    res = run.invoke(cli, ["predictor", "train", "--data", str(ten), "--prior", "builtin", "--device", "titanxp",
+                           "--out", str(model)])
+    assert res.exit_code == 0, res.output
+    assert "prior: raspberrypi, xeon, strength" in res.output  # its own entry is left out
+    doc = json.loads(model.read_text())
+    assert [d["name"] for d in doc["state"]["prior"]["devices"]] == ["raspberrypi", "xeon"]
+    assert doc["training_size"] == 10 and doc["state"]["prior_strength_used"] > 0
+
+    res = run.invoke(cli, ["predictor", "train", "--data", str(ten), "--prior", str(XEON), "--prior-strength", "1",
+                           "--out", str(model), "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(model.read_text())
+    assert [d["name"] for d in doc["state"]["prior"]["devices"]] == [XEON.stem]
+    assert doc["params"]["prior_strength"] == 1.0
+
+    bad = tmp_path / "bad_prior.json"
+    bad.write_text('{"format": "hat-edge-latency-prior", "version": 1}')
+    res = run.invoke(cli, ["predictor", "train", "--data", str(ten), "--prior", str(bad), "--out", str(model)])
+    assert res.exit_code != 0 and f"{bad}: field 'encoder_terms'" in res.output
+    res = run.invoke(cli, ["predictor", "train", "--data", str(ten), "--prior", "builtin", "--kind", "hat-mlp",
+                           "--out", str(model)])
+    assert res.exit_code != 0 and "default kind only" in res.output
+    # `loop --prior`: a bad prior file fails first, before any device is looked at
+    res = run.invoke(cli, ["loop", "--profile", "no-such-board", "--budget", "50", "--prior", str(bad)])
+    assert res.exit_code != 0 and f"{bad}: field 'encoder_terms'" in res.output and "no-such-board" not in res.output
+
+
+def test_prior_from_a_latency_store(tmp_path: Path) -> None:
+    """A user's own store is a prior: one cost model per device with enough records."""
+    from hat_edge.latency.prior import resolve_priors
+    from hat_edge.latency.store import LatencyRecord, LatencyStore
+
+    store = LatencyStore(tmp_path / "lat.sqlite")
+    settings = {"src_len": 30, "steps": 30, "beam": 5}
+    for dev, n, slow in (("board-a", 20, 1.0), ("board-b", 20, 3.0), ("board-c", 3, 1.0)):
+        archs, y, enc, dec = _synthetic(n, seed=20 + n, space="demo")
+        for a, v, e, d in zip(archs, y, enc, dec):
+            store.add(LatencyRecord(
+                device=dev, arch=a, features=a.features(), runtime="onnxruntime", settings=settings,
+                median_ms=float(v) * slow, mean_10_90_ms=float(v) * slow, p90_ms=None, iqr_ms=None, cv=None,
+                runs=(), encoder_ms=float(e) * slow, decoder_ms=float(d) * slow))
+    store.close()
+    prior = resolve_priors([str(tmp_path / "lat.sqlite")], exclude="board-a")
+    assert prior is not None and prior.names() == ["board-b"]  # board-c: too few records
+    assert prior.devices[0].rows == 20 and prior.devices[0].noise is not None
+    # board-b is board-a three times slower: a strong prior (strength 100, held to board-b's cost
+    # shape) fitted on 5 rows of board-a must find the 1/3 scale and be right
+    archs, y, enc, dec = _synthetic(5, seed=30, space="demo")
+    test_archs, y_test, _, _ = _synthetic(60, seed=31, space="demo")
+    pred = AnalyticPredictor(prior=prior, prior_strength=100.0).fit(archs, y, encoder_ms=enc, decoder_ms=dec)
+    assert pred.lam == 100.0
+    assert accuracy_metrics(pred.predict(test_archs), y_test)["acc10_pct"] >= 95
+    with pytest.raises(UserError, match="no such latency store"):
+        resolve_priors([str(tmp_path / "none.sqlite")])

@@ -67,6 +67,10 @@ class RunSettings:
     seed: int = 0
     trust_new_host: bool = False
     threads: int | None = 1  # host torch threads (fitness, BLEU); None: torch's default
+    # Latency priors ("builtin", prior JSON files, latency CSVs; `latency.prior.resolve_priors`):
+    # with one, the initial dataset is the most informative archs first and stops early once the
+    # predictor's cross-validated error allows (LoopSettings.prior). Empty: none.
+    prior: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0 < self.budget_percentile < 100:
@@ -107,8 +111,15 @@ def run_main_job(
     t = time.perf_counter()
 
     # 2. the initial latency dataset
-    say(f"[2/7] latency dataset: {s.initial} SubTransformers of space '{space.name}' on '{profile.name}'")
-    measured, init, n_new = measure_initial(space, device, s.initial, s.seed, progress=progress, log=say)
+    prior = None
+    if s.prior:
+        from hat_edge.latency.prior import resolve_priors
+
+        prior = resolve_priors(s.prior, exclude=profile.name)  # checked before any measurement
+    say(f"[2/7] latency dataset: {'up to ' if prior else ''}{s.initial} SubTransformers of space "
+        f"'{space.name}' on '{profile.name}'" + (f" (prior: {', '.join(prior.names())})" if prior else ""))
+    measured, init, n_new = measure_initial(space, device, s.initial, s.seed, progress=progress, log=say,
+                                            prior=prior)
     t = lap("initial_measure_s", t)
 
     # 3. the budget
@@ -125,7 +136,7 @@ def run_main_job(
     fit = job.fitness(s.valid_sentences)
     ls = LoopSettings(
         budget_ms=budget, rounds=s.rounds, top_k=s.top_k, tolerance=s.tolerance, initial=s.initial,
-        evolution=s.evolution, seed=s.seed, explore=s.explore, anchors=s.anchors,
+        evolution=s.evolution, seed=s.seed, explore=s.explore, anchors=s.anchors, prior=prior,
     )
     loop = run_loop(space, fit, device, ls, progress=progress, log=say, checked_env=env)
     t = lap("loop_s", t)

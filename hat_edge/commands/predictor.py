@@ -139,6 +139,7 @@ def predictor_group() -> None:
     Example:
       hat-edge predictor eval --data wmt14ende_cpu_xeon_all.csv --kind default --kind hat-mlp
       hat-edge predictor train --data wmt14ende_cpu_xeon_all.csv --out xeon.json
+      hat-edge predictor train --data new_board_10_rows.csv --prior builtin --out new.json
       hat-edge predictor train --store .hat-edge/latency.sqlite --profile local-cpu --out cpu.json
       hat-edge predictor predict --model xeon.json --data archs.csv --out predicted.csv
     """
@@ -163,22 +164,38 @@ def predictor_group() -> None:
               help="hat-mlp latency normaliser in ms (HAT: 5000 Pi, 300 Xeon, 200 GPU); default: the largest "
                    "training latency rounded up.")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--prior", "priors", multiple=True,
+              help="Devices measured before, to start a new board's model from (default kind; repeat): "
+                   "'builtin' (HAT's Pi, Xeon and TITAN Xp, packaged), a prior JSON file, a latency CSV, or a "
+                   "latency store (.sqlite). "
+                   "With a prior, 5-10 measured rows suffice.")
+@click.option("--prior-strength", default=None, type=float,
+              help="How strongly the prior pulls each cost term (default: chosen by cross-validation on the rows).")
 @click.option("--json", "as_json", is_flag=True, help="Print the predictor's summary as JSON.")
 @progress_option(None, when="on when stderr is a terminal, off with --json")
-def train_cmd(data_path, store_path, profile, runtime, out_path, kind, device, folds, steps, lat_norm, seed, as_json,
-              progress):
+def train_cmd(data_path, store_path, profile, runtime, out_path, kind, device, folds, steps, lat_norm, seed, priors,
+              prior_strength, as_json, progress):
     """Fit a latency predictor on measured latencies and save it.
 
     The file records the kind, the feature set (per-layer archs or HAT's 10 averaged features),
     the device, the number of training rows and the cross-validated error.
     """
     from hat_edge.latency.predictor import cross_validate, make_predictor
+    from hat_edge.latency.prior import resolve_priors
 
+    if (priors or prior_strength is not None) and kind != "default":
+        raise UserError("--prior and --prior-strength apply to the default kind only")
     data, default_device = _load_data(data_path, store_path, profile, runtime)
     device = device or default_device
     params = _params(kind, steps, lat_norm, seed)
     if kind == "default":
         params["folds"] = max(folds, 2) if folds else 5
+        prior = resolve_priors(priors, exclude=device) if priors else None
+        if priors and prior is None:
+            raise UserError(f"--prior: no device left besides '{device}' itself")
+        if prior is not None:
+            params["prior"] = prior
+            params["prior_strength"] = prior_strength
     pred = make_predictor(kind, **params)
     show = (not as_json and sys.stderr.isatty()) if progress is None else progress
     cv = None
@@ -214,6 +231,9 @@ def train_cmd(data_path, store_path, profile, runtime, out_path, kind, device, f
     click.echo(f"fitted {kind} predictor on {len(data)} rows of {data.source}")
     click.echo(f"  device {device}   features {summary['feature_set']}"
                + ("   encoder/decoder fitted separately" if split and kind == "default" else ""))
+    if kind == "default" and pred.prior is not None:
+        click.echo(f"  prior: {', '.join(pred.prior.names())}, strength {pred.lam:g}"
+                   + (" (chosen by cross-validation)" if prior_strength is None else ""))
     if kind == "default":
         click.echo(f"  learned correction: {pred.rounds} trees" + ("" if pred.rounds else " (cross-validation kept the analytic model alone)"))
     if summary["cv"]:

@@ -195,13 +195,16 @@ def _predictor(predictor_path: Path | None, profile_name: str | None, store_path
 @small_alias
 @click.option("--out", "out_path", default=None, type=file_path(),
               help="Write the winner to this file (HAT YAML, or .json).")
+@click.option("--prior", "priors", multiple=True,
+              help="Latency prior (repeat): 'builtin', a prior JSON, a latency CSV or store. The initial dataset is "
+                   "then the most informative archs and stops before --initial once the predictor's CV error allows.")
 @click.option("--trust-new-host", is_flag=True, help=TRUST_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @progress_option()
 def loop_cmd(profile_name: str, budget_ms: float, checkpoint: str, rounds: int, top_k: int, tolerance: float,
              initial: int, explore: int, anchors: int, store_path: Path | None, valid_sentences: int, threads: int,
-             out_path: Path | None, trust_new_host: bool, as_json: bool, progress: bool, search_size: SearchSize,
-             mutation_prob: float, seed: int) -> None:
+             out_path: Path | None, priors: tuple[str, ...], trust_new_host: bool, as_json: bool, progress: bool,
+             search_size: SearchSize, mutation_prob: float, seed: int) -> None:
     """Search, measure the best candidates on the device, refit the predictor, repeat.
 
     Stops when the search's winner measures within --budget (x 1 + --tolerance) on the device, or
@@ -213,15 +216,21 @@ def loop_cmd(profile_name: str, budget_ms: float, checkpoint: str, rounds: int, 
       hat-edge loop --profile local-cpu --budget 60 --search-size small
       hat-edge loop --profile raspberrypi4 --budget 900 --rounds 3 --json > winner.json
     """
+    from dataclasses import replace
+
     from hat_edge.app.job import prepare_job
+    from hat_edge.latency.prior import resolve_priors
     from hat_edge.search.loop import LoopSettings, run_loop
 
     settings = search_size.settings(seed=seed, mutation_prob=mutation_prob)
     ls = LoopSettings(budget_ms=budget_ms, rounds=rounds, top_k=top_k, tolerance=tolerance, initial=initial,
                       evolution=settings, seed=settings.seed, explore=explore, anchors=anchors)
+    prior = resolve_priors(priors) if priors else None  # a bad prior file fails before the device check
     # The device is checked first, before any search work.
     job = prepare_job(profile_name, checkpoint, store=store_path, threads=threads, trust_new_host=trust_new_host)
     profile = job.profile
+    if prior is not None:
+        ls = replace(ls, prior=prior.without(profile.name) if len(prior.without(profile.name)) else None)
     res = run_loop(job.space, job.fitness(valid_sentences), job.device, ls, progress=progress,
                    log=_log, checked_env=job.env)
     _write_arch(res.winner.arch, out_path)

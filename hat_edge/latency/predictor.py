@@ -59,6 +59,7 @@ from hat_edge.latency.fitting import (
     fit_relative,
     independent_columns,
 )
+from hat_edge.latency.prior import PRIOR_STRENGTHS, Prior, fit_with_prior, prior_from_dict
 from hat_edge.space import HAT_FEATURE_NORM, Arch
 
 PREDICTOR_FORMAT = "hat-edge-predictor"
@@ -74,6 +75,13 @@ X_t = Sequence[Arch] | np.ndarray
 def _rows(a: np.ndarray | None, ix: np.ndarray) -> np.ndarray | None:
     """The rows `ix` of an optional per-row array (the split encoder/decoder timings may be absent)."""
     return None if a is None else a[ix]
+
+
+def _t_quantile(p: float, dof: int) -> float:
+    """Student-t quantile (scipy)."""
+    from scipy.stats import t
+
+    return float(t.ppf(p, dof))
 
 
 def _z(level: float) -> float:
@@ -159,6 +167,17 @@ class Predictor(ABC):
 
     def _resid_quantiles(self, level: float) -> tuple[float, float]:
         r = self._resid_log
+        if r is not None and len(r) >= 3 and self._small_sample:
+            # Few rows (a prior-based fit): a t interval on the RMS of the held-out log residuals,
+            # pooled with the prior devices' noise band (worth `noise_rows` rows; a handful of a
+            # new board's rows cannot show its skewed noise tail), the band scaled to `level`.
+            q = _t_quantile((1 + level) / 2, max(1, len(r) - 1)) * float(np.sqrt(np.mean(r**2)))
+            band = self._prior_noise()
+            if band is None:
+                return q, q
+            k, n = self.noise_rows, len(r)
+            f = _z(level) / _z(0.9)
+            return tuple(math.sqrt((k * (f * b) ** 2 + n * q**2) / (k + n)) for b in band)  # type: ignore[return-value]
         if r is None or len(r) < 3:
             return 0.1, 0.1
         a = (1 - level) / 2
@@ -166,6 +185,13 @@ class Predictor(ABC):
 
     def _point_spread(self, archs: Sequence[Arch] | None, F: np.ndarray) -> np.ndarray:
         return np.zeros(len(F))
+
+    @property
+    def _small_sample(self) -> int:
+        return 0
+
+    def _prior_noise(self) -> tuple[float, float] | None:
+        return None
 
     # ---- files ----
     def to_dict(self) -> dict[str, Any]:
@@ -237,6 +263,19 @@ class AnalyticPredictor(Predictor):
     alone. The default was chosen over 0 with the training rows only: nested validation inside
     HAT's seed-0 training pools (bench/predictor_select.py: mean inner acc10 90.17 vs 89.93,
     RMSE +0.16%). It trades MAPE and within-5% share for acc10 (bench/results/predictor.json).
+    prior: cost models of devices measured before (`latency.prior.Prior`); with one, each side's
+    coefficients start from a non-negative combination of the prior devices' and are pulled
+    towards it with strength `prior_strength` (None: chosen by cross-validation on the rows, see
+    `latency.prior`), which makes 5-10 measurements of a new board enough. The prior is saved in
+    the predictor file. With a prior and fewer than `small_n` rows, the interval's noise part is a
+    Student-t interval on the out-of-fold log residuals' RMS (an empirical 5%/95% quantile of a
+    handful of residuals is their min/max, too narrow), pooled with the prior devices' noise band
+    (worth `noise_rows` rows). point_spread: "bootstrap" (the ensemble's spread, the default) or
+    "posterior" (the penalised fit's Gaussian posterior; it ignores the non-negativity that bounds
+    the real uncertainty and gave 1,000%-wide intervals at 5 rows). strengths / strength_rule: the
+    candidates and the rule ("min" or "1se") of the strength's cross-validation. The prior
+    defaults (design ridge, strengths with 0, rule, spread) were chosen on validation rows only:
+    bench/predictor_transfer.py --select (rounds 1 and 2, bench/results/predictor_transfer_select*.json).
     """
 
     kind = "default"
@@ -254,8 +293,32 @@ class AnalyticPredictor(Predictor):
         centre_max: float = 0.03,
         centre_z: float = 2.0,
         seed: int = 0,
+        prior: Prior | None = None,
+        prior_strength: float | None = None,
+        small_n: int = 30,
+        noise_rows: int = 10,
+        strengths: Sequence[float] = PRIOR_STRENGTHS,
+        strength_rule: str = "min",
+        point_spread: str = "bootstrap",
     ) -> None:
         super().__init__()
+        self.prior = prior if prior is not None and len(prior) else None
+        if prior_strength is not None and not (math.isfinite(prior_strength) and prior_strength > 0):
+            raise UserError(f"prior strength must be a positive number, got {prior_strength!r}")
+        self.prior_strength = prior_strength
+        self.small_n = int(small_n)
+        self.noise_rows = int(noise_rows)
+        self.strengths = tuple(sorted(float(v) for v in strengths))
+        if not self.strengths or any(not (math.isfinite(v) and v >= 0) for v in self.strengths):
+            raise UserError(f"prior strengths must be non-negative numbers (0: no prior), got {list(strengths)}")
+        if point_spread not in ("bootstrap", "posterior"):
+            raise UserError(f"point_spread must be 'bootstrap' or 'posterior', got {point_spread!r}")
+        self.point_spread = point_spread
+        if strength_rule not in ("min", "1se"):
+            raise UserError(f"strength_rule must be 'min' or '1se', got {strength_rule!r}")
+        self.strength_rule = strength_rule
+        self.lam: float | None = None  # the prior strength used by the last fit
+        self._n_fit = 0
         self.huber_k = huber_k
         self.centre_max = float(centre_max)
         self.centre_z = float(centre_z)
@@ -277,6 +340,8 @@ class AnalyticPredictor(Predictor):
         self.scale = 1.0
         self.boot: list[tuple[_Linear | None, _Linear | None, _Linear | None]] = []
         self.cv_table: dict[int, float] = {}
+        self.strength_cv: dict[str, float] = {}
+        self.post_cov: dict[str, np.ndarray] = {}
 
     def params(self) -> dict[str, Any]:
         return {
@@ -290,6 +355,12 @@ class AnalyticPredictor(Predictor):
             "centre_max": self.centre_max,
             "centre_z": self.centre_z,
             "seed": self.seed,
+            "prior_strength": self.prior_strength,
+            "small_n": self.small_n,
+            "noise_rows": self.noise_rows,
+            "strengths": list(self.strengths),
+            "strength_rule": self.strength_rule,
+            "point_spread": self.point_spread,
         }
 
     # ---- the analytic part ----
@@ -301,15 +372,44 @@ class AnalyticPredictor(Predictor):
     def _joint_terms(TE: np.ndarray, TD: np.ndarray) -> np.ndarray:
         return np.concatenate([TE, TD[:, 1:]], axis=1)  # one constant column, not two
 
-    def _fit_linear(self, T: np.ndarray, y: np.ndarray) -> _Linear:
+    def _fit_linear(self, T: np.ndarray, y: np.ndarray, side: str = "joint") -> _Linear:
+        lam = self.lam if self.lam is not None else (self.prior_strength or 1.0)
+        if self.prior is not None and lam > 0:
+            c = fit_with_prior(T, y, self.prior.coef(side), lam, huber_k=self.huber_k)
+            return _Linear(tuple(range(T.shape[1])), tuple(float(v) for v in c))
         cols = independent_columns(T)
         c = fit_relative(T[:, cols], y, huber_k=self.huber_k)
         return _Linear(tuple(cols), tuple(float(v) for v in c))
 
     def _fit_base(self, TE, TD, y, enc, dec):
         if self.split:
-            return self._fit_linear(TE, enc), self._fit_linear(TD, dec), None
-        return None, None, self._fit_linear(self._joint_terms(TE, TD), y)
+            return self._fit_linear(TE, enc, "encoder"), self._fit_linear(TD, dec, "decoder"), None
+        return None, None, self._fit_linear(self._joint_terms(TE, TD), y, "joint")
+
+    def _choose_strength(self, TE, TD, y, enc, dec, rng: np.random.Generator) -> tuple[float, dict[str, float]]:
+        """The prior strength with the lowest cross-validated mean absolute log error of the
+        analytic part (leave-one-out below 13 rows, else `folds`-fold)."""
+        n = len(y)
+        k = n if n <= 12 else min(self.folds, n)
+        folds = np.array_split(rng.permutation(n), k)
+        errs: dict[str, float] = {}
+        per_row: dict[float, np.ndarray] = {}
+        for lam in self.strengths:
+            self.lam = lam
+            pred = np.zeros(n)
+            for fold in folds:
+                rest = np.setdiff1d(np.arange(n), fold)
+                m = self._fit_base(TE[rest], TD[rest], y[rest], _rows(enc, rest), _rows(dec, rest))
+                pred[fold] = self._base(m, TE[fold], TD[fold])
+            per_row[lam] = np.abs(np.log(pred / y))
+            errs[repr(lam)] = float(per_row[lam].mean())
+        best = min(self.strengths, key=lambda v: errs[repr(v)])  # ties: the weaker prior
+        if self.strength_rule == "1se":
+            # The strongest prior whose error is within one standard error of the best (a handful
+            # of held-out rows cannot tell close strengths apart; the simpler model wins).
+            se = float(per_row[best].std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+            best = max(v for v in self.strengths if errs[repr(v)] <= errs[repr(best)] + se)
+        return float(best), errs
 
     def _base(self, models, TE, TD) -> np.ndarray:
         e, d, j = models
@@ -331,6 +431,13 @@ class AnalyticPredictor(Predictor):
         Z = normalized_features(data.features)
         n = len(y)
         rng = np.random.default_rng(self.seed)
+        self._n_fit = n
+        self.strength_cv = {}
+        if self.prior is not None:
+            if self.prior_strength is not None:
+                self.lam = float(self.prior_strength)
+            else:
+                self.lam, self.strength_cv = self._choose_strength(TE, TD, y, enc, dec, rng)
 
         # K-fold CV inside the training rows: out-of-fold predictions for every candidate size
         # of the correction; pick the size with the lowest out-of-fold error.
@@ -383,6 +490,20 @@ class AnalyticPredictor(Predictor):
             ncoef = sum(len(m.cols) for m in models if m is not None)
             self._resid_log = r * math.sqrt(n / max(1, n - ncoef)) if n > ncoef else r * 3
 
+        # With a prior: the coefficients' posterior covariance (Gaussian approximation of the
+        # penalised fit), for a per-point spread that widens away from the measured rows.
+        self.post_cov = {}
+        if self.prior is not None and self.lam and self.point_spread == "posterior":
+            sig2 = float(np.mean(self._resid_log**2)) if self._resid_log is not None else 0.01
+            sides = (("encoder", TE, enc), ("decoder", TD, dec)) if self.split else (
+                ("joint", self._joint_terms(TE, TD), y),)
+            for side, T, t in sides:
+                Ar = T / t[:, None]
+                share = Ar.mean(axis=0)
+                sc = np.where(share > 0, share, 1.0)
+                H = Ar.T @ Ar + self.lam * np.diag(sc**2)
+                self.post_cov[side] = sig2 * np.linalg.pinv(H)
+
         # Bootstrap ensemble of the analytic part: how much the fit itself could move.
         self.boot = []
         for _ in range(self.bootstrap):
@@ -417,6 +538,13 @@ class AnalyticPredictor(Predictor):
             return s
         return 1.0
 
+    @property
+    def _small_sample(self) -> int:
+        return int(self.prior is not None and 0 < self._n_fit < self.small_n)
+
+    def _prior_noise(self) -> tuple[float, float] | None:
+        return None if self.prior is None else self.prior.noise_band()
+
     @staticmethod
     def _cv_error(pred: np.ndarray, y: np.ndarray) -> float:
         # Mean absolute log error: relative (like acc10 / MAPE), symmetric, and continuous.
@@ -433,6 +561,12 @@ class AnalyticPredictor(Predictor):
         return p * self.scale
 
     def _point_spread(self, archs: Sequence[Arch] | None, F: np.ndarray) -> np.ndarray:
+        if self.post_cov:
+            TE, TD = self._terms(archs, F)
+            p = self._base((self.enc, self.dec, self.joint), TE, TD)
+            mats = {"encoder": TE, "decoder": TD, "joint": self._joint_terms(TE, TD)}
+            var = sum(np.einsum("ij,jk,ik->i", mats[k], C, mats[k]) for k, C in self.post_cov.items())
+            return np.sqrt(np.maximum(var, 0.0)) / p  # sd of the log prediction (delta method)
         if len(self.boot) < 2:
             return np.zeros(len(F))
         TE, TD = self._terms(archs, F)
@@ -472,6 +606,11 @@ class AnalyticPredictor(Predictor):
             "correction": None if self.correction is None else {
                 "lr": self.correction.lr, "trees": [t.to_dict() for t in self.correction.trees]},
             "bootstrap": [[lin(m) for m in b] for b in self.boot],
+            "prior": None if self.prior is None else self.prior.to_dict(),
+            "prior_strength_used": self.lam if self.prior is not None else None,
+            "prior_strength_cv": dict(self.strength_cv) if self.prior is not None else None,
+            "n_fit": self._n_fit,
+            "posterior_cov": {k: v.tolist() for k, v in self.post_cov.items()},
         }
 
     def _load_state(self, s: dict[str, Any]) -> None:
@@ -487,6 +626,19 @@ class AnalyticPredictor(Predictor):
         c = s.get("correction")
         self.correction = None if c is None else Boosted(tuple(Tree.from_dict(t) for t in c["trees"]), float(c["lr"]))
         self.boot = [tuple(lin(m) for m in b) for b in s.get("bootstrap", [])]  # type: ignore[misc]
+        p = s.get("prior")
+        self.prior = None if p is None else prior_from_dict(p, "field 'state.prior'")
+        self.lam = None if s.get("prior_strength_used") is None else float(s["prior_strength_used"])
+        self.strength_cv = dict(s.get("prior_strength_cv") or {})
+        self._n_fit = int(s.get("n_fit", 0))
+        sizes = {"encoder": len(ENCODER_TERMS), "decoder": len(DECODER_TERMS),
+                 "joint": len(ENCODER_TERMS) + len(DECODER_TERMS) - 1}
+        self.post_cov = {}
+        for k, v in (s.get("posterior_cov") or {}).items():
+            C = np.asarray(v, float)
+            if k not in sizes or C.shape != (sizes[k], sizes[k]) or not np.isfinite(C).all():
+                raise ValueError(f"state.posterior_cov.{k} is not a finite {sizes.get(k, '?')}-square matrix")
+            self.post_cov[k] = C
 
 
 # --------------------------------------------------------------------------------------------
@@ -659,6 +811,8 @@ def load_predictor(path: str | Path) -> Predictor:
         pred._load_state(doc["state"])
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{path}: damaged predictor file ({e.__class__.__name__}: {e})") from None
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
     pred.meta = {k: doc.get(k) for k in ("feature_set", "device", "training_size", "cv", "source", "created_at")}
     r = doc.get("residuals_log")
     pred._resid_log = None if r is None else np.asarray(r, float)

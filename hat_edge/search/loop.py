@@ -53,6 +53,7 @@ from hat_edge.space import Arch, SearchSpace, arch_id
 
 if TYPE_CHECKING:
     from hat_edge.devices.profiles import DeviceProfile
+    from hat_edge.latency.prior import Prior
     from hat_edge.latency.store import LatencyRecord, LatencyStore
 
 LOOP_FORMAT = "hat-edge-loop"
@@ -167,6 +168,13 @@ class LoopSettings:
     # Archs of the initial dataset re-measured side by side with each round's candidates; their
     # drift since corrects the candidates (0: off). Used when the device supports it.
     anchors: int = 2
+    # Cost models of devices measured before (`latency.prior.Prior`; None: none). With one, the
+    # predictor starts from it, the initial dataset is the most informative archs first, measured
+    # `initial_step` at a time, and it stops before `initial` once the predictor's cross-validated
+    # MAPE is at most `initial_cv_mape` percent.
+    prior: "Prior | None" = None
+    initial_step: int = 8
+    initial_cv_mape: float = 4.0
 
     def __post_init__(self) -> None:
         if self.explore < 0:
@@ -185,6 +193,10 @@ class LoopSettings:
             raise UserError(f"--tolerance must be in [0, 1), got {self.tolerance}")
         if self.initial < 5:
             raise UserError(f"--initial must be >= 5 measurements (the predictor needs data), got {self.initial}")
+        if self.initial_step < 5:
+            raise UserError(f"initial_step must be >= 5 measurements, got {self.initial_step}")
+        if not (math.isfinite(self.initial_cv_mape) and self.initial_cv_mape >= 0):
+            raise UserError(f"initial_cv_mape must be a non-negative percentage, got {self.initial_cv_mape!r}")
 
     @property
     def limit_ms(self) -> float:
@@ -351,6 +363,30 @@ def initial_archs(space: SearchSpace, n: int, seed: int = 0) -> list[Arch]:
     return out
 
 
+def informative_initial_archs(space: SearchSpace, n: int, prior: "Prior | None", seed: int = 0,
+                              pool_size: int = 400) -> list[Arch]:
+    """The first latency dataset in the order to measure it: the smallest and largest arch, then
+    the most informative of `pool_size` sampled archs (`latency.prior.choose_informative`)."""
+    from hat_edge.latency.prior import choose_informative
+
+    pool = [space.smallest(), space.largest()]
+    for a in space.sample_n(pool_size, seed=seed):
+        if a not in pool:
+            pool.append(a)
+    n = min(n, len(pool))
+    order = choose_informative(pool, n - 2, prior, already=[0, 1]) if n > 2 else []
+    return pool[: min(n, 2)] + [pool[i] for i in order]
+
+
+def _measure(device: Device, todo: list[Arch], progress: bool) -> dict[Arch, float]:
+    # Side by side where the device can (one runner process times them in rotation): the
+    # predictor learns the archs' ratios, which a drifting device keeps; one after another,
+    # minutes apart, the same archs gave a predictor 21-43% within 10% instead of 98%.
+    if isinstance(device, SideBySideDevice):
+        return dict(device.measure_side_by_side(todo, progress=progress))
+    return dict(device.measure(todo, progress=progress))
+
+
 def measure_initial(
     space: SearchSpace,
     device: Device,
@@ -359,23 +395,53 @@ def measure_initial(
     *,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    prior: "Prior | None" = None,
+    step: int = 8,
+    cv_mape: float = 4.0,
 ) -> tuple[dict[Arch, float], list[Arch], int]:
     """Every stored measurement of `device` inside `space`, plus the initial dataset measured now
-    where missing. Returns (arch -> ms, the initial archs, how many were measured now)."""
+    where missing. Returns (arch -> ms, the initial archs, how many were measured now).
+
+    With a `prior`: the initial archs are `informative_initial_archs`, measured `step` at a time;
+    after each step the default predictor (with the prior) is fitted on every measurement so far,
+    and measuring stops once its cross-validated MAPE is at most `cv_mape` percent (or n is
+    reached). Only the training rows decide; nothing is held out."""
     measured = {a: ms for a, ms in device.measured().items() if space.contains(a)}
-    init = initial_archs(space, n, seed)
-    todo = [a for a in init if a not in measured]
-    if todo:
-        if log:
-            log(f"measuring an initial dataset of {len(todo)} SubTransformers on '{device.name}'")
-        # Side by side where the device can (one runner process times them in rotation): the
-        # predictor learns the archs' ratios, which a drifting device keeps; one after another,
-        # minutes apart, the same archs gave a predictor 21-43% within 10% instead of 98%.
-        if isinstance(device, SideBySideDevice):
-            measured.update(device.measure_side_by_side(todo, progress=progress))
-        else:
-            measured.update(device.measure(todo, progress=progress))
-    return measured, init, len(todo)
+    if prior is None:
+        init = initial_archs(space, n, seed)
+        todo = [a for a in init if a not in measured]
+        if todo:
+            if log:
+                log(f"measuring an initial dataset of {len(todo)} SubTransformers on '{device.name}'")
+            measured.update(_measure(device, todo, progress))
+        return measured, init, len(todo)
+
+    order = informative_initial_archs(space, n, prior, seed)
+    init: list[Arch] = []
+    n_new = 0
+    for start in range(0, len(order), step):
+        chunk = order[start:start + step]
+        init += chunk
+        todo = [a for a in chunk if a not in measured]
+        if todo:
+            if log:
+                log(f"measuring {len(todo)} informative SubTransformers on '{device.name}' "
+                    f"({len(init)} of at most {len(order)})")
+            measured.update(_measure(device, todo, progress))
+            n_new += len(todo)
+        if len(init) >= len(order):
+            break
+        split = device.split() if isinstance(device, SplitDevice) else None
+        # Decided on the initial archs alone (not other stored measurements), so a rerun that finds
+        # them all stored stops at the same place.
+        pred = fit_predictor("default", {a: measured[a] for a in init}, split, device.name, prior=prior)
+        cv = getattr(pred, "meta", {}).get("cv") or {}
+        if cv.get("mape_pct") is not None and cv["mape_pct"] <= cv_mape:
+            if log:
+                log(f"initial dataset: {len(init)} archs suffice (cross-validated MAPE {cv['mape_pct']:.2f}% "
+                    f"<= {cv_mape:g}%)")
+            break
+    return measured, init, n_new
 
 
 def fit_predictor(
@@ -383,9 +449,11 @@ def fit_predictor(
     measured: Mapping[Arch, float],
     split: Mapping[Arch, tuple[float, float]] | None = None,
     device: str | None = None,
+    prior: "Prior | None" = None,
 ) -> LatencyPredictor:
     """A fresh predictor fitted on every measurement; with the encoder/decoder split of each when
-    all are known (the default predictor fits the two sides separately: more information per row)."""
+    all are known (the default predictor fits the two sides separately: more information per row).
+    `prior`: devices measured before (the default kind starts from them, `latency.prior`)."""
     from hat_edge.latency.predictor import make_predictor
 
     archs = list(measured)
@@ -394,7 +462,8 @@ def fit_predictor(
     if split is not None and all(a in split for a in archs):
         kw["encoder_ms"] = np.array([split[a][0] for a in archs], dtype=float)
         kw["decoder_ms"] = np.array([split[a][1] for a in archs], dtype=float)
-    return make_predictor(kind).fit(archs, y, device=device, **kw)
+    params: dict[str, Any] = {"prior": prior} if prior is not None and kind == "default" else {}
+    return make_predictor(kind, **params).fit(archs, y, device=device, **kw)
 
 
 def latency_fn(
@@ -493,7 +562,8 @@ def run_loop(
     cons = s.constraints()
 
     # 1. The initial dataset (stored measurements are reused: a rerun measures nothing new).
-    measured, init, n_device = measure_initial(space, device, s.initial, s.seed, progress=progress, log=say)
+    measured, init, n_device = measure_initial(space, device, s.initial, s.seed, progress=progress, log=say,
+                                               prior=s.prior, step=s.initial_step, cv_mape=s.initial_cv_mape)
 
     rounds: list[RoundReport] = []
     accepted: list[Measured] = []
@@ -501,7 +571,7 @@ def run_loop(
     pred: LatencyPredictor | None = None
     for r in range(1, s.rounds + 1):
         split = device.split() if isinstance(device, SplitDevice) else None
-        pred = fit_predictor(s.predictor, measured, split, device.name)
+        pred = fit_predictor(s.predictor, measured, split, device.name, prior=s.prior)
         known = dict(measured)
 
         # The calibration of this round's search: the bias the earlier rounds' picks showed.
@@ -666,6 +736,7 @@ __all__ = [
     "budget_verdict",
     "fit_predictor",
     "initial_archs",
+    "informative_initial_archs",
     "latency_fn",
     "p_feasible",
     "pick_anchors",
