@@ -648,3 +648,38 @@ def test_profile_check_names_a_board_python_older_than_the_runner_needs() -> Non
     old = _env_warnings(p, {"python": "3.6.9", "onnxruntime": "1.10.0", "governor": "performance"})
     assert any("python is 3.6.9; the runner needs 3.8 or newer" in w and "field 'python'" in w for w in old)
     assert not any("python is" in w for w in _env_warnings(p, {"python": "3.9.2", "onnxruntime": "1.18"}))
+
+
+def test_export_cache_is_shared_safely_between_processes(tmp_path: Path, demo_archs) -> None:
+    """Two hat-edge processes on one host share ~/.cache/hat-edge/bundles: an export appears whole
+    (written beside, renamed into place; a manifest-less leftover is replaced), and a process done
+    with an export does not delete it while another process holds it."""
+    import subprocess
+    import sys
+
+    from hat_edge.devices import measure
+
+    prof = _local_profile(tmp_path)
+    cache = tmp_path / "cache"
+    arch = demo_archs[0]
+    stale = cache / measure.bundle_key(arch, prof)
+    stale.mkdir(parents=True)
+    (stale / "encoder.onnx").write_bytes(b"half-written by a crashed export")
+    path = measure.export_for_measurement(arch, prof, cache)
+    assert path == stale and (path / "manifest.json").is_file() and not (path / "encoder.onnx").read_bytes().startswith(b"half")
+    assert not [p for p in cache.iterdir() if p.name.startswith(".partial-")]
+
+    # Another process holds the export as measure._acquire does (a shared flock on the dir).
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+         "fcntl.flock(fd, fcntl.LOCK_SH); print('held', flush=True); time.sleep(60)", str(path)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        measure._release(path, delete=True)  # this process is done with it, the other is not
+        assert (path / "manifest.json").is_file()
+        assert not measure.remove_export_if_unused(path)  # nor does a clean take it
+    finally:
+        holder.kill()
+        holder.wait()
+    assert measure.remove_export_if_unused(path) and not path.exists()

@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import posixpath
-import shutil
 import stat as statmod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -423,15 +422,17 @@ def clean_cache(profile: DeviceProfile, store_path: str | Path, cache_dir: str |
             if not store.has(profile.name, arch, profile.runtime, settings):
                 keep(f"not stored for {profile.name} yet")
                 continue
-            with measure._IN_USE_LOCK:  # no worker of this process can take it meanwhile
-                if entry in measure._IN_USE:
-                    keep("in use by a measurement in this process")
-                    continue
-                if not dry_run:
-                    shutil.rmtree(entry, ignore_errors=True)  # a real dir: links in it are unlinked, not followed
-                    if os.path.lexists(entry):
-                        rep.notes.append(f"could not remove {entry} completely (permissions?)")
+            if dry_run:
+                with measure._IN_USE_LOCK:
+                    if entry in measure._IN_USE:
+                        keep("in use by a measurement in this process")
                         continue
+            elif not measure.remove_export_if_unused(entry):
+                if os.path.lexists(entry) and entry in measure._IN_USE:
+                    keep("in use by a measurement in this process")
+                elif os.path.lexists(entry):
+                    keep("in use by another hat-edge process, or could not be removed completely")
+                continue
             rep.removed.append(CleanItem("cache", str(entry), size, mtime,
                                          f"stored for {profile.name} in {store.path}"))
     finally:

@@ -17,6 +17,7 @@ clean-up (bundles, job files) after it ends; only a small SFTP read of the resul
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import inspect
 import json
@@ -108,7 +109,9 @@ def bundle_key(arch: Arch, profile: DeviceProfile, quantize: str | None = None) 
 def export_for_measurement(
     arch: Arch, profile: DeviceProfile, cache_dir: Path, quantize: str | None = None, seed: int = 0
 ) -> Path:
-    """Export `arch` with random weights into `cache_dir/<key>`, reusing a finished export.
+    """Export `arch` with random weights into `cache_dir/<key>`, reusing a finished export. The
+    caller holds a use of the returned dir (`_release(path, delete)` when done with it): other
+    processes sharing the cache neither see it half-written nor delete it meanwhile.
 
     ONNX goes through torch's TorchScript-based exporter: about 10x faster than the dynamo one
     (1-2 s instead of 13-17 s per demo model on one core) for graphs that time the same on
@@ -120,20 +123,50 @@ def export_for_measurement(
     """
     key = bundle_key(arch, profile, quantize)
     final = cache_dir / key
-    if (final / MANIFEST).is_file():
-        return final
-    fmt = FORMAT_OF_RUNTIME[profile.runtime]
-    accepted = inspect.signature(export_bundle).parameters
-    extra = {k: v for k, v in MEASURE_EXPORT_KW.items() if k in accepted and (fmt == "onnx" or k != "exporter")}
-    with _EXPORT_LOCK:
-        if (final / MANIFEST).is_file():  # another device's worker exported it meanwhile
-            return final
-        sub = SubTransformer.random(arch, profile.measurement.vocab_size, seed=seed)
-        out = export_bundle(sub, final, fmt=fmt, quantize=quantize, **extra)
-        if fmt == "onnx":
-            # Ship the graphs only: the device writes random weights of the same sizes itself.
-            make_weightless(out, seed=seed)
-    return Path(out)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    for _ in range(3):
+        # Held before it is used: another process cannot delete it meanwhile (and if it did just
+        # before, the manifest is gone and it is exported again).
+        if (final / MANIFEST).is_file() and _acquire(final):
+            if (final / MANIFEST).is_file():
+                return final
+            _release(final, delete=False)
+        fmt = FORMAT_OF_RUNTIME[profile.runtime]
+        accepted = inspect.signature(export_bundle).parameters
+        extra = {k: v for k, v in MEASURE_EXPORT_KW.items() if k in accepted and (fmt == "onnx" or k != "exporter")}
+        with _EXPORT_LOCK:
+            if (final / MANIFEST).is_file():  # another device's worker exported it meanwhile
+                continue
+            # Export beside it and rename into place: another process exporting the same arch
+            # never sees (or uses, or removes) a half-written directory.
+            tmp = cache_dir / f".partial-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            try:
+                sub = SubTransformer.random(arch, profile.measurement.vocab_size, seed=seed)
+                out = export_bundle(sub, tmp, fmt=fmt, quantize=quantize, **extra)
+                if fmt == "onnx":
+                    # Ship the graphs only: the device writes random weights of the same sizes itself.
+                    make_weightless(out, seed=seed)
+                _move_into_place(Path(out), final)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    raise MeasureError(f"{final}: the export kept disappearing (another process removing the cache?)")
+
+
+def _move_into_place(src: Path, final: Path) -> None:
+    """Rename a finished export to its cache name; when another process got there first, its
+    finished copy is kept (same key, same files). A manifest-less leftover of an old crash is
+    replaced."""
+    for _ in range(2):
+        try:
+            os.rename(src, final)
+            return
+        except OSError:
+            if (final / MANIFEST).is_file():
+                return
+            if final.is_symlink() or not final.is_dir():
+                raise
+            shutil.rmtree(final, ignore_errors=True)
+    raise MeasureError(f"could not move the export {src} to {final}")
 
 
 # Export directories in use by a worker of this process: several devices measuring the same archs
@@ -142,20 +175,77 @@ _IN_USE: dict[Path, int] = {}
 _IN_USE_LOCK = threading.Lock()
 
 
-def _acquire(path: Path) -> None:
+_LOCK_FDS: dict[Path, int] = {}
+
+
+def _open_dir(path: Path) -> int | None:
+    """A descriptor of the export dir itself, for flock (no lock files to leave behind)."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+
+
+def _acquire(path: Path) -> bool:
+    """Count a use of an export dir; the first use in this process also takes a shared flock on
+    the dir, so a process that finished with it does not delete it under another. False when the
+    dir is gone."""
     with _IN_USE_LOCK:
-        _IN_USE[path] = _IN_USE.get(path, 0) + 1
+        n = _IN_USE.get(path, 0)
+        if n == 0:
+            fd = _open_dir(path)
+            if fd is None:
+                return False
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+            except BaseException:
+                os.close(fd)
+                raise
+            _LOCK_FDS[path] = fd
+        _IN_USE[path] = n + 1
+        return True
 
 
 def _release(path: Path, delete: bool) -> None:
+    """Undo one `_acquire`; with `delete`, the last user anywhere removes the dir (when another
+    process still holds it, that process's last user removes it, or `device clean` does)."""
     with _IN_USE_LOCK:
         n = _IN_USE.get(path, 0) - 1
         if n > 0:
             _IN_USE[path] = n
             return
         _IN_USE.pop(path, None)
-        if delete:
-            shutil.rmtree(path, ignore_errors=True)
+        fd = _LOCK_FDS.pop(path, None)
+        if fd is None:
+            return
+        try:
+            if delete:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return  # in use by another process
+                shutil.rmtree(path, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
+def remove_export_if_unused(path: Path) -> bool:
+    """Remove an export dir unless a process (this one included) is using it; True when removed."""
+    with _IN_USE_LOCK:
+        if path in _IN_USE:
+            return False
+        fd = _open_dir(path)
+        if fd is None:
+            return False
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            shutil.rmtree(path, ignore_errors=True)  # a real dir: links in it are unlinked, not followed
+            return not os.path.lexists(path)
+        finally:
+            os.close(fd)
 
 
 # Options of export_bundle for measurement bundles (see export_for_measurement).
@@ -513,7 +603,6 @@ class _DeviceWorker:
                 self.bar.set_postfix_str("exporting", refresh=True)
             if it.local_dir is None:
                 it.local_dir = export_for_measurement(it.arch, self.p, self.cache_dir, self.quantize, self.seed)
-                _acquire(it.local_dir)
         if self.bar is not None:
             self.bar.set_postfix_str("measuring", refresh=True)
 
@@ -981,6 +1070,7 @@ __all__ = [
     "bundle_key",
     "device_env",
     "export_for_measurement",
+    "remove_export_if_unused",
     "lock_of",
     "measure_anchored",
     "measure_archs",
