@@ -105,6 +105,41 @@ def test_greedy_and_beam_fixed_steps_never_stop() -> None:
     assert len(out[0]) == 9 and step.calls == 9 and 3 not in out[0]
 
 
+class TiedMarkovTopK(MarkovStep):
+    """A bigram model with log-probs on a coarse grid (ties everywhere) that also offers the
+    search's top-k form, as the ONNX graph's TopK does it: per row sorted by (-value, id)."""
+
+    def __init__(self, vocab: int, seed: int) -> None:
+        super().__init__(vocab, seed)
+        self.lp = np.round(self.lp * 2) / 2  # many equal values per row
+        self.vocab_size = vocab
+        self.topk_calls = 0
+
+    def topk(self, tokens: np.ndarray, order, k: int):
+        self.topk_calls += 1
+        lp = self.lp[tokens].astype(np.float32)
+        ids = np.argsort(-lp, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(lp, ids, axis=1), ids
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+@pytest.mark.parametrize("seed", range(6))
+def test_search_over_the_graphs_topk_picks_the_same_tokens(seed: int, fixed: bool) -> None:
+    """Greedy and beam search over a step's top-k (k x N values a step) choose exactly what they
+    choose over its full log-probs, ties and the fixed_steps EOS ban included."""
+    vocab, eos = 9, 3
+    for beam, batch in ((1, 2), (2, 1), (3, 2), (5, 2)):
+        plain = MarkovStep(vocab, seed)
+        plain.lp = np.round(plain.lp * 2) / 2
+        want = decoding.decode(plain, batch, beam, 2, eos, 8, fixed_steps=fixed)
+        fast = TiedMarkovTopK(vocab, seed)
+        got = decoding.decode(fast, batch, beam, 2, eos, 8, fixed_steps=fixed)
+        assert got == want, (beam, batch)
+        assert fast.topk_calls >= fast.calls  # the top-k form did the work (beam's last step may be full)
+        if beam > 1 and not fixed:
+            assert fast.calls <= 1  # only the forced-EOS last step needs full log-probs
+
+
 def test_beam_search_rows_are_sentence_major() -> None:
     """Two identical sentences in one batch decode exactly like each alone."""
     step = MarkovStep(7, 5)
