@@ -16,6 +16,9 @@ the device's code); only the model behind the step function changes:
   torchscript  the bundle's traced + frozen TorchScript graphs (runner).
   ort_fp32   the bundle's ONNX graphs in onnxruntime (runner; graph optimisation level "all").
   ort_int8   the same graphs after onnxruntime dynamic int8 quantization.
+  ort_*_numpy_topk  the same bundles run the way before issue #17: every step returns the N x V
+             log-probs to numpy and the search takes its top-k there; the default now asks the
+             graph's TopK for N x k values (the tokens are the same, checked).
 
 Vocabulary: 32,768 (HAT's WMT'14 En-De model uses fairseq's joint ~32k BPE dictionary), shared
 embeddings. All methods use ONE thread (torch.set_num_threads(1), onnxruntime intra-op 1): the
@@ -48,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import random
 import sys
 import tempfile
@@ -56,6 +60,9 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+# one thread everywhere, numpy's BLAS included (set before numpy is imported)
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import _ct2  # noqa: E402  (bench/: the CTranslate2 peer, optional)
@@ -242,7 +249,14 @@ def copy_bandwidth(mib: int = 256, repeats: int = 7) -> dict[str, Any]:
         t0 = time.perf_counter()
         np.copyto(dst, src)
         rates.append(2 * src.nbytes / (time.perf_counter() - t0))
-    return {"gb_per_s": float(np.median(rates)) / 1e9, "runs_gb_per_s": [r / 1e9 for r in rates], "buffer_mib": mib}
+    reads = []
+    mat, vec = src.reshape(-1, 4096), np.ones(4096, dtype=np.float32)
+    for _ in range(repeats):  # for reference: a matrix-vector product (numpy's BLAS), bytes read / s
+        t0 = time.perf_counter()
+        mat @ vec
+        reads.append(src.nbytes / (time.perf_counter() - t0))
+    return {"gb_per_s": float(np.median(rates)) / 1e9, "runs_gb_per_s": [r / 1e9 for r in rates], "buffer_mib": mib,
+            "read_gb_per_s": float(np.median(reads)) / 1e9}
 
 
 def weight_bytes(sub: Any) -> dict[str, Any]:
@@ -286,22 +300,32 @@ def model_runner(model: backends.Model, src: np.ndarray) -> Callable[[int], list
 
 
 def interleaved(runners: dict[str, Callable[[int], Any]], modes: tuple[int, ...], rounds: int,
-                seed: int = 0, label: str = "") -> tuple[dict[str, dict[int, list[float]]], dict]:
-    """Time every (runner, mode) once per round in a shuffled order; one untimed warm-up round."""
+                seed: int = 0, label: str = "", cpu: Optional[dict] = None) -> tuple[dict[str, dict[int, list[float]]], dict]:
+    """Time every (runner, mode) once per round in a shuffled order; one untimed warm-up round.
+
+    `cpu`, when given, receives the process CPU time of each call as well ({runner: {mode: [ms]}}):
+    with one thread it is the work done, less disturbed than wall time by other processes
+    competing for the cores (memory-bandwidth contention still shows)."""
     rng = random.Random(seed)
     times: dict[str, dict[int, list[float]]] = {k: {m: [] for m in modes} for k in runners}
+    if cpu is not None:
+        cpu.update({k: {m: [] for m in modes} for k in runners})
     outputs: dict[str, dict[int, Any]] = {k: {} for k in runners}
     combos = [(k, m) for k in runners for m in modes]
     for r in range(rounds + 1):
         rng.shuffle(combos)
         for k, m in combos:
+            c0 = time.process_time()
             t0 = time.perf_counter()
             out = runners[k](m)
             dt = (time.perf_counter() - t0) * 1e3
+            dc = (time.process_time() - c0) * 1e3
             if r == 0:
                 outputs[k][m] = out
             else:
                 times[k][m].append(dt)
+                if cpu is not None:
+                    cpu[k][m].append(dc)
         print(f"  {label} round {r}/{rounds} done", file=sys.stderr, flush=True)
     return times, outputs
 
@@ -315,7 +339,7 @@ def stats(ms: list[float]) -> dict[str, Any]:
 # the main comparison
 # ------------------------------------------------------------------------------------------------
 def bench_arch(name: str, arch: Arch, work: Path, rounds: int, full_prefix: bool, ct2: bool = True,
-               slow: bool = True) -> dict[str, Any]:
+               slow: bool = True, variants: bool = True) -> dict[str, Any]:
     print(f"{name}: building and exporting ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     torch.manual_seed(0)
@@ -325,18 +349,25 @@ def bench_arch(name: str, arch: Arch, work: Path, rounds: int, full_prefix: bool
     d = work / name
     b_onnx = export_bundle(sub, d / "onnx", fmt="onnx", parity_check=True)
     b_int8 = quantize_bundle(b_onnx, d / "int8", sub=sub)
-    b_ts = export_bundle(sub, d / "ts", fmt="torchscript", parity_check=True)
+    b_ts = export_bundle(sub, d / "ts", fmt="torchscript", parity_check=True) if slow else None
     export_s = time.perf_counter() - t0
     src_np = timing.measurement_source(SRC_LEN, VOCAB, 3, seed=0)  # (1, 30), EOS last
     src = torch.from_numpy(src_np)
     runners: dict[str, Callable[[int], Any]] = {}
     if slow:
         runners["hat"] = torch_runner(lambda s, b: HatIncrementalStep(sup, s, b), src)
-    runners["eager"] = eager_runner(sub, src)
+    reference = eager_runner(sub, src)  # the tokens every fp32 method must decode
+    if slow:
+        runners["eager"] = reference
     if slow:
         runners["torchscript"] = model_runner(load_bundle(b_ts).open(threads=1), src_np)
     runners["ort_fp32"] = model_runner(load_bundle(b_onnx).open(threads=1), src_np)
     runners["ort_int8"] = model_runner(load_bundle(b_int8).open(threads=1), src_np)
+    if variants:  # each decode-path change alone: the same bundles run the older way
+        for prec, b in (("fp32", b_onnx), ("int8", b_int8)):
+            m = load_bundle(b).open(threads=1)
+            m.search_in_graph = False  # N x V log-probs to numpy, the numpy top-k (before #17)
+            runners[f"ort_{prec}_numpy_topk"] = model_runner(m, src_np)
     ct2_why = None if ct2 else "--no-ct2"
     if ct2 and _ct2.available() is None:
         ct2_why = "ctranslate2 is not installed (pip install -e .[bench])"
@@ -349,9 +380,11 @@ def bench_arch(name: str, arch: Arch, work: Path, rounds: int, full_prefix: bool
             runners[f"ct2_{ct}"] = ct2_runner(peer, src_np)
     if full_prefix:
         runners["hat_full_prefix"] = torch_runner(lambda s, b: FullPrefixStep(sup, s, b), src)
-    times, outputs = interleaved(runners, (BEAM, 1), rounds, label=name)
+    cpu: dict = {}
+    times, outputs = interleaved(runners, (BEAM, 1), rounds, label=name, cpu=cpu)
     # sanity: same weights and inputs -> the fp32 methods decode the same tokens
-    same = {k: {str(m): outputs[k][m] == outputs["eager"][m] for m in (BEAM, 1)} for k in runners}
+    ref = {m: outputs["eager"][m] if "eager" in outputs else reference(m) for m in (BEAM, 1)}
+    same = {k: {str(m): outputs[k][m] == ref[m] for m in (BEAM, 1)} for k in runners}
     wb = weight_bytes(sub)
     res: dict[str, Any] = {
         "arch": arch.to_dict(),
@@ -359,10 +392,15 @@ def bench_arch(name: str, arch: Arch, work: Path, rounds: int, full_prefix: bool
         "export_s": export_s,
         "weight_bytes": wb,
         "ct2": {"version": _ct2.available(), "skipped": ct2_why},
-        "parity": {k: load_bundle(b).manifest["parity"] for k, b in (("onnx", b_onnx), ("int8", b_int8), ("ts", b_ts))},
+        "parity": {k: load_bundle(b).manifest["parity"] for k, b in (("onnx", b_onnx), ("int8", b_int8), ("ts", b_ts))
+                   if b is not None},
         "tokens_equal_to_eager": same,
         "methods": {k: {"beam": stats(times[k][BEAM]), "greedy": stats(times[k][1])} for k in runners},
     }
+    for k in runners:
+        for mode, m in (("beam", BEAM), ("greedy", 1)):
+            res["methods"][k][mode]["cpu_median_ms"] = float(np.median(cpu[k][m]))
+            res["methods"][k][mode]["cpu_runs_ms"] = cpu[k][m]
     for mode in ("beam", "greedy"):
         hat = res["methods"]["hat"][mode]["median_ms"] if "hat" in res["methods"] else None
         for k in runners:
@@ -446,7 +484,9 @@ def main() -> int:
     ap.add_argument("--full-prefix", action="store_true", help="also time the SuperTransformer re-running the prefix")
     ap.add_argument("--no-paths", action="store_true", help="skip the export-path comparison")
     ap.add_argument("--no-ct2", action="store_true", help="leave CTranslate2 out even when it is installed")
-    ap.add_argument("--no-slow", action="store_true", help="leave HAT's way and TorchScript out (the slow methods)")
+    ap.add_argument("--no-variants", action="store_true", help="leave out the decode path's older ways")
+    ap.add_argument("--no-slow", action="store_true",
+                    help="leave HAT's way and TorchScript out, and run eager only once for its tokens")
     ap.add_argument("--only", nargs="*", default=None, help="arch names to run (default: all four)")
     ap.add_argument("--work", default=None, help="where bundles go (default: a temp dir, removed)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "export_speed.json"))
@@ -461,7 +501,7 @@ def main() -> int:
     bandwidth = [copy_bandwidth()]
     for name in names:
         results[name] = bench_arch(name, ARCHS[name], work, rounds, args.full_prefix, ct2=not args.no_ct2,
-                                   slow=not args.no_slow)
+                                   slow=not args.no_slow, variants=not args.no_variants)
         bandwidth.append(copy_bandwidth())
     paths = None if (args.quick or args.no_paths) else bench_export_paths(work, rounds)
     bw = {"gb_per_s": float(np.median([b["gb_per_s"] for b in bandwidth])), "measurements": bandwidth,
@@ -522,7 +562,9 @@ def summarize_results(results: dict[str, Any], bw_gb_s: float) -> dict[str, Any]
 
 def print_tables(doc: dict[str, Any]) -> None:
     bw = doc["copy_bandwidth"]["gb_per_s"]
-    print(f"\ncopy bandwidth (1 thread, this run): {bw:.1f} GB/s")
+    rd = float(np.median([b["read_gb_per_s"] for b in doc["copy_bandwidth"]["measurements"]]))
+    print(f"\ncopy bandwidth (1 thread, this run, read + written bytes / s): {bw:.1f} GB/s "
+          f"(a matrix-vector product's weight reads: {rd:.1f} GB/s)")
     methods: list[str] = []
     for r in doc["archs"].values():
         methods += [m for m in r["methods"] if m not in methods]
@@ -530,7 +572,7 @@ def print_tables(doc: dict[str, Any]) -> None:
         label = f"beam {BEAM}" if mode == "beam" else "greedy"
         print(f"\nmedian ms per translation ({label}, {SRC_LEN} source tokens, {STEPS} steps, 1 thread) "
               "and as a multiple of the bandwidth bound of its precision")
-        print(f"{'arch':32s}{'bound fp32/int8':>18s}" + "".join(f"{m:>19s}" for m in methods))
+        print(f"{'arch':32s}{'bound fp32/int8':>18s}" + "".join(f"{m:>21s}" for m in methods))
         for name, r in doc["archs"].items():
             b = doc["summary"]["bound_ms"][name]
             cells = []
@@ -540,7 +582,14 @@ def print_tables(doc: dict[str, Any]) -> None:
                     continue
                 x = r["methods"][m][mode]["median_ms"]
                 cells.append(f"{x:8.1f} ({doc['summary']['x_bound'][name][mode][m]:4.2f}x)")
-            print(f"{name:32s}{b['fp32']:9.1f}/{b['int8']:<8.1f}" + "".join(f"{c:>19s}" for c in cells))
+            print(f"{name:32s}{b['fp32']:9.1f}/{b['int8']:<8.1f}" + "".join(f"{c:>21s}" for c in cells))
+    for mode in ("beam", "greedy"):
+        label = f"beam {BEAM}" if mode == "beam" else "greedy"
+        print(f"\nprocess CPU ms per translation ({label}; the same calls as above)")
+        print(f"{'arch':32s}{'':18s}" + "".join(f"{m:>21s}" for m in methods))
+        for name, r in doc["archs"].items():
+            cells = [f"{r['methods'][m][mode]['cpu_median_ms']:8.1f}" if m in r["methods"] else "-" for m in methods]
+            print(f"{name:32s}{'':18s}" + "".join(f"{c:>21s}" for c in cells))
     print("\nours / CTranslate2 at the same compute type (median ratio; < 1: ours faster), tokens equal to eager:")
     for name, r in doc["archs"].items():
         v = doc["summary"]["vs_ct2"][name]
