@@ -246,7 +246,8 @@ def test_search_topk_in_the_graph_same_tokens_and_older_bundles_still_run(ts_bun
             new.stepper = _counting(new.stepper, calls)  # type: ignore[method-assign]
             for m in (new, legacy, older):
                 assert backends.translate(m, src.numpy(), beam=beam, max_len=9, fixed_steps=fixed) == want
-            assert calls and all(k <= 2 * beam + 1 for k in calls)  # N x k values a step, k small
+            if beam > 1:  # beam search asks the graph for N x k values a step, k small
+                assert calls and all(k <= 2 * beam + 1 for k in calls)
 
 
 def _counting(stepper, calls: list):
