@@ -17,8 +17,9 @@ the device's code); only the model behind the step function changes:
   ort_fp32   the bundle's ONNX graphs in onnxruntime (runner; graph optimisation level "all").
   ort_int8   the same graphs after onnxruntime dynamic int8 quantization.
   ort_*_numpy_topk  the same bundles run the way before issue #17: every step returns the N x V
-             log-probs to numpy and the search takes its top-k there; the default now asks the
-             graph's TopK for N x k values (the tokens are the same, checked).
+             log-probs to numpy and the search takes its top-k there; beam search now asks the
+             graph's TopK for N x k values (the tokens are the same, checked). Greedy search runs
+             the same code in both (numpy's argmax beat the graph's TopK there).
 
 Vocabulary: 32,768 (HAT's WMT'14 En-De model uses fairseq's joint ~32k BPE dictionary), shared
 embeddings. All methods use ONE thread (torch.set_num_threads(1), onnxruntime intra-op 1): the
@@ -51,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import random
 import sys
@@ -490,7 +492,11 @@ def main() -> int:
     ap.add_argument("--only", nargs="*", default=None, help="arch names to run (default: all four)")
     ap.add_argument("--work", default=None, help="where bundles go (default: a temp dir, removed)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "export_speed.json"))
+    ap.add_argument("--report", default=None, metavar="JSON",
+                    help="recompute the summary of a result file (no timing) and print its tables")
     args = ap.parse_args()
+    if args.report:
+        return report_again(args.report)
     torch.set_num_threads(1)
     rounds = 3 if args.quick else args.rounds
     names = args.only or (list(ARCHS)[:2] if args.quick else list(ARCHS))
@@ -505,9 +511,10 @@ def main() -> int:
         bandwidth.append(copy_bandwidth())
     paths = None if (args.quick or args.no_paths) else bench_export_paths(work, rounds)
     bw = {"gb_per_s": float(np.median([b["gb_per_s"] for b in bandwidth])), "measurements": bandwidth,
+          "archs": names,
           "how": "numpy copyto of 256 MiB, 1 thread, (read + written bytes) / s; measured before the first "
-                 "arch and after each; the median"}
-    summary = summarize_results(results, bw["gb_per_s"])
+                 "arch and after each; an arch's bound uses the mean of the two measurements around its rounds"}
+    summary = summarize_results(results, arch_bandwidth(bw))
     doc = {
         "format": RESULT_FORMAT, "version": RESULT_VERSION,
         "settings": {"vocab_size": VOCAB, "src_len": SRC_LEN, "steps": STEPS, "beam": BEAM, "threads": 1,
@@ -527,6 +534,23 @@ def main() -> int:
     return 0
 
 
+def arch_bandwidth(bw: dict[str, Any]) -> dict[str, float]:
+    """Each arch's copy bandwidth: the mean of the measurements just before and just after its
+    rounds (the machine's load changes over a run; the bound should see the arch's conditions)."""
+    m = [x["gb_per_s"] for x in bw["measurements"]]
+    return {name: (m[i] + m[i + 1]) / 2 for i, name in enumerate(bw["archs"])}
+
+
+def report_again(path: str) -> int:
+    """Recompute the summary of a result file (same timings) and print its tables."""
+    doc = json.loads(Path(path).read_text())
+    doc["copy_bandwidth"].setdefault("archs", list(doc["archs"]))
+    doc["summary"] = summarize_results(doc["archs"], arch_bandwidth(doc["copy_bandwidth"]))
+    write_json(path, doc)
+    print_tables(doc)
+    return 0
+
+
 def precision_of_method(method: str) -> str:
     return "int8" if "int8" in method else "fp32"
 
@@ -537,12 +561,12 @@ BOUND_TARGETS = {("beam", "ort_int8"): 1.5, ("beam", "ort_fp32"): 1.25, ("greedy
                  ("greedy", "ort_fp32"): 1.2}
 
 
-def summarize_results(results: dict[str, Any], bw_gb_s: float) -> dict[str, Any]:
+def summarize_results(results: dict[str, Any], bw_gb_s: dict[str, float]) -> dict[str, Any]:
     s: dict[str, Any] = {"bound_targets": {f"{m} {k}": v for (m, k), v in BOUND_TARGETS.items()},
-                         "bound_ms": {}, "x_bound": {}, "vs_ct2": {}, "targets_met": {}}
+                         "bandwidth_gb_per_s": bw_gb_s, "bound_ms": {}, "x_bound": {}, "vs_ct2": {}, "targets_met": {}}
     for name, r in results.items():
         wb = r["weight_bytes"]
-        s["bound_ms"][name] = {p: bound_ms(wb, p, bw_gb_s) for p in ("fp32", "int8")}
+        s["bound_ms"][name] = {p: bound_ms(wb, p, bw_gb_s[name]) for p in ("fp32", "int8")}
         s["x_bound"][name], s["vs_ct2"][name], s["targets_met"][name] = {}, {}, {}
         for mode in ("beam", "greedy"):
             xb = {k: v[mode]["median_ms"] / s["bound_ms"][name][precision_of_method(k)]
@@ -562,9 +586,13 @@ def summarize_results(results: dict[str, Any], bw_gb_s: float) -> dict[str, Any]
 
 def print_tables(doc: dict[str, Any]) -> None:
     bw = doc["copy_bandwidth"]["gb_per_s"]
-    rd = float(np.median([b["read_gb_per_s"] for b in doc["copy_bandwidth"]["measurements"]]))
-    print(f"\ncopy bandwidth (1 thread, this run, read + written bytes / s): {bw:.1f} GB/s "
-          f"(a matrix-vector product's weight reads: {rd:.1f} GB/s)")
+    ms = doc["copy_bandwidth"]["measurements"]
+    rd = float(np.median([b["read_gb_per_s"] for b in ms]))
+    print(f"\ncopy bandwidth (1 thread, this run, read + written bytes / s): median {bw:.1f} GB/s, measured "
+          + ", ".join(f"{b['gb_per_s']:.1f}" for b in ms) + " (before the first arch, after each); "
+          f"a matrix-vector product's weight reads: {rd:.1f} GB/s")
+    print("each arch's bound uses the mean bandwidth measured around its rounds: " + ", ".join(
+        f"{k} {v:.1f}" for k, v in doc["summary"]["bandwidth_gb_per_s"].items()))
     methods: list[str] = []
     for r in doc["archs"].values():
         methods += [m for m in r["methods"] if m not in methods]
