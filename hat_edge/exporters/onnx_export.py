@@ -50,11 +50,10 @@ from hat_edge.runtime.formats import TOPK_IDS, TOPK_INPUT, TOPK_VALUES
 DEFAULT_OPSET = 18
 # The decoder step's search outputs (added after export, `add_topk`): a graph input `topk` (k, a
 # 1-element int64 tensor) and, per row, the k best log-probs and their token ids, ordered by
-# (-log-prob, id) as ONNX TopK guarantees. A search step then receives N x k values instead of
-# N x V (V = 32k: 640 kB per beam-5 step, and a numpy partial sort over them); the full
-# `log_probs` output stays for parity checks and the forced-EOS last step. A runner that does not
-# know these names ignores them (it asks for outputs by name).
-# (the names live in hat_edge.runtime.formats: TOPK_INPUT, TOPK_VALUES, TOPK_IDS)
+# (-log-prob, id) as ONNX TopK guarantees. A beam-search step then receives N x k values instead
+# of N x V (V = 32k: 640 kB per beam-5 step, and a numpy partial sort over them); the full
+# `log_probs` output stays for parity checks, greedy search and beam's forced-EOS last step. A runner that does not
+# know these names ignores them (it asks for outputs by name). The names: hat_edge.runtime.formats.
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder_step.onnx"
 EXPORTERS = ("dynamo", "torchscript")
