@@ -16,6 +16,10 @@ the device's code); only the model behind the step function changes:
   torchscript  the bundle's traced + frozen TorchScript graphs (runner).
   ort_fp32   the bundle's ONNX graphs in onnxruntime (runner; graph optimisation level "all").
   ort_int8   the same graphs after onnxruntime dynamic int8 quantization.
+  ort_*_numpy_topk  the same bundles run the way before issue #17: every step returns the N x V
+             log-probs to numpy and the search takes its top-k there; beam search now asks the
+             graph's TopK for N x k values (the tokens are the same, checked). Greedy search runs
+             the same code in both (numpy's argmax beat the graph's TopK there).
 
 Vocabulary: 32,768 (HAT's WMT'14 En-De model uses fairseq's joint ~32k BPE dictionary), shared
 embeddings. All methods use ONE thread (torch.set_num_threads(1), onnxruntime intra-op 1): the
@@ -23,12 +27,23 @@ comparison is per core, and other work on this shared machine disturbs one threa
 Measurement: a warm-up round, then --rounds rounds; each round runs every (method, beam/greedy)
 once in a shuffled order, so load changes on the machine hit all methods alike; medians reported.
 
+  ct2_float32, ct2_int8  CTranslate2 (optional: `pip install -e .[bench]`) on the same weights, for
+             the archs it can express (uniform: Transformer-Base/Big); its tokens are checked
+             against eager's (bench/_ct2.py).
+
+The bandwidth bound: the bytes of weights a translation must read (every decoder layer and the
+d x V output projection once per step, whatever the beam; the encoder and the encoder-decoder k/v
+projections once), fp32 or int8 (matrices 1 byte), divided by the single-thread copy bandwidth
+measured with numpy in the same run (before the first arch and after each; the median). Each
+method's median is reported as a multiple of the bound of its precision.
+
 A second part (`export_paths`, on HAT_wmt14ende_raspberrypi@6.9s) measures the export choices
 behind the defaults: dynamo vs TorchScript-based ONNX exporter, onnxruntime optimisation levels
 (fp32, int8), TorchScript traced vs frozen, and a torch.export program run as-is.
 
     .venv/bin/python bench/export_speed.py              # ~15-25 minutes on a busy 2-core machine
     .venv/bin/python bench/export_speed.py --quick      # 2 archs, few rounds: a smoke test
+    .venv/bin/python bench/export_speed.py --no-slow --no-paths   # the deployed engines only
 
 Writes bench/results/export_speed.json and prints the tables.
 """
@@ -37,6 +52,8 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
+import os
 import random
 import sys
 import tempfile
@@ -45,22 +62,25 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+# one thread everywhere, numpy's BLAS included (set before numpy is imported)
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import _ct2  # noqa: E402  (bench/: the CTranslate2 peer, optional)
 from _results import write_json  # noqa: E402  (bench/, the script's own folder)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from hat_edge.runtime import backends, decoding, envinfo, formats, timing  # noqa: E402
-from hat_edge.exporters import export_bundle, load_bundle  # noqa: E402
-from hat_edge.exporters.bundle import quantize_bundle  # noqa: E402
+from hat_edge.exporters import export_bundle, load_bundle, quantize_bundle  # noqa: E402
 from hat_edge.model import ModelConfig, SuperTransformer, decode  # noqa: E402
 from hat_edge.model.sub import ende_memory, next_token_log_probs, padding_bias, repeat_bias  # noqa: E402
 from hat_edge.space import PRESETS, TRANSFORMER_BASE, TRANSFORMER_BIG, Arch, SearchSpace  # noqa: E402
 
 RESULT_FORMAT = "hat-edge-bench-export-speed"
-RESULT_VERSION = 1
+RESULT_VERSION = 2  # 2: CTranslate2 peer, copy bandwidth and the bandwidth bound
 VOCAB = 32768
 SRC_LEN, STEPS, BEAM = 30, 30, 5
 
@@ -209,6 +229,71 @@ def eager_runner(sub: Any, src: torch.Tensor) -> Callable[[int], list[list[int]]
     return run
 
 
+def ct2_runner(peer: Any, src: np.ndarray) -> Callable[[int], list[list[int]]]:
+    def run(beam: int) -> list[list[int]]:
+        return peer.translate(src, beam, STEPS)
+
+    return run
+
+
+# ------------------------------------------------------------------------------------------------
+# the bandwidth bound: weights read once per step, at the copy bandwidth measured in this run
+# ------------------------------------------------------------------------------------------------
+def copy_bandwidth(mib: int = 256, repeats: int = 7) -> dict[str, Any]:
+    """Single-thread memory copy bandwidth (STREAM's convention: bytes read + bytes written per
+    second), numpy `copyto` of a buffer far larger than any cache; median of `repeats`."""
+    n = mib << 18  # float32 elements
+    src = np.ones(n, dtype=np.float32)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)  # touch every page first
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        rates.append(2 * src.nbytes / (time.perf_counter() - t0))
+    reads = []
+    mat, vec = src.reshape(-1, 4096), np.ones(4096, dtype=np.float32)
+    for _ in range(repeats):  # for reference: a matrix-vector product (numpy's BLAS), bytes read / s
+        t0 = time.perf_counter()
+        mat @ vec
+        reads.append(src.nbytes / (time.perf_counter() - t0))
+    return {"gb_per_s": float(np.median(rates)) / 1e9, "runs_gb_per_s": [r / 1e9 for r in rates], "buffer_mib": mib,
+            "read_gb_per_s": float(np.median(reads)) / 1e9}
+
+
+def weight_bytes(sub: Any) -> dict[str, Any]:
+    """Bytes of weights a translation must read, fp32 and int8 (matrices 1 byte, the rest 4).
+
+    per_step: every decoder layer (self-attention q/k/v/out, encoder-decoder q/out, FFN, norms)
+    and the output projection (d x V), read once per step whatever the beam (beam rows share
+    them); once: the encoder and every layer's encoder-decoder k/v projections (computed once per
+    source). Token and position embedding rows (one per row) are negligible and left out.
+    """
+    def size(mods: list, int8: bool) -> int:
+        total = 0
+        for m in mods:
+            for p in m.parameters():
+                total += p.numel() * (1 if int8 and p.dim() == 2 else 4)
+        return total
+
+    once_mods = list(sub.encoder_layers) + [x for lay in sub.decoder_layers
+                                           for x in (lay.encoder_attn.k_proj, lay.encoder_attn.v_proj)]
+    out: dict[str, Any] = {}
+    V, d = sub.cfg.vocab_size, sub.arch.decoder_embed_dim
+    for prec, int8 in (("fp32", False), ("int8", True)):
+        step = 0
+        for lay in sub.decoder_layers:
+            step += size([lay], int8) - size([lay.encoder_attn.k_proj, lay.encoder_attn.v_proj], int8)
+        step += V * d * (1 if int8 else 4)
+        out[prec] = {"per_step": step, "once": size(once_mods, int8)}
+    return out
+
+
+def bound_ms(wb: dict[str, Any], prec: str, bw_gb_s: float) -> float:
+    w = wb[prec]
+    return (STEPS * w["per_step"] + w["once"]) / (bw_gb_s * 1e9) * 1e3
+
+
 def model_runner(model: backends.Model, src: np.ndarray) -> Callable[[int], list[list[int]]]:
     def run(beam: int) -> list[list[int]]:
         return backends.translate(model, src, beam=beam, max_len=STEPS, fixed_steps=True)
@@ -217,22 +302,32 @@ def model_runner(model: backends.Model, src: np.ndarray) -> Callable[[int], list
 
 
 def interleaved(runners: dict[str, Callable[[int], Any]], modes: tuple[int, ...], rounds: int,
-                seed: int = 0, label: str = "") -> tuple[dict[str, dict[int, list[float]]], dict]:
-    """Time every (runner, mode) once per round in a shuffled order; one untimed warm-up round."""
+                seed: int = 0, label: str = "", cpu: Optional[dict] = None) -> tuple[dict[str, dict[int, list[float]]], dict]:
+    """Time every (runner, mode) once per round in a shuffled order; one untimed warm-up round.
+
+    `cpu`, when given, receives the process CPU time of each call as well ({runner: {mode: [ms]}}):
+    with one thread it is the work done, less disturbed than wall time by other processes
+    competing for the cores (memory-bandwidth contention still shows)."""
     rng = random.Random(seed)
     times: dict[str, dict[int, list[float]]] = {k: {m: [] for m in modes} for k in runners}
+    if cpu is not None:
+        cpu.update({k: {m: [] for m in modes} for k in runners})
     outputs: dict[str, dict[int, Any]] = {k: {} for k in runners}
     combos = [(k, m) for k in runners for m in modes]
     for r in range(rounds + 1):
         rng.shuffle(combos)
         for k, m in combos:
+            c0 = time.process_time()
             t0 = time.perf_counter()
             out = runners[k](m)
             dt = (time.perf_counter() - t0) * 1e3
+            dc = (time.process_time() - c0) * 1e3
             if r == 0:
                 outputs[k][m] = out
             else:
                 times[k][m].append(dt)
+                if cpu is not None:
+                    cpu[k][m].append(dc)
         print(f"  {label} round {r}/{rounds} done", file=sys.stderr, flush=True)
     return times, outputs
 
@@ -245,7 +340,8 @@ def stats(ms: list[float]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 # the main comparison
 # ------------------------------------------------------------------------------------------------
-def bench_arch(name: str, arch: Arch, work: Path, rounds: int, full_prefix: bool) -> dict[str, Any]:
+def bench_arch(name: str, arch: Arch, work: Path, rounds: int, full_prefix: bool, ct2: bool = True,
+               slow: bool = True, variants: bool = True) -> dict[str, Any]:
     print(f"{name}: building and exporting ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     torch.manual_seed(0)
@@ -255,34 +351,63 @@ def bench_arch(name: str, arch: Arch, work: Path, rounds: int, full_prefix: bool
     d = work / name
     b_onnx = export_bundle(sub, d / "onnx", fmt="onnx", parity_check=True)
     b_int8 = quantize_bundle(b_onnx, d / "int8", sub=sub)
-    b_ts = export_bundle(sub, d / "ts", fmt="torchscript", parity_check=True)
+    b_ts = export_bundle(sub, d / "ts", fmt="torchscript", parity_check=True) if slow else None
     export_s = time.perf_counter() - t0
     src_np = timing.measurement_source(SRC_LEN, VOCAB, 3, seed=0)  # (1, 30), EOS last
     src = torch.from_numpy(src_np)
-    runners: dict[str, Callable[[int], Any]] = {
-        "hat": torch_runner(lambda s, b: HatIncrementalStep(sup, s, b), src),
-        "eager": eager_runner(sub, src),
-        "torchscript": model_runner(load_bundle(b_ts).open(threads=1), src_np),
-        "ort_fp32": model_runner(load_bundle(b_onnx).open(threads=1), src_np),
-        "ort_int8": model_runner(load_bundle(b_int8).open(threads=1), src_np),
-    }
+    runners: dict[str, Callable[[int], Any]] = {}
+    if slow:
+        runners["hat"] = torch_runner(lambda s, b: HatIncrementalStep(sup, s, b), src)
+    reference = eager_runner(sub, src)  # the tokens every fp32 method must decode
+    if slow:
+        runners["eager"] = reference
+    if slow:
+        runners["torchscript"] = model_runner(load_bundle(b_ts).open(threads=1), src_np)
+    runners["ort_fp32"] = model_runner(load_bundle(b_onnx).open(threads=1), src_np)
+    runners["ort_int8"] = model_runner(load_bundle(b_int8).open(threads=1), src_np)
+    if variants:  # each decode-path change alone: the same bundles run the older way
+        for prec, b in (("fp32", b_onnx), ("int8", b_int8)):
+            m = load_bundle(b).open(threads=1)
+            m.search_in_graph = False  # N x V log-probs to numpy, the numpy top-k (before #17)
+            runners[f"ort_{prec}_numpy_topk"] = model_runner(m, src_np)
+    ct2_why = None if ct2 else "--no-ct2"
+    if ct2 and _ct2.available() is None:
+        ct2_why = "ctranslate2 is not installed (pip install -e .[bench])"
+    ct2_why = ct2_why or _ct2.expressible(arch)
+    if ct2_why is None:
+        ct2_dir = _ct2.build(sub, d / "ct2")
+        cfg = sub.cfg
+        for ct in ("float32", "int8"):
+            peer = _ct2.Peer(ct2_dir, ct, cfg.vocab_size, cfg.pad_id, cfg.bos_id, cfg.eos_id, threads=1)
+            runners[f"ct2_{ct}"] = ct2_runner(peer, src_np)
     if full_prefix:
         runners["hat_full_prefix"] = torch_runner(lambda s, b: FullPrefixStep(sup, s, b), src)
-    times, outputs = interleaved(runners, (BEAM, 1), rounds, label=name)
+    cpu: dict = {}
+    times, outputs = interleaved(runners, (BEAM, 1), rounds, label=name, cpu=cpu)
     # sanity: same weights and inputs -> the fp32 methods decode the same tokens
-    same = {k: {str(m): outputs[k][m] == outputs["eager"][m] for m in (BEAM, 1)} for k in runners}
+    ref = {m: outputs["eager"][m] if "eager" in outputs else reference(m) for m in (BEAM, 1)}
+    same = {k: {str(m): outputs[k][m] == ref[m] for m in (BEAM, 1)} for k in runners}
+    wb = weight_bytes(sub)
     res: dict[str, Any] = {
         "arch": arch.to_dict(),
         "params": arch.params(),
         "export_s": export_s,
-        "parity": {k: load_bundle(b).manifest["parity"] for k, b in (("onnx", b_onnx), ("int8", b_int8), ("ts", b_ts))},
+        "weight_bytes": wb,
+        "ct2": {"version": _ct2.available(), "skipped": ct2_why},
+        "parity": {k: load_bundle(b).manifest["parity"] for k, b in (("onnx", b_onnx), ("int8", b_int8), ("ts", b_ts))
+                   if b is not None},
         "tokens_equal_to_eager": same,
         "methods": {k: {"beam": stats(times[k][BEAM]), "greedy": stats(times[k][1])} for k in runners},
     }
+    for k in runners:
+        for mode, m in (("beam", BEAM), ("greedy", 1)):
+            res["methods"][k][mode]["cpu_median_ms"] = float(np.median(cpu[k][m]))
+            res["methods"][k][mode]["cpu_runs_ms"] = cpu[k][m]
     for mode in ("beam", "greedy"):
-        hat = res["methods"]["hat"][mode]["median_ms"]
+        hat = res["methods"]["hat"][mode]["median_ms"] if "hat" in res["methods"] else None
         for k in runners:
-            res["methods"][k][mode]["speedup_vs_hat"] = hat / res["methods"][k][mode]["median_ms"]
+            if hat is not None:
+                res["methods"][k][mode]["speedup_vs_hat"] = hat / res["methods"][k][mode]["median_ms"]
     del runners  # the step functions hold the models: free them before the next arch
     sup = sub = None
     gc.collect()
@@ -360,10 +485,18 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="HAT xeon + Pi archs only, 3 rounds, no export paths")
     ap.add_argument("--full-prefix", action="store_true", help="also time the SuperTransformer re-running the prefix")
     ap.add_argument("--no-paths", action="store_true", help="skip the export-path comparison")
+    ap.add_argument("--no-ct2", action="store_true", help="leave CTranslate2 out even when it is installed")
+    ap.add_argument("--no-variants", action="store_true", help="leave out the decode path's older ways")
+    ap.add_argument("--no-slow", action="store_true",
+                    help="leave HAT's way and TorchScript out, and run eager only once for its tokens")
     ap.add_argument("--only", nargs="*", default=None, help="arch names to run (default: all four)")
     ap.add_argument("--work", default=None, help="where bundles go (default: a temp dir, removed)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "export_speed.json"))
+    ap.add_argument("--report", default=None, metavar="JSON",
+                    help="recompute the summary of a result file (no timing) and print its tables")
     args = ap.parse_args()
+    if args.report:
+        return report_again(args.report)
     torch.set_num_threads(1)
     rounds = 3 if args.quick else args.rounds
     names = args.only or (list(ARCHS)[:2] if args.quick else list(ARCHS))
@@ -371,16 +504,24 @@ def main() -> int:
     work = Path(args.work) if args.work else Path(tmp.name)  # type: ignore[union-attr]
     t_start = time.perf_counter()
     results: dict[str, Any] = {}
+    bandwidth = [copy_bandwidth()]
     for name in names:
-        results[name] = bench_arch(name, ARCHS[name], work, rounds, args.full_prefix)
+        results[name] = bench_arch(name, ARCHS[name], work, rounds, args.full_prefix, ct2=not args.no_ct2,
+                                   slow=not args.no_slow, variants=not args.no_variants)
+        bandwidth.append(copy_bandwidth())
     paths = None if (args.quick or args.no_paths) else bench_export_paths(work, rounds)
-    summary = summarize_results(results)
+    bw = {"gb_per_s": float(np.median([b["gb_per_s"] for b in bandwidth])), "measurements": bandwidth,
+          "archs": names,
+          "how": "numpy copyto of 256 MiB, 1 thread, (read + written bytes) / s; measured before the first "
+                 "arch and after each; an arch's bound uses the mean of the two measurements around its rounds"}
+    summary = summarize_results(results, arch_bandwidth(bw))
     doc = {
         "format": RESULT_FORMAT, "version": RESULT_VERSION,
         "settings": {"vocab_size": VOCAB, "src_len": SRC_LEN, "steps": STEPS, "beam": BEAM, "threads": 1,
                      "rounds": rounds, "fixed_steps": True},
         "env": envinfo.collect_env(),
         "wall_s": time.perf_counter() - t_start,
+        "copy_bandwidth": bw,
         "archs": results,
         "summary": summary,
         "export_paths": paths,
@@ -393,39 +534,102 @@ def main() -> int:
     return 0
 
 
-def summarize_results(results: dict[str, Any]) -> dict[str, Any]:
-    s: dict[str, Any] = {"targets": {"ort_fp32": 2.0, "ort_int8": 3.0}, "speedups_beam": {}, "speedups_greedy": {}}
+def arch_bandwidth(bw: dict[str, Any]) -> dict[str, float]:
+    """Each arch's copy bandwidth: the mean of the measurements just before and just after its
+    rounds (the machine's load changes over a run; the bound should see the arch's conditions)."""
+    m = [x["gb_per_s"] for x in bw["measurements"]]
+    return {name: (m[i] + m[i + 1]) / 2 for i, name in enumerate(bw["archs"])}
+
+
+def report_again(path: str) -> int:
+    """Recompute the summary of a result file (same timings) and print its tables."""
+    doc = json.loads(Path(path).read_text())
+    doc["copy_bandwidth"].setdefault("archs", list(doc["archs"]))
+    doc["summary"] = summarize_results(doc["archs"], arch_bandwidth(doc["copy_bandwidth"]))
+    write_json(path, doc)
+    print_tables(doc)
+    return 0
+
+
+def precision_of_method(method: str) -> str:
+    return "int8" if "int8" in method else "fp32"
+
+
+PEER_OF = {"ort_fp32": "ct2_float32", "ort_int8": "ct2_int8"}
+# issue #17's targets: median as a multiple of the bandwidth bound (Transformer-Base)
+BOUND_TARGETS = {("beam", "ort_int8"): 1.5, ("beam", "ort_fp32"): 1.25, ("greedy", "ort_int8"): 1.2,
+                 ("greedy", "ort_fp32"): 1.2}
+
+
+def summarize_results(results: dict[str, Any], bw_gb_s: dict[str, float]) -> dict[str, Any]:
+    s: dict[str, Any] = {"bound_targets": {f"{m} {k}": v for (m, k), v in BOUND_TARGETS.items()},
+                         "bandwidth_gb_per_s": bw_gb_s, "bound_ms": {}, "x_bound": {}, "vs_ct2": {}, "targets_met": {}}
     for name, r in results.items():
+        wb = r["weight_bytes"]
+        s["bound_ms"][name] = {p: bound_ms(wb, p, bw_gb_s[name]) for p in ("fp32", "int8")}
+        s["x_bound"][name], s["vs_ct2"][name], s["targets_met"][name] = {}, {}, {}
         for mode in ("beam", "greedy"):
-            s[f"speedups_{mode}"][name] = {k: v[mode]["speedup_vs_hat"] for k, v in r["methods"].items()}
-    beam = s["speedups_beam"]
-    s["targets_met_beam"] = {name: {"ort_fp32": v["ort_fp32"] >= 2.0, "ort_int8": v["ort_int8"] >= 3.0}
-                             for name, v in beam.items()}
-    if "Transformer-Big" in results and PI in results:
-        s["big_over_pi"] = {
-            mode: {k: results["Transformer-Big"]["methods"][k][mode]["median_ms"] / results[PI]["methods"][k][mode]["median_ms"]
-                   for k in results[PI]["methods"]}
-            for mode in ("beam", "greedy")
-        }
+            xb = {k: v[mode]["median_ms"] / s["bound_ms"][name][precision_of_method(k)]
+                  for k, v in r["methods"].items()}
+            s["x_bound"][name][mode] = xb
+            s["vs_ct2"][name][mode] = {k: r["methods"][k][mode]["median_ms"] / r["methods"][p][mode]["median_ms"]
+                                       for k, p in PEER_OF.items() if p in r["methods"] and k in r["methods"]}
+            for k in PEER_OF:
+                if k not in xb:
+                    continue
+                met = {"x_bound": xb[k] <= BOUND_TARGETS[(mode, k)]}
+                if k in s["vs_ct2"][name][mode]:
+                    met["ahead_of_ct2"] = s["vs_ct2"][name][mode][k] < 1.0
+                s["targets_met"][name][f"{mode} {k}"] = met
     return s
 
 
 def print_tables(doc: dict[str, Any]) -> None:
+    bw = doc["copy_bandwidth"]["gb_per_s"]
+    ms = doc["copy_bandwidth"]["measurements"]
+    rd = float(np.median([b["read_gb_per_s"] for b in ms]))
+    print(f"\ncopy bandwidth (1 thread, this run, read + written bytes / s): median {bw:.1f} GB/s, measured "
+          + ", ".join(f"{b['gb_per_s']:.1f}" for b in ms) + " (before the first arch, after each); "
+          f"a matrix-vector product's weight reads: {rd:.1f} GB/s")
+    print("each arch's bound uses the mean bandwidth measured around its rounds: " + ", ".join(
+        f"{k} {v:.1f}" for k, v in doc["summary"]["bandwidth_gb_per_s"].items()))
+    methods: list[str] = []
+    for r in doc["archs"].values():
+        methods += [m for m in r["methods"] if m not in methods]
     for mode in ("beam", "greedy"):
         label = f"beam {BEAM}" if mode == "beam" else "greedy"
         print(f"\nmedian ms per translation ({label}, {SRC_LEN} source tokens, {STEPS} steps, 1 thread) "
-              "and speedup vs HAT's way")
-        methods = list(next(iter(doc["archs"].values()))["methods"])
-        print(f"{'arch':32s}" + "".join(f"{m:>20s}" for m in methods))
+              "and as a multiple of the bandwidth bound of its precision")
+        print(f"{'arch':32s}{'bound fp32/int8':>18s}" + "".join(f"{m:>21s}" for m in methods))
         for name, r in doc["archs"].items():
+            b = doc["summary"]["bound_ms"][name]
             cells = []
             for m in methods:
-                x = r["methods"][m][mode]
-                cells.append(f"{x['median_ms']:9.1f} ({x['speedup_vs_hat']:4.2f}x)")
-            print(f"{name:32s}" + "".join(f"{c:>20s}" for c in cells))
-    if "big_over_pi" in doc["summary"]:
-        print("\nTransformer-Big / HAT_wmt14ende_raspberrypi@6.9s (beam): " + ", ".join(
-            f"{k} {v:.2f}x" for k, v in doc["summary"]["big_over_pi"]["beam"].items()))
+                if m not in r["methods"]:
+                    cells.append("-")
+                    continue
+                x = r["methods"][m][mode]["median_ms"]
+                cells.append(f"{x:8.1f} ({doc['summary']['x_bound'][name][mode][m]:4.2f}x)")
+            print(f"{name:32s}{b['fp32']:9.1f}/{b['int8']:<8.1f}" + "".join(f"{c:>21s}" for c in cells))
+    for mode in ("beam", "greedy"):
+        label = f"beam {BEAM}" if mode == "beam" else "greedy"
+        print(f"\nprocess CPU ms per translation ({label}; the same calls as above)")
+        print(f"{'arch':32s}{'':18s}" + "".join(f"{m:>21s}" for m in methods))
+        for name, r in doc["archs"].items():
+            cells = [f"{r['methods'][m][mode]['cpu_median_ms']:8.1f}" if m in r["methods"] else "-" for m in methods]
+            print(f"{name:32s}{'':18s}" + "".join(f"{c:>21s}" for c in cells))
+    print("\nours / CTranslate2 at the same compute type (median ratio; < 1: ours faster), tokens equal to eager:")
+    for name, r in doc["archs"].items():
+        v = doc["summary"]["vs_ct2"][name]
+        eq = {k: x for k, x in r["tokens_equal_to_eager"].items() if k.startswith("ct2") or k.startswith("ort")}
+        if not v["beam"]:
+            print(f"  {name}: CTranslate2 skipped ({r['ct2']['skipped']})")
+            continue
+        print(f"  {name}: " + ", ".join(f"{mode} {k} {x:.2f}" for mode in ("beam", "greedy")
+                                        for k, x in v[mode].items()) + f"; tokens equal {eq}")
+    print("\ntargets (issue #17): " + ", ".join(f"{k} <= {x}x bound" for k, x in doc["summary"]["bound_targets"].items()))
+    for name, t in doc["summary"]["targets_met"].items():
+        print(f"  {name}: " + ", ".join(f"{k} {'/'.join(f'{c}={ok}' for c, ok in v.items())}" for k, v in t.items()))
     if doc.get("export_paths"):
         p = doc["export_paths"]
         print(f"\nexport paths on {p['arch']} (beam {BEAM}, median ms): ")

@@ -153,7 +153,7 @@ def _synthetic_summary(side: bool = True):
         tolerance=0.03, met=True, measured_range_ms=(4.0, 30.0),
         winner=WinnerSummary(arch=w, predicted_latency_ms=10.0, predicted_lo_ms=9.0, predicted_hi_ms=11.5,
                              measured_latency_ms=10.4, deployed_latency_ms=dep.median_ms, loss=2.5,
-                             found_in="round 1", bleu=20.5),
+                             found_in="round 1", bleu=20.5, precision="int8", bleu_deployed=19.5),
         largest=LargestSummary(arch=big, measured_latency_ms=30.0, loss=2.2, bleu=25.0),
         speedup=2.8 if side else 30.0 / 10.4,
         side_by_side=SideBySide(winner_ms=10.0, largest_ms=28.0, speedup=2.8) if side else None,
@@ -174,7 +174,8 @@ def test_run_summary_to_dict_keeps_the_json_keys_and_the_renderers_read_it(side:
     d = json.loads(json.dumps(s.to_dict(), default=str))
     assert list(d) == RUN_JSON_KEYS
     assert list(d["winner"]) == ["arch", "describe", "predicted_latency_ms", "predicted_lo_ms", "predicted_hi_ms",
-                                 "measured_latency_ms", "deployed_latency_ms", "loss", "found_in", "bleu", "params"]
+                                 "measured_latency_ms", "deployed_latency_ms", "loss", "found_in", "bleu", "params",
+                                 "precision", "bleu_deployed"]
     assert list(d["largest"]) == ["arch", "measured_latency_ms", "loss", "bleu", "params"]
     assert d["winner"]["deployed_latency_ms"] == d["deploy"]["median_ms"] == 12.1
     assert d["deploy"]["quantize"] == "int8" and d["measured_range_ms"] == [4.0, 30.0]
@@ -187,6 +188,9 @@ def test_run_summary_to_dict_keeps_the_json_keys_and_the_renderers_read_it(side:
     md = render_markdown(s)
     assert "| latency budget | 10.50 ms (--budget) | |" in md and "(onnxruntime, int8)" in md
     assert "| 1 | 8 | 60 | 1.2 | 10.0 -> 10.4 (2.500) | 1.00x | 1.00x | yes |" in md
+    # --quantize int8: the latencies are int8 ones, and the int8 bundle's BLEU stands next to fp32's
+    assert "| measured latency (median, int8 bundles) | **10.40 ms** |" in md
+    assert "| BLEU of the deployed int8 bundle (same sentences) | 19.5 | |" in md
 
 
 def test_search_does_not_import_the_app_layer():

@@ -194,6 +194,79 @@ def test_quantize_bundle_makes_an_int8_copy(ts_bundle, tmp_path) -> None:
         quantize_bundle(ts_path, tmp_path / "nope")
 
 
+def _strip_search_topk(bundle: Path, out: Path) -> Path:
+    """A copy of an ONNX bundle as exported before the search's TopK (issue #17): the decoder
+    step without the `topk` input, the TopK node and its two outputs, manifest resealed."""
+    from hat_edge.exporters.bundle import write_manifest
+
+    shutil.copytree(bundle, out)
+    path = out / "decoder_step.onnx"
+    m = onnx.load(str(path))
+    g = m.graph
+    keep_nodes = [n for n in g.node if n.op_type != "TopK"]
+    del g.node[:]
+    g.node.extend(keep_nodes)
+    for field, drop in ((g.input, {"topk"}), (g.output, {"topk_log_probs", "topk_ids"})):
+        keep = [v for v in field if v.name not in drop]
+        del field[:]
+        field.extend(keep)
+    onnx.checker.check_model(m)
+    onnx.save(m, str(path))
+    manifest = json.loads((out / "manifest.json").read_text())
+    io = manifest["graphs"]["decoder_step"]
+    io["inputs"] = [t for t in io["inputs"] if t["name"] != "topk"]
+    io["outputs"] = [t for t in io["outputs"] if not t["name"].startswith("topk")]
+    write_manifest(out, manifest)
+    return out
+
+
+def test_search_topk_in_the_graph_same_tokens_and_older_bundles_still_run(ts_bundle, tmp_path) -> None:
+    """The ONNX decoder step carries the search's TopK: a step returns N x k values, the tokens
+    equal PyTorch's search and the older way (N x V log-probs to numpy); a bundle exported without
+    it (the format before) still loads and decodes the same."""
+    from hat_edge.model import decode
+    from hat_edge.runtime import backends
+
+    sub, _ = ts_bundle
+    b = load_bundle(export_bundle(sub, tmp_path / "b", fmt="onnx", exporter="torchscript"))
+    io = b.manifest["graphs"]["decoder_step"]
+    assert [t["name"] for t in io["inputs"]][-1] == "topk"
+    assert [t["name"] for t in io["outputs"]][-2:] == ["topk_log_probs", "topk_ids"]
+    assert b.manifest["parity"]["topk_equal"] is True and b.manifest["parity"]["max_abs_diff"] <= 1e-4
+    old = load_bundle(_strip_search_topk(b.path, tmp_path / "old"))
+    assert "topk" not in [i.name for i in old.open().dec.get_inputs()]
+    src = torch.tensor([[17, 40, 9, 3], [5, 3, 0, 0], [200, 101, 7, 3]])
+    for beam in (1, 4):
+        for fixed in (False, True):
+            want = (decode.greedy(sub, src, max_len=9, fixed_steps=fixed) if beam == 1
+                    else decode.beam(sub, src, beam=beam, max_len=9, fixed_steps=fixed))
+            new, legacy, older = b.open(), b.open(), old.open()
+            legacy.search_in_graph = False
+            calls: list[int] = []
+            new.stepper = _counting(new.stepper, calls)  # type: ignore[method-assign]
+            for m in (new, legacy, older):
+                assert backends.translate(m, src.numpy(), beam=beam, max_len=9, fixed_steps=fixed) == want
+            if beam > 1:  # beam search asks the graph for N x k values a step, k small
+                assert calls and all(k <= 2 * beam + 1 for k in calls)
+
+
+def _counting(stepper, calls: list):
+    """A model's stepper whose steps record the k of every top-k call (the search must use the
+    graph's TopK)."""
+    def make(enc, rows):
+        step = stepper(enc, rows)
+        inner = step.topk
+
+        def topk(tokens, order, k):
+            calls.append(k)
+            return inner(tokens, order, k)
+
+        step.topk = topk
+        return step
+
+    return make
+
+
 # ------------------------------------------------------------------------------------------------
 # the CLI: bad inputs are one line
 # ------------------------------------------------------------------------------------------------

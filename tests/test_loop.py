@@ -389,3 +389,25 @@ def test_with_a_prior_the_initial_dataset_is_informative_half_the_size_and_the_l
     assert n_plain == 24 and n_prior <= n_plain // 2
     assert plain.met and with_prior.met and with_prior.winner.measured_ms <= budget * 1.03
     assert with_prior.winner.loss <= plain.winner.loss + 0.02, (with_prior.winner.loss, plain.winner.loss)
+
+
+def test_int8_device_measures_and_reads_int8_latencies(tmp_path: Path, monkeypatch):
+    """`hat-edge run --quantize int8`'s device: the archs are measured as int8 bundles (the store
+    keys rows by quantisation), and what the loop reads back (`measured`) is those int8 rows only;
+    an fp32 device on the same store sees none of them."""
+    from hat_edge.latency.store import LatencyStore
+
+    monkeypatch.setenv("HAT_EDGE_CACHE", str(tmp_path / "cache"))
+    profile = fast_local_profile(tmp_path, 64, min_time_s=0.05)
+    store = LatencyStore(tmp_path / "latency.sqlite")
+    archs = [DEMO.smallest(), DEMO.largest()]
+    q = ProfileDevice(profile, store, quantize="int8")
+    got = q.measure(archs, progress=False)
+    assert set(got) == set(archs) and all(v > 0 for v in got.values())
+    int8_rows = store.records(device=profile.name, runtime=profile.runtime,
+                              settings=profile.measure_spec("int8").identity())
+    assert {r.arch for r in int8_rows} == set(archs)
+    assert not store.records(device=profile.name, runtime=profile.runtime,
+                             settings=profile.measure_spec().identity())
+    assert q.measured() == got
+    assert ProfileDevice(profile, store).measured() == {}

@@ -105,6 +105,42 @@ def test_greedy_and_beam_fixed_steps_never_stop() -> None:
     assert len(out[0]) == 9 and step.calls == 9 and 3 not in out[0]
 
 
+class TiedMarkovTopK(MarkovStep):
+    """A bigram model with log-probs on a coarse grid (ties everywhere) that also offers the
+    search's top-k form, as the ONNX graph's TopK does it: per row sorted by (-value, id)."""
+
+    def __init__(self, vocab: int, seed: int) -> None:
+        super().__init__(vocab, seed)
+        self.lp = np.round(self.lp * 2) / 2  # many equal values per row
+        self.vocab_size = vocab
+        self.topk_calls = 0
+
+    def topk(self, tokens: np.ndarray, order, k: int):
+        self.topk_calls += 1
+        lp = self.lp[tokens].astype(np.float32)
+        ids = np.argsort(-lp, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(lp, ids, axis=1), ids
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+@pytest.mark.parametrize("seed", range(6))
+def test_search_over_the_graphs_topk_picks_the_same_tokens(seed: int, fixed: bool) -> None:
+    """Beam search over a step's top-k (k x N values a step) chooses exactly what it chooses over
+    the full log-probs, ties and the fixed_steps EOS ban included; greedy uses the full ones."""
+    vocab, eos = 9, 3
+    for beam, batch in ((1, 2), (2, 1), (3, 2), (5, 2)):
+        plain = MarkovStep(vocab, seed)
+        plain.lp = np.round(plain.lp * 2) / 2
+        want = decoding.decode(plain, batch, beam, 2, eos, 8, fixed_steps=fixed)
+        fast = TiedMarkovTopK(vocab, seed)
+        got = decoding.decode(fast, batch, beam, 2, eos, 8, fixed_steps=fixed)
+        assert got == want, (beam, batch)
+        if beam > 1:  # beam search: the top-k form did the work, but for the forced-EOS last step
+            assert fast.topk_calls >= 1 and fast.calls <= (0 if fixed else 1)  # (a search may end early)
+        else:  # greedy keeps numpy's argmax over the full log-probs
+            assert fast.topk_calls == 0
+
+
 def test_beam_search_rows_are_sentence_major() -> None:
     """Two identical sentences in one batch decode exactly like each alone."""
     step = MarkovStep(7, 5)

@@ -104,6 +104,7 @@ def prepare_job(
     min_time_s: float | None = None,
     min_repeats: int | None = None,
     announce: Callable[[DeviceProfile], None] | None = None,
+    quantize: str | None = None,
 ) -> JobContext:
     """Set up a job on a device; see the module's docstring for the order.
 
@@ -112,6 +113,7 @@ def prepare_job(
     created (with its parents) before the store is opened. threads: host torch threads (None:
     torch's default). min_time_s / min_repeats override the profile's measurement settings.
     announce: called with the loaded profile just before the device is checked (a progress line).
+    quantize: "int8" measures int8 bundles (the device's latencies are then int8 latencies).
     """
     from hat_edge.checkpoint import load_checkpoint
     from hat_edge.devices.measure import device_env
@@ -136,7 +138,7 @@ def prepare_job(
             raise UserError(f"--out-dir {out}: cannot create it ({e.strerror or e.__class__.__name__})") from None
     path = store if store is not None else (out / "latency.sqlite" if out is not None else DEFAULT_STORE_PATH)
     st = LatencyStore(path)
-    return JobContext(profile=prof, env=env, checkpoint=ckpt, store=st, device=ProfileDevice(prof, st),
+    return JobContext(profile=prof, env=env, checkpoint=ckpt, store=st, device=ProfileDevice(prof, st, quantize),
                       check_s=t1 - t0, load_s=time.perf_counter() - t1)
 
 

@@ -102,7 +102,7 @@ def run_main_job(
     # 1. the device, before anything else; then the checkpoint, the output dir and the store
     job = prepare_job(
         s.profile, s.checkpoint, store=s.store or None, out_dir=out, threads=s.threads,
-        trust_new_host=s.trust_new_host, min_time_s=s.min_time_s, min_repeats=s.min_repeats,
+        trust_new_host=s.trust_new_host, min_time_s=s.min_time_s, min_repeats=s.min_repeats, quantize=s.quantize,
         announce=lambda p: say(f"[1/7] checking device '{p.name}' ({p.transport}, {p.runtime})"),
     )
     profile, env, ckpt, store, device, space = job.profile, job.env, job.checkpoint, job.store, job.device, job.space
@@ -187,6 +187,11 @@ def run_main_job(
     bleu_corpus = test.head(s.bleu_sentences)
     b_w = bleu(ckpt.model, ckpt.tokenizer, bleu_corpus, arch=w.arch, beam=s.bleu_beam)
     b_l = bleu(ckpt.model, ckpt.tokenizer, bleu_corpus, arch=largest, beam=s.bleu_beam)
+    b_q = None
+    if s.quantize:  # the deployed int8 bundle's own BLEU (host onnxruntime, the device's search)
+        from hat_edge.exporters import load_bundle
+
+        b_q = bleu(load_bundle(dep.bundle), ckpt.tokenizer, bleu_corpus, beam=s.bleu_beam).bleu
     t = lap("bleu_s", t)
 
     largest_ms = loop.measured.get(largest)
@@ -202,6 +207,8 @@ def run_main_job(
         loss=w.loss,
         found_in=f"round {w.round}" if w.round else "earlier measurements",
         bleu=b_w.bleu,
+        precision=s.quantize or "fp32",
+        bleu_deployed=b_q,
     )
     big = LargestSummary(arch=largest, measured_latency_ms=largest_ms, loss=fit(largest), bleu=b_l.bleu)
     summary = RunSummary(

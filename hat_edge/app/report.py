@@ -206,11 +206,14 @@ def render_markdown(s: RunSummary) -> str:
         f"| latency budget | {_f(s.budget_ms)} ms ({s.budget_source}) | |",
         f"| predicted latency | {_f(w.predicted_latency_ms)} ms "
         f"[{_f(w.predicted_lo_ms)}, {_f(w.predicted_hi_ms)}] | |",
-        f"| measured latency (median) | **{_f(w.measured_latency_ms)} ms** | {_f(L.measured_latency_ms)} ms |",
+        f"| measured latency (median{', int8 bundles' if w.precision == 'int8' else ''}) | "
+        f"**{_f(w.measured_latency_ms)} ms** | {_f(L.measured_latency_ms)} ms |",
         f"| deployed latency (median, bundle on device) | {_f(w.deployed_latency_ms)} ms | |",
         f"| validation loss | {_f(w.loss, 4)} | {_f(L.loss, 4)} |",
         f"| BLEU (test, {s.bleu_sentences} sentences, beam {s.bleu_beam}) | "
         f"{_f(w.bleu, 1)} | {_f(L.bleu, 1)} |",
+        *([f"| BLEU of the deployed {w.precision} bundle (same sentences) | {_f(w.bleu_deployed, 1)} | |"]
+          if w.bleu_deployed is not None else []),
         f"| params (HAT convention) | {_f(w.params / 1e6, 3)} M | {_f(L.params / 1e6, 3)} M |",
         *([f"| side by side (timed in rotation, one process) | {_f(side.winner_ms)} ms | "
            f"{_f(side.largest_ms)} ms |"] if side else []),

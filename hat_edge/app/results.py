@@ -38,7 +38,9 @@ class WinnerSummary:
     deployed_latency_ms: float | None  # the deployed bundle's benchmark median (None: no benchmark)
     loss: float
     found_in: str  # "round N" or "earlier measurements"
-    bleu: float
+    bleu: float  # the PyTorch SubTransformer's (fp32)
+    precision: str = "fp32"  # of the deployed bundle (and of every latency above): "fp32" | "int8"
+    bleu_deployed: float | None = None  # the deployed bundle's own BLEU on the host (int8: its own numbers)
 
     @property
     def describe(self) -> str:
@@ -50,7 +52,8 @@ class WinnerSummary:
 
     def to_dict(self) -> dict[str, Any]:
         return _with_arch(self, "describe", "predicted_latency_ms", "predicted_lo_ms", "predicted_hi_ms",
-                          "measured_latency_ms", "deployed_latency_ms", "loss", "found_in", "bleu", "params")
+                          "measured_latency_ms", "deployed_latency_ms", "loss", "found_in", "bleu", "params",
+                          "precision", "bleu_deployed")
 
 
 @dataclass(frozen=True)

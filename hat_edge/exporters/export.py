@@ -95,7 +95,7 @@ def export_bundle(
         if tokenizer is not None:
             tok_path = tokenizer.save(tmp)
             tok_info = {"file": tok_path.name, "kind": "sentencepiece", "vocab_size": tokenizer.vocab_size}
-        io = io_description(sub)
+        io = io_description(sub, topk=fmt == "onnx")
         cfg = sub.cfg
         manifest: dict[str, Any] = {
             "format": BUNDLE_FORMAT,

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from hat_edge.model.sub import SubTransformer
+from hat_edge.runtime.formats import TOPK_IDS, TOPK_INPUT, TOPK_VALUES
 
 # example sizes for tracing: batch, source length, decoder rows, past length
 EX_BATCH, EX_SRC, EX_ROWS, EX_PAST = 2, 7, 3, 5
@@ -72,8 +73,9 @@ def input_names(sub: SubTransformer) -> tuple[list[str], list[str], list[str], l
     return spec.encode_inputs, spec.encode_outputs, spec.decode_inputs, spec.decode_outputs
 
 
-def io_description(sub: SubTransformer) -> dict:
-    """Names, symbolic shapes and dtypes of both graphs, for manifest.json."""
+def io_description(sub: SubTransformer, topk: bool = False) -> dict:
+    """Names, symbolic shapes and dtypes of both graphs, for manifest.json (`topk`: the ONNX
+    decoder step's search input and outputs, onnx_export.add_topk)."""
     spec = sub.cache_spec()
     V = sub.cfg.vocab_size
 
@@ -90,7 +92,10 @@ def io_description(sub: SubTransformer) -> dict:
         },
         "decoder_step": {
             "inputs": [t("tokens", ["batch", 1], "int64"), t("position", [1], "int64"),
-                       t("src_bias", ["batch", "src_len"], "float32"), *cross, *past],
-            "outputs": [t("log_probs", ["batch", V], "float32"), *new],
+                       t("src_bias", ["batch", "src_len"], "float32"), *cross, *past,
+                       *([t(TOPK_INPUT, [1], "int64")] if topk else [])],
+            "outputs": [t("log_probs", ["batch", V], "float32"), *new,
+                        *([t(TOPK_VALUES, ["batch", "k"], "float32"), t(TOPK_IDS, ["batch", "k"], "int64")]
+                          if topk else [])],
         },
     }

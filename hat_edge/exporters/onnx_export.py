@@ -45,8 +45,15 @@ from hat_edge.exporters.graphs import (
     input_names,
 )
 from hat_edge.model.sub import SubTransformer
+from hat_edge.runtime.formats import TOPK_IDS, TOPK_INPUT, TOPK_VALUES
 
 DEFAULT_OPSET = 18
+# The decoder step's search outputs (added after export, `add_topk`): a graph input `topk` (k, a
+# 1-element int64 tensor) and, per row, the k best log-probs and their token ids, ordered by
+# (-log-prob, id) as ONNX TopK guarantees. A beam-search step then receives N x k values instead
+# of N x V (V = 32k: 640 kB per beam-5 step, and a numpy partial sort over them); the full
+# `log_probs` output stays for parity checks, greedy search and beam's forced-EOS last step. A runner that does not
+# know these names ignores them (it asks for outputs by name). The names: hat_edge.runtime.formats.
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder_step.onnx"
 EXPORTERS = ("dynamo", "torchscript")
@@ -116,6 +123,24 @@ def _name_dims(model: onnx.ModelProto, known: dict[str, dict[int, str]]) -> None
                 d.dim_param = fix(d.dim_param)
 
 
+def add_topk(model: onnx.ModelProto) -> None:
+    """Append TopK(log_probs, topk) to a decoder-step graph: input `topk`, outputs
+    `topk_log_probs` (batch, k) float32 and `topk_ids` (batch, k) int64, sorted, ties to the
+    lower id (ONNX TopK's contract, the same rule as the numpy search)."""
+    from onnx import TensorProto, helper
+
+    g = model.graph
+    if any(i.name == TOPK_INPUT for i in g.input):
+        return
+    if not g.output or g.output[0].name != "log_probs":
+        raise RuntimeError("decoder-step graph: the first output is not log_probs")
+    g.input.append(helper.make_tensor_value_info(TOPK_INPUT, TensorProto.INT64, [1]))
+    g.node.append(helper.make_node("TopK", ["log_probs", TOPK_INPUT], [TOPK_VALUES, TOPK_IDS], name="search_topk",
+                                   axis=-1, largest=1, sorted=1))
+    g.output.append(helper.make_tensor_value_info(TOPK_VALUES, TensorProto.FLOAT, ["batch", "k"]))
+    g.output.append(helper.make_tensor_value_info(TOPK_IDS, TensorProto.INT64, ["batch", "k"]))
+
+
 def dynamic_axes(sub: SubTransformer) -> dict[str, dict[int, str]]:
     axes = sub.cache_spec().dynamic_axes()
     axes["src_bias"] = {0: "batch", 1: "src_len"}
@@ -148,6 +173,8 @@ def export_onnx(sub: SubTransformer, out_dir: Path, opset: int = DEFAULT_OPSET,
             raise RuntimeError(f"{path.name}: exported graph has inputs {got_in} / outputs {got_out}, "
                                f"expected {names[0]} / {names[1]}")
         _name_dims(model, axes)
+        if path == dec_path:
+            add_topk(model)
         onnx.checker.check_model(model, full_check=True)
         onnx.save(model, str(path))
     return {"encoder": ENCODER_FILE, "decoder_step": DECODER_FILE}

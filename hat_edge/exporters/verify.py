@@ -25,6 +25,10 @@ from hat_edge.exporters.bundle import Bundle, load_bundle, update_parity
 from hat_edge.exporters.graphs import example_decoder_inputs, example_source
 from hat_edge.model import SubTransformer, decode
 from hat_edge.runtime.backends import Model, OrtModel, TorchScriptModel, translate
+from hat_edge.runtime.decoding import _topk_stable
+from hat_edge.runtime.formats import TOPK_INPUT
+
+TOPK_PARITY_K = 10  # k the graph's TopK is checked at (beam 5's 2 * beam)
 
 FP32_TOLERANCE = 1e-4
 # int8 changes the numbers, so tokens may differ: the share of tokens equal to PyTorch's is the
@@ -58,7 +62,10 @@ def _step_inputs_runtime(model: Model, inputs: Sequence[torch.Tensor]) -> list:
 def _run_decoder(model: Model, inputs: Sequence[torch.Tensor]) -> list:
     args = _step_inputs_runtime(model, inputs)
     if isinstance(model, OrtModel):
-        return model.dec.run(None, dict(zip(model.dec_in, args)))
+        feed = dict(zip(model.dec_in, args))
+        if TOPK_INPUT in model.dec_in:  # the search's TopK (compared with PyTorch's log-probs below)
+            feed[TOPK_INPUT] = np.array([TOPK_PARITY_K], dtype=np.int64)
+        return model.dec.run(None, feed)
     with torch.inference_mode():
         return list(model.dec(*args))
 
@@ -77,6 +84,7 @@ def graph_parity(sub: SubTransformer, bundle: Bundle, batch: int = 3, src_len: i
     enc_diff = _max_diff(ref_enc, got_enc)
     pad = sub.cfg.pad_id
     dec_diff = 0.0
+    topk_ok: Optional[bool] = None
     for past in (0, 5):
         if past == 0:
             enc = sub.encode(example_source(sub, batch=rows, src_len=src_len, seed=12))
@@ -87,11 +95,20 @@ def graph_parity(sub: SubTransformer, bundle: Bundle, batch: int = 3, src_len: i
         ref = sub.decode_step(*inputs)
         got = _run_decoder(model, inputs)
         dec_diff = max(dec_diff, _max_diff(ref, got, pad_col=pad))
-    return {
+        if len(got) == len(ref) + 2:  # the graph's TopK: exactly the search's choice over its own log-probs
+            lp = np.asarray(got[0])
+            want = _topk_stable(lp, min(TOPK_PARITY_K, lp.shape[1]))
+            ok = bool(np.array_equal(np.asarray(got[-1]), want)
+                      and np.array_equal(np.asarray(got[-2]), np.take_along_axis(lp, want, axis=1)))
+            topk_ok = ok if topk_ok is None else (topk_ok and ok)
+    out: dict[str, Any] = {
         "encoder_max_abs_diff": enc_diff,
         "decoder_max_abs_diff": dec_diff,
         "max_abs_diff": max(enc_diff, dec_diff),
     }
+    if topk_ok is not None:
+        out["topk_equal"] = topk_ok
+    return out
 
 
 def _token_agreement(a: list[list[int]], b: list[list[int]]) -> float:

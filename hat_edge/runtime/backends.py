@@ -8,14 +8,14 @@ only the runtime it uses.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from .bundle import materialize_generated, read_manifest
 from .decoding import StepFn, decode
 from .errors import RunnerError
-from .formats import DEVICES, ORT_OPT_LEVELS, RUNTIMES
+from .formats import DEVICES, ORT_OPT_LEVELS, RUNTIMES, TOPK_IDS, TOPK_INPUT, TOPK_VALUES
 
 
 
@@ -87,6 +87,10 @@ class OrtModel(Model):
             raise RunnerError(f"onnxruntime cannot load bundle {bundle_dir}: {str(e).splitlines()[0]}") from None
         self.enc_in = [i.name for i in self.enc.get_inputs()]
         self.dec_in = [i.name for i in self.dec.get_inputs()]
+        self.dec_out = [o.name for o in self.dec.get_outputs()]
+        # Graphs with the search's TopK (exported since issue #17) return N x k values a step
+        # instead of N x V log-probs; False runs them the older way (the bench measures both).
+        self.search_in_graph = True
 
     def encode(self, src: np.ndarray) -> list:
         return self.enc.run(None, {self.enc_in[0]: np.ascontiguousarray(src, dtype=np.int64)})
@@ -99,11 +103,20 @@ class OrtModel(Model):
         names = self.dec_in
         feed: Dict[str, np.ndarray] = {names[2 + i]: x for i, x in enumerate(fixed)}
         first_cache = 2 + len(fixed)
+        n_cache = len(cache)
         position = np.zeros((1,), dtype=np.int64)
         identity = np.arange(n, dtype=np.int64)
         sess = self.dec
+        out_names = self.dec_out
+        # outputs by name: log-probs and the new caches, or the search's top-k and the caches
+        full_out = out_names[: 1 + n_cache]
+        topk_out = [TOPK_VALUES, TOPK_IDS, *out_names[1 : 1 + n_cache]]
+        has_topk = TOPK_INPUT in names and TOPK_IDS in out_names and TOPK_VALUES in out_names
+        if has_topk:
+            feed[TOPK_INPUT] = np.ones((1,), dtype=np.int64)
+        k_arrays: Dict[int, np.ndarray] = {}
 
-        def step(tokens: np.ndarray, order: Optional[np.ndarray]) -> np.ndarray:
+        def run(tokens: np.ndarray, order: Optional[np.ndarray], wanted: List[str]) -> list:
             nonlocal cache
             if order is not None and not np.array_equal(order, identity):
                 cache = [np.take(c, order, axis=0) for c in cache]
@@ -111,11 +124,24 @@ class OrtModel(Model):
             feed[names[1]] = position
             for i, c in enumerate(cache):
                 feed[names[first_cache + i]] = c
-            out = sess.run(None, feed)
-            cache = out[1:]
+            out = sess.run(wanted, feed)
+            cache = out[len(wanted) - n_cache :]
             position[0] += 1
-            return out[0]
+            return out
 
+        def step(tokens: np.ndarray, order: Optional[np.ndarray]) -> np.ndarray:
+            return run(tokens, order, full_out)[0]
+
+        def topk(tokens: np.ndarray, order: Optional[np.ndarray], k: int) -> Tuple[np.ndarray, np.ndarray]:
+            if k not in k_arrays:
+                k_arrays[k] = np.array([k], dtype=np.int64)
+            feed[TOPK_INPUT] = k_arrays[k]
+            out = run(tokens, order, topk_out)
+            return out[0], out[1]
+
+        if has_topk and self.search_in_graph:
+            step.topk = topk  # type: ignore[attr-defined]
+            step.vocab_size = self.vocab_size  # type: ignore[attr-defined]
         return step
 
 

@@ -38,6 +38,9 @@ QUANTIZE: Tuple[Optional[str], ...] = (None, "int8")  # None: fp32 (no quantisat
 DEVICES: Tuple[str, ...] = ("cpu", "cuda")
 ORT_OPT_LEVELS: Tuple[str, ...] = ("disable", "basic", "extended", "all")
 GRAPHS: Tuple[str, ...] = ("encoder", "decoder_step")
+# The ONNX decoder step's optional search input/outputs (bundles exported since issue #17; older
+# bundles lack them and run as before): k, then per row the k best log-probs and their ids.
+TOPK_INPUT, TOPK_VALUES, TOPK_IDS = "topk", "topk_log_probs", "topk_ids"
 
 
 def precision_of(quantize: Optional[str]) -> str:

@@ -67,9 +67,12 @@ class ProfileDevice:
     """A device profile plus the latency store: the devices room's `measure_archs` underneath.
     A `Device` with every optional capability (`SideBySideDevice`, `AnchoredDevice`, `SplitDevice`)."""
 
-    def __init__(self, profile: DeviceProfile, store: LatencyStore):
+    def __init__(self, profile: DeviceProfile, store: LatencyStore, quantize: str | None = None):
         self.profile = profile
         self.store = store
+        # None: fp32 bundles; "int8": every measurement (and the stored rows read back, keyed by
+        # quantisation) is of int8 bundles, so the predictor, the search and the budget see int8
+        self.quantize = quantize
         self.name = profile.name
         self.env: Mapping[str, Any] | None = None
 
@@ -86,7 +89,8 @@ class ProfileDevice:
         if not archs:
             return {}
         # measure_archs returns what it measured or found stored; anything else failed there.
-        return self._corrected(archs, measure_archs(self.profile, archs, self.store, progress=progress))
+        return self._corrected(archs, measure_archs(self.profile, archs, self.store, progress=progress,
+                                                    quantize=self.quantize))
 
     def measure_anchored(
         self, archs: Sequence[Arch], anchors: Mapping[Arch, float], progress: bool = True
@@ -96,7 +100,8 @@ class ProfileDevice:
         ones on the scale of the first measurements. Returns (arch -> corrected ms, drift)."""
         from hat_edge.devices.measure import measure_anchored
 
-        recs, drift = measure_anchored(self.profile, archs, self.store, anchors, progress=progress)
+        recs, drift = measure_anchored(self.profile, archs, self.store, anchors, progress=progress,
+                                       quantize=self.quantize)
         return self._corrected(archs, recs), drift
 
     def measure_side_by_side(self, archs: Sequence[Arch], progress: bool = True, group: int = 12,
@@ -105,7 +110,8 @@ class ProfileDevice:
         `measure_side_by_side`). Returns arch -> corrected ms."""
         from hat_edge.devices.measure import measure_side_by_side
 
-        recs = measure_side_by_side(self.profile, archs, self.store, progress=progress, group=group, anchors=anchors)
+        recs = measure_side_by_side(self.profile, archs, self.store, progress=progress, group=group, anchors=anchors,
+                                    quantize=self.quantize)
         return self._corrected(archs, recs)
 
     def _corrected(self, archs: Sequence[Arch], recs: Sequence[LatencyRecord]) -> dict[Arch, float]:
@@ -121,7 +127,8 @@ class ProfileDevice:
     def _records(self) -> list[LatencyRecord]:
 
         recs = self.store.records(
-            device=self.profile.name, runtime=self.profile.runtime, settings=self.profile.measure_spec().identity()
+            device=self.profile.name, runtime=self.profile.runtime,
+            settings=self.profile.measure_spec(self.quantize).identity()
         )
         return [r for r in recs if r.arch is not None]
 
