@@ -42,6 +42,9 @@ RUNTIME_MODULE = {"onnxruntime": "onnxruntime", "torchscript": "torch"}  # the e
 DEPLOY_FORMAT = "hat-edge-deploy"
 DEPLOY_VERSION = 1
 
+# Test sentences the host check of a deployed bundle decodes (int8's agreement wants a few dozen).
+VERIFY_SENTENCES = 20
+
 
 @dataclass(frozen=True)
 class Translation:
@@ -168,6 +171,7 @@ def deploy(
     quantize: str | None = None,
     sentences: Sequence[str] | None = None,
     references: Sequence[str] | None = None,
+    verify_sentences: Sequence[str] | None = None,
     beam: int = 5,
     benchmark: bool = True,
     trust_new_host: bool = False,
@@ -177,7 +181,9 @@ def deploy(
     """Export (if given an arch), push, check, translate and benchmark on `profile`'s device.
 
     sentences: test sentences (text) to translate on the device; without a tokenizer in the bundle
-    a few fixed token-id sources are used instead. `env`: a fresh `device_env` result, when the
+    a few fixed token-id sources are used instead. `verify_sentences`: the sentences the host
+    check against PyTorch decodes (default: `sentences`; int8's agreement wants a few dozen real
+    ones). `env`: a fresh `device_env` result, when the
     caller has just checked the device (skips the first step).
     """
     say = log or (lambda m: print(m, file=sys.stderr))
@@ -213,7 +219,10 @@ def deploy(
         path = export_bundle(sub, out, fmt=fmt, quantize=quantize, tokenizer=ckpt.tokenizer)
         timings["export_ms"] = (time.perf_counter() - t) * 1e3
         t = time.perf_counter()
-        host_verify = verify_bundle(sub, path)
+        # int8's agreement with PyTorch is measured on the test sentences when there are any
+        # (on random ids it says little; `verify_bundle`)
+        check = verify_sentences or sentences
+        host_verify = verify_bundle(sub, path, sources=[ckpt.tokenizer.encode(x) for x in check] if check else None)
         timings["host_verify_ms"] = (time.perf_counter() - t) * 1e3
         tok = ckpt.tokenizer
         b = load_bundle(path)

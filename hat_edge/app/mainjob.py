@@ -85,7 +85,7 @@ def run_main_job(
     command: str = "hat-edge run",
 ) -> tuple[RunSummary, LoopResult, SearchResult | None]:
     """Run the whole job; returns (summary, loop result, random-search result). Writes the report."""
-    from hat_edge.app.deploy import deploy
+    from hat_edge.app.deploy import VERIFY_SENTENCES, deploy
     from hat_edge.app.report import write_report
     from hat_edge.evaluate import bleu, load_split
 
@@ -161,7 +161,8 @@ def run_main_job(
     say(f"[6/7] deploying the winner to '{profile.name}'")
     dep = deploy(
         profile, arch=w.arch, checkpoint=ckpt, out_dir=out / "bundle", quantize=s.quantize,
-        sentences=list(test.src[:k]), references=list(test.tgt[:k]), beam=s.bleu_beam, env=env, log=say,
+        sentences=list(test.src[:k]), references=list(test.tgt[:k]), verify_sentences=list(test.src[:VERIFY_SENTENCES]),
+        beam=s.bleu_beam, env=env, log=say,
         trust_new_host=s.trust_new_host,
     )
     t = lap("deploy_s", t)

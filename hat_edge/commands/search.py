@@ -291,7 +291,7 @@ def deploy_cmd(profile_name: str, arch_file: str | None, checkpoint: str | None,
       hat-edge deploy --profile local-cpu winner.yml --checkpoint demo
       hat-edge deploy --profile raspberrypi4 --bundle hat-edge-deploy/pi4-1a2b3c --json
     """
-    from hat_edge.app.deploy import deploy, render_deploy
+    from hat_edge.app.deploy import VERIFY_SENTENCES, deploy, render_deploy
     from hat_edge.devices.profiles import load_profile
 
     if arch_file and bundle_dir:
@@ -303,6 +303,7 @@ def deploy_cmd(profile_name: str, arch_file: str | None, checkpoint: str | None,
     profile = load_profile(profile_name)
     arch = ckpt = None
     refs = None
+    verify: list[str] | None = None
     sents = list(sentences)
     if arch_file:
         from hat_edge.app.job import prepare_profile
@@ -317,14 +318,15 @@ def deploy_cmd(profile_name: str, arch_file: str | None, checkpoint: str | None,
             from hat_edge.evaluate import load_split
 
             try:
-                test = load_split(ckpt, "test").head(3)
-                sents, refs = list(test.src), list(test.tgt)
+                test = load_split(ckpt, "test")
+                sents, refs = list(test.head(3).src), list(test.head(3).tgt)
+                verify = list(test.head(VERIFY_SENTENCES).src)
             except UserError:
                 sents = []
     elif not sents:
         sents = []
     res = deploy(profile, bundle=bundle_dir, arch=arch, checkpoint=ckpt, out_dir=out_dir, quantize=quantize,
-                 sentences=sents or None, references=refs, beam=beam, benchmark=not no_bench,
+                 sentences=sents or None, references=refs, verify_sentences=verify, beam=beam, benchmark=not no_bench,
                  trust_new_host=trust_new_host, log=_log)
     if as_json:
         click.echo(json.dumps(res.to_dict()))
