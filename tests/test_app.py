@@ -229,3 +229,20 @@ def test_int8_deploy_shows_agreement_against_stated_levels() -> None:
     assert "greedy 1.00, beam 0.88 (expected >= 0.90 / 0.80: ok)" in text
     low = render_deploy(dataclasses.replace(dep, host_verify={**hv, "beam_agreement": 0.5}))
     assert "beam 0.50 (expected >= 0.90 / 0.80: LOW)" in low
+
+
+def test_int8_device_parity_is_agreement_not_identity() -> None:
+    """An int8 bundle decodes differently on an ARM board than on the x86 host (different int8
+    kernels): the device check is the share of tokens in common against the stated level."""
+    import dataclasses
+
+    from hat_edge.app.deploy import render_deploy
+
+    dep = dataclasses.replace(_synthetic_summary().deploy, precision="int8", device_agreement=0.93, parity=True)
+    text = render_deploy(dep)
+    assert "device parity int8: tokens agreeing with the host's: 0.93 (expected >= 0.80: ok" in text
+    low = render_deploy(dataclasses.replace(dep, device_agreement=0.5, parity=False))
+    assert "0.50 (expected >= 0.80: LOW" in low
+    assert dep.to_dict()["device_agreement"] == 0.93
+    # fp32 keeps the identity check
+    assert "translations identical to the host's" in render_deploy(_synthetic_summary().deploy)

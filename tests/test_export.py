@@ -395,6 +395,6 @@ def test_int8_agreement_is_measured_on_real_sentences(tmp_path) -> None:
     assert r["source"] == "given" and r["sentences"] == VERIFY_SENTENCES and r["precision"] == "int8"
     assert r["greedy_agreement"] >= INT8_AGREEMENT["greedy"] and r["beam_agreement"] >= INT8_AGREEMENT["beam"], r
     # the aligned agreement: one token inserted early is one difference, not a whole suffix
-    from hat_edge.exporters.verify import _token_agreement
+    from hat_edge.exporters.verify import token_agreement
 
-    assert _token_agreement([[5, 6, 7, 8, 9]], [[4, 5, 6, 7, 8, 9]]) == 5 / 6
+    assert token_agreement([[5, 6, 7, 8, 9]], [[4, 5, 6, 7, 8, 9]]) == 5 / 6

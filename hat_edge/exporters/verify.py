@@ -113,7 +113,7 @@ def graph_parity(sub: SubTransformer, bundle: Bundle, batch: int = 3, src_len: i
     return out
 
 
-def _token_agreement(a: list[list[int]], b: list[list[int]]) -> float:
+def token_agreement(a: list[list[int]], b: list[list[int]]) -> float:
     """Share of tokens the two outputs have in common once aligned (difflib's longest matching
     blocks, over the longer of each pair): one token inserted early does not count every later
     token as different, as a position-by-position comparison would."""
@@ -167,8 +167,8 @@ def verify_bundle(sub: SubTransformer, bundle_dir: str | Path, sentences: int = 
         "tokens_equal": bool(greedy_equal and beam_equal),
         "greedy_equal": bool(greedy_equal),
         "beam_equal": bool(beam_equal),
-        "greedy_agreement": _token_agreement(ref_greedy, got_greedy),
-        "beam_agreement": _token_agreement(ref_beam, got_beam),
+        "greedy_agreement": token_agreement(ref_greedy, got_greedy),
+        "beam_agreement": token_agreement(ref_beam, got_beam),
         "precision": precision,
         "runtime": bundle.runtime,
         "tolerance": FP32_TOLERANCE if precision == "fp32" else None,
