@@ -54,22 +54,12 @@ def _data_from_store(store_path: Path, profile: str, runtime: str | None):
             f"{store_path}: device '{device}' has records under {len(groups)} runtime/settings "
             f"combinations ({shown}); choose one with --runtime or a profile with those settings"
         )
-    archs = [r.arch for r in recs]
-    split = all(r.encoder_ms and r.decoder_ms and r.encoder_ms > 0 and r.decoder_ms > 0 for r in recs)
     src = f"{store_path} [{device}]"
     for i, r in enumerate(recs, start=1):
         if not (r.median_ms == r.median_ms and r.median_ms > 0):
             raise UserError(f"{src}: record {i}: median_ms is {r.median_ms!r}, expected a positive number")
     # Anchored records (measured side by side with earlier ones) on their anchors' scale.
-    data = LatencyData(
-        features=np.array([r.features for r in recs], float),
-        latency_ms=np.array([r.corrected_ms for r in recs], float),
-        encoder_ms=np.array([r.corrected_split()[0] for r in recs], float) if split else None,
-        decoder_ms=np.array([r.corrected_split()[1] for r in recs], float) if split else None,
-        archs=tuple(archs) if all(a is not None for a in archs) else None,  # type: ignore[arg-type]
-        source=src,
-    )
-    return data, device
+    return LatencyData.from_records(recs, src), device
 
 
 def _load_data(data_path: Path | None, store_path: Path | None, profile: str | None, runtime: str | None):

@@ -56,6 +56,21 @@ class LatencyData:
     def __len__(self) -> int:
         return len(self.features)
 
+    @classmethod
+    def from_records(cls, recs: Sequence[Any], source: str) -> "LatencyData":
+        """The rows of a latency store's records (`store.LatencyRecord`), anchored ones on their
+        anchors' scale (`corrected_ms`); the encoder/decoder split when every record has one."""
+        split = all(r.encoder_ms and r.decoder_ms and r.encoder_ms > 0 and r.decoder_ms > 0 for r in recs)
+        archs = [r.arch for r in recs]
+        return cls(
+            features=np.array([r.features for r in recs], float),
+            latency_ms=np.array([r.corrected_ms for r in recs], float),
+            encoder_ms=np.array([r.corrected_split()[0] for r in recs], float) if split else None,
+            decoder_ms=np.array([r.corrected_split()[1] for r in recs], float) if split else None,
+            archs=tuple(archs) if all(a is not None for a in archs) else None,
+            source=source,
+        )
+
     @property
     def X(self) -> list[Arch] | np.ndarray:
         """What `Predictor.fit/predict` take: the archs when known, else the feature matrix."""

@@ -65,6 +65,14 @@ def independent_columns(A: np.ndarray, rtol: float = 1e-7) -> list[int]:
     return kept
 
 
+def huber_weights(r: np.ndarray, huber_k: float) -> np.ndarray:
+    """Square roots of Huber's IRLS weights for residuals `r`, on a robust scale (1.4826 x MAD):
+    1 within `huber_k` scales, k/|u| beyond (row multipliers for a weighted least squares)."""
+    scale = 1.4826 * np.median(np.abs(r - np.median(r))) + 1e-9
+    u = np.abs(r) / scale
+    return np.sqrt(np.where(u <= huber_k, 1.0, huber_k / np.maximum(u, 1e-12)))
+
+
 def fit_relative(
     A: np.ndarray,
     y: np.ndarray,
@@ -87,10 +95,7 @@ def fit_relative(
     if huber_k is None:
         return c
     for _ in range(iters):
-        r = Ar @ c - 1.0
-        scale = 1.4826 * np.median(np.abs(r - np.median(r))) + 1e-9
-        u = np.abs(r) / scale
-        w_new = np.sqrt(np.where(u <= huber_k, 1.0, huber_k / np.maximum(u, 1e-12)))
+        w_new = huber_weights(Ar @ c - 1.0, huber_k)
         if np.allclose(w_new, w, atol=1e-6):
             break
         w = w_new

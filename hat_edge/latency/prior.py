@@ -45,7 +45,7 @@ import numpy as np
 
 from hat_edge.errors import UserError
 from hat_edge.latency.features import DECODER_TERMS, ENCODER_TERMS, LatencyData, cost_terms
-from hat_edge.latency.fitting import fit_relative, independent_columns, nnls
+from hat_edge.latency.fitting import fit_relative, huber_weights, independent_columns, nnls
 from hat_edge.runtime.files import read_text
 from hat_edge.space import Arch
 
@@ -299,16 +299,7 @@ def prior_from_store(path: str | Path, min_rows: int = 5) -> Prior:
     for k, ((dev, runtime, _), recs) in enumerate(sorted(groups.items(), key=lambda kv: kv[0])):
         if len(recs) < min_rows:
             continue
-        split = all(r.encoder_ms and r.decoder_ms for r in recs)
-        archs = [r.arch for r in recs]
-        data = LatencyData(
-            features=np.array([r.features for r in recs], float),
-            latency_ms=np.array([r.corrected_ms for r in recs], float),
-            encoder_ms=np.array([r.corrected_split()[0] for r in recs], float) if split else None,
-            decoder_ms=np.array([r.corrected_split()[1] for r in recs], float) if split else None,
-            archs=tuple(archs) if all(a is not None for a in archs) else None,  # type: ignore[arg-type]
-            source=f"{path} [{dev}]",
-        )
+        data = LatencyData.from_records(recs, f"{path} [{dev}]")
         name = dev if per_device[dev] == 1 else f"{dev}[{runtime}]#{k}"
         devices.append(device_prior_from_data(data, name))
     if not devices:
@@ -375,10 +366,7 @@ def fit_with_prior(
         return c
     w = np.ones(n)
     for _ in range(iters):
-        r = (T @ c) / y - 1.0
-        scale = 1.4826 * np.median(np.abs(r - np.median(r))) + 1e-9
-        u = np.abs(r) / scale
-        w_new = np.sqrt(np.where(u <= huber_k, 1.0, huber_k / np.maximum(u, 1e-12)))
+        w_new = huber_weights((T @ c) / y - 1.0, huber_k)
         if np.allclose(w_new, w, atol=1e-6):
             break
         w = w_new
