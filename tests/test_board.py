@@ -47,12 +47,19 @@ def board(request, tmp_path, sshd_server, ssh_profile):
     return path, work
 
 
+def _terminal_signals() -> None:
+    """The child starts with Ctrl-C's default disposition, as from a terminal: a test session
+    started in the background by a non-interactive shell (`cmd &`) inherits SIGINT ignored, and
+    every child with it, so the Ctrl-C these tests send would do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _measure(tmp: Path, profile: Path, *args: str) -> subprocess.Popen:
     env = {**os.environ, "HAT_EDGE_CACHE": str(tmp / "cache"), "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "hat_edge", "measure", "--profile", str(profile), "--store", str(tmp / "lat.sqlite"),
            "--batch-size", "2", "--no-progress", "--json", *args]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_terminal_signals)
 
 
 def _rows(store: Path) -> list[tuple]:
@@ -215,7 +222,8 @@ def test_ctrl_c_during_deploys_benchmark_stops_the_runner(board, tmp_path) -> No
                            exporter="torchscript")
     proc = subprocess.Popen([sys.executable, "-m", "hat_edge", "deploy", "--profile", str(profile), "--bundle",
                              str(bundle)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env={**os.environ, "HAT_EDGE_CACHE": str(tmp_path / "cache")})
+                            start_new_session=True, preexec_fn=_terminal_signals,
+                            env={**os.environ, "HAT_EDGE_CACHE": str(tmp_path / "cache")})
     deadline = time.monotonic() + 240
     while not _runners(work):
         assert proc.poll() is None, proc.communicate()
