@@ -364,6 +364,8 @@ def fit_with_prior(
     c = nnls(A, b)
     if huber_k is None:
         return c
+    # Reweighted by hand, not scipy's least_squares(loss="huber") as in `fit_relative`: its loss
+    # would apply to the prior's penalty rows too, and those must stay quadratic.
     w = np.ones(n)
     for _ in range(iters):
         w_new = huber_weights((T @ c) / y - 1.0, huber_k)
