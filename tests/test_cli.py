@@ -141,3 +141,31 @@ def test_run_and_loop_check_the_device_before_writing_anything(tmp_path: Path):
                                  "--store", str(store)])
     assert r.exit_code != 0 and "unknown profile 'nope-profile'" in r.output, r.output
     assert "--small is deprecated" in r.stderr and not store.exists()
+
+
+def test_run_and_loop_start_from_the_packaged_latency_prior_unless_told_not_to(tmp_path: Path, monkeypatch):
+    """#16: `run` and `loop` use the packaged prior ('builtin') by default; --no-prior is HAT's way
+    (random initial archs); --prior replaces the default. Captured where the command hands its
+    settings to the app layer (the job itself is tested in test_app / test_loop)."""
+    import hat_edge.app.mainjob as mainjob
+
+    got: list[tuple[str, ...]] = []
+
+    def capture(s, **kw):
+        assert s.initial is None  # resolved by the job once the prior is read (initial_default)
+        got.append(s.prior)
+        raise click.ClickException("captured")
+
+    monkeypatch.setattr(mainjob, "run_main_job", capture)
+    for extra, want in (([], ("builtin",)), (["--no-prior"], ()), (["--prior", "mine.json"], ("mine.json",))):
+        r = CliRunner().invoke(cli, ["run", "--out-dir", str(tmp_path / "o"), *extra])
+        assert "captured" in r.output, r.output
+        assert got[-1] == want, (extra, got[-1])
+    loop = next(cmd for path, cmd in _commands() if path == ("loop",))
+    assert _option(loop, "--prior").default == ("builtin",) and _option(loop, "--no-prior").is_flag
+    # --initial unset: half as many initial archs with a prior (run: 12 of 24; loop: 20 of 40)
+    from hat_edge.latency.prior import packaged_prior
+    from hat_edge.search.loop import initial_default
+
+    assert initial_default(24, None) == 24 and initial_default(24, packaged_prior()) == 12
+    assert initial_default(40, packaged_prior()) == 20 and initial_default(10, packaged_prior()) == 8

@@ -36,6 +36,7 @@ from hat_edge.search.loop import (
     LoopSettings,
     budget_from_measurements,
     latency_fn,
+    initial_default,
     measure_initial,
     run_loop,
 )
@@ -47,7 +48,7 @@ class RunSettings:
     checkpoint: str = "demo"
     budget_ms: float | None = None  # None: `budget_percentile` of the initial measurements
     budget_percentile: float = 40.0
-    initial: int = 24
+    initial: int | None = None  # None: 24 random archs, or 12 informative ones with a prior
     rounds: int = 2
     top_k: int = 3
     explore: int = 2
@@ -73,6 +74,8 @@ class RunSettings:
     prior: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.initial is not None and self.initial < 5:
+            raise UserError(f"--initial must be >= 5 measurements (the predictor needs data), got {self.initial}")
         if not 0 < self.budget_percentile < 100:
             raise UserError(f"--budget-percentile must be in (0, 100), got {self.budget_percentile}")
 
@@ -116,9 +119,10 @@ def run_main_job(
         from hat_edge.latency.prior import resolve_priors
 
         prior = resolve_priors(s.prior, exclude=profile.name)  # checked before any measurement
-    say(f"[2/7] latency dataset: {'up to ' if prior else ''}{s.initial} SubTransformers of space "
+    n_initial = s.initial if s.initial is not None else initial_default(24, prior)
+    say(f"[2/7] latency dataset: {'up to ' if prior else ''}{n_initial} SubTransformers of space "
         f"'{space.name}' on '{profile.name}'" + (f" (prior: {', '.join(prior.names())})" if prior else ""))
-    measured, init, n_new = measure_initial(space, device, s.initial, s.seed, progress=progress, log=say,
+    measured, init, n_new = measure_initial(space, device, n_initial, s.seed, progress=progress, log=say,
                                             prior=prior)
     t = lap("initial_measure_s", t)
 
@@ -135,7 +139,7 @@ def run_main_job(
     say(f"[4/7] search + measure loop (up to {s.rounds} rounds, top {s.top_k} measured per round)")
     fit = job.fitness(s.valid_sentences)
     ls = LoopSettings(
-        budget_ms=budget, rounds=s.rounds, top_k=s.top_k, tolerance=s.tolerance, initial=s.initial,
+        budget_ms=budget, rounds=s.rounds, top_k=s.top_k, tolerance=s.tolerance, initial=n_initial,
         evolution=s.evolution, seed=s.seed, explore=s.explore, anchors=s.anchors, prior=prior,
     )
     loop = run_loop(space, fit, device, ls, progress=progress, log=say, checked_env=env)
