@@ -375,7 +375,7 @@ def _read_mapping(path: Path) -> dict[str, Any]:
         raise SpaceError(f"{path}: cannot read ({e.__class__.__name__})") from None
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
+    except (ValueError, RecursionError, yaml.YAMLError) as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         where = f" (line {line + 1})" if line is not None else ""
         raise SpaceError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}{where}") from None

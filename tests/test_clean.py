@@ -394,3 +394,44 @@ def test_each_push_first_removes_partial_uploads_a_killed_push_left(tmp_path) ->
         assert t.push_many([(src, t.join(t.work_dir, "file.bin"))]) == 1
         assert not old.exists() and young.exists()
         assert (Path(t.work_dir) / "file.bin").read_bytes() == b"payload"
+
+
+def test_cache_partial_exports_are_kept_while_their_process_lives(tmp_path: Path) -> None:
+    """An export being written (`.partial-<key>-<pid>-<id>`, measure._export) is never a cache entry:
+    kept while its process lives, removed once that process is gone (a killed export's leftover)."""
+    import subprocess
+    import sys
+
+    from hat_edge.latency.store import LatencyStore
+    from hat_edge.space import PRESETS
+
+    prof = _local_profile(tmp_path / "work")
+    store_path = tmp_path / "lat.sqlite"
+    LatencyStore(store_path).close()
+    cache = tmp_path / "cache"
+    arch = PRESETS["demo"].sample_n(1, seed=4)[0]
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    live = _export(cache / f".partial-key-a-{os.getpid()}-0123abcd", arch, prof)
+    dead = _export(cache / f".partial-key-b-{dead_pid}-4567abcd", arch, prof)
+    dry = clean_cache(prof, store_path, cache, dry_run=True)
+    assert _removed(dry) == {str(dead)} and dead.is_dir()
+    rep = clean_cache(prof, store_path, cache)
+    assert _removed(rep) == {str(dead)} and not os.path.lexists(dead) and live.is_dir()
+    assert {Path(i.path).name: i.reason for i in rep.kept} == {live.name: f"an export in progress (pid {os.getpid()})"}
+
+
+def test_an_export_that_cannot_be_moved_into_the_cache_is_one_clear_error(tmp_path: Path) -> None:
+    """A file where the export's cache directory should go: a one-line error naming it, not an OSError."""
+    from hat_edge.devices import measure
+    from hat_edge.errors import UserError
+
+    src = tmp_path / ".partial-k-1-0123abcd"
+    src.mkdir()
+    (src / "manifest.json").write_text("{}")
+    final = tmp_path / "k"
+    final.write_text("not a directory")
+    with pytest.raises(UserError, match=r"k: in the way of an export .*remove it") as e:
+        measure._move_into_place(src, final)
+    assert isinstance(e.value, measure.ExportCacheError) and "\n" not in str(e.value)
+    assert final.read_text() == "not a directory" and src.is_dir()  # nothing lost

@@ -469,6 +469,10 @@ def test_cancel_stops_the_runner_and_keeps_what_is_stored(tmp_path: Path, demo_a
     assert store.count() == 1
     assert list((tmp_path / "work" / "jobs").iterdir()) == []
     assert _runner_processes(str(tmp_path / "work")) == []  # the runner was killed, not left running
+    from hat_edge.devices import measure
+
+    # the unfinished models' exports stay in the cache, no longer held by this process
+    assert not any(str(d).startswith(str(export_cache)) for d in measure._IN_USE), measure._IN_USE
 
 
 def test_result_line_of_unknown_version_is_refused(tmp_path: Path, demo_archs) -> None:

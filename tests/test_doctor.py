@@ -127,6 +127,20 @@ def test_profile_new_writes_a_named_copy_of_an_example(tmp_path, monkeypatch) ->
     assert r.exit_code != 0 and "NAME 'bad name'" in r.output
 
 
+def test_profile_new_values_cannot_break_out_of_their_toml_string(tmp_path, monkeypatch) -> None:
+    """Backslashes, quotes and newlines in a value are escaped, never TOML syntax: a Windows-style
+    user name round-trips, and a value that tries to close its string and add a key stays one value."""
+    from hat_edge.devices.profiles import load_profile_file
+
+    monkeypatch.chdir(tmp_path)  # not the clone: `profile new` writes to ./device_profiles there
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name, user in (("corp", "CORP\\alice"), ("sneaky", 'bob"\nwork_dir = "/tmp/elsewhere')):
+        r = CliRunner().invoke(cli, ["profile", "new", name, "--host", "h", "--user", user, "--no-check"])
+        assert r.exit_code == 0, r.output
+        p = load_profile_file(tmp_path / ".config" / "hat-edge" / "profiles" / f"{name}.toml")
+        assert p.user == user and p.work_dir != "/tmp/elsewhere"
+
+
 def test_example_profiles_in_the_package_match_the_repo() -> None:
     from pathlib import Path
 

@@ -398,3 +398,5 @@ def test_int8_agreement_is_measured_on_real_sentences(tmp_path) -> None:
     from hat_edge.exporters.verify import token_agreement
 
     assert token_agreement([[5, 6, 7, 8, 9]], [[4, 5, 6, 7, 8, 9]]) == 5 / 6
+    assert token_agreement([[], [1, 2]], [[], [1, 2]]) == 1.0  # an empty translation on both sides agrees
+    assert token_agreement([[], [1, 2]], [[3], [1, 2]]) == 2 / 3

@@ -391,6 +391,24 @@ def test_with_a_prior_the_initial_dataset_is_informative_half_the_size_and_the_l
     assert with_prior.winner.loss <= plain.winner.loss + 0.02, (with_prior.winner.loss, plain.winner.loss)
 
 
+def test_default_budget_is_a_share_of_the_space_whichever_archs_were_measured():
+    """`hat-edge run`'s default budget is a percentile of the space's predicted latency: from 24
+    random archs or from a prior's 12 informative ones (the space's extremes) it lands near the true
+    40th percentile of the space, so runs with and without a prior get budgets of the same meaning."""
+    from hat_edge.latency.prior import packaged_prior
+    from hat_edge.search.loop import budget_from_space, informative_initial_archs
+
+    true = float(np.percentile([SmoothDevice.latency(a) for a in DEMO.sample_n(1000, seed=7)], 40))
+    prior = packaged_prior()
+    for archs, with_prior in ((initial_archs(DEMO, 24, seed=0), None),
+                              (informative_initial_archs(DEMO, 12, prior), prior)):
+        dev = SmoothDevice()
+        got = budget_from_space(DEMO, dev, dev.measure(archs), 40, with_prior)
+        assert abs(got / true - 1) < 0.05, (got, true, with_prior is not None)
+    with pytest.raises(UserError, match="pass --budget"):
+        budget_from_space(DEMO, SmoothDevice(), {}, 40)
+
+
 def test_int8_device_measures_and_reads_int8_latencies(tmp_path: Path, monkeypatch):
     """`hat-edge run --quantize int8`'s device: the archs are measured as int8 bundles (the store
     keys rows by quantisation), and what the loop reads back (`measured`) is those int8 rows only;

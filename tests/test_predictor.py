@@ -576,6 +576,10 @@ def test_cli_train_with_prior(tmp_path: Path) -> None:
     # `loop --prior`: a bad prior file fails first, before any device is looked at
     res = run.invoke(cli, ["loop", "--profile", "no-such-board", "--budget", "50", "--prior", str(bad)])
     assert res.exit_code != 0 and f"{bad}: field 'encoder_terms'" in res.output and "no-such-board" not in res.output
+    # ... and `run --prior` too, before the device check or the checkpoint
+    res = run.invoke(cli, ["run", "--profile", "no-such-board", "--prior", str(bad), "--out-dir", str(tmp_path / "o")])
+    assert res.exit_code != 0 and f"{bad}: field 'encoder_terms'" in res.output and "no-such-board" not in res.output
+    assert not (tmp_path / "o").exists()
 
 
 def test_prior_from_a_latency_store(tmp_path: Path) -> None:
@@ -605,3 +609,33 @@ def test_prior_from_a_latency_store(tmp_path: Path) -> None:
     assert accuracy_metrics(pred.predict(test_archs), y_test)["acc10_pct"] >= 95
     with pytest.raises(UserError, match="no such latency store"):
         resolve_priors([str(tmp_path / "none.sqlite")])
+
+
+def test_a_store_row_without_a_positive_latency_is_one_line_error_for_priors_and_training(tmp_path: Path) -> None:
+    """A store is a file anyone can edit: a row whose median is 0 (or negative) is refused, naming
+    the store and the record, wherever store rows become training data (a prior from a store,
+    `predictor train --store`), never a traceback from deep in a fit."""
+    import sqlite3
+
+    from hat_edge.latency.prior import resolve_priors
+    from hat_edge.latency.store import LatencyRecord, LatencyStore
+
+    archs, y, enc, dec = _synthetic(8, seed=11, space="demo")
+    path = tmp_path / "lat.sqlite"
+    store = LatencyStore(path)
+    for a, v in zip(archs, y):
+        store.add(LatencyRecord(device="board", arch=a, features=a.features(), runtime="onnxruntime",
+                                settings={"src_len": 30}, median_ms=float(v), mean_10_90_ms=float(v), p90_ms=None,
+                                iqr_ms=None, cv=None, runs=(), encoder_ms=None, decoder_ms=None))
+    store.close()
+    con = sqlite3.connect(path)
+    with con:
+        con.execute("UPDATE latency SET median_ms = 0 WHERE rowid = (SELECT MIN(rowid) FROM latency)")
+    con.close()
+    with pytest.raises(UserError, match=r"lat\.sqlite.*record \d+: median_ms is 0") as e:
+        resolve_priors([str(path)])
+    assert "\n" not in str(e.value)
+    res = CliRunner().invoke(cli, ["predictor", "train", "--store", str(path), "--profile", "board",
+                                   "--out", str(tmp_path / "p.json")])
+    assert res.exit_code != 0 and res.exception is None or isinstance(res.exception, SystemExit)
+    assert "median_ms is 0" in res.output and len(res.output.strip().splitlines()) == 1, res.output

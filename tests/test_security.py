@@ -201,6 +201,69 @@ def test_manifest_closed_sets_and_file_names(good_bundle, tmp_path, field, value
     assert f"field '{field}'" in _one_line(e.value) and str(bad) in str(e.value)
 
 
+def test_manifest_vocab_size_that_is_not_the_graphs_is_refused(good_bundle, tmp_path) -> None:
+    """The beam search splits the graph's flat top-k indices by the manifest's vocab_size: a manifest
+    that disagrees with the decoder graph would reorder the beams silently, so it is refused."""
+    from hat_edge.runtime.backends import open_model
+
+    bad = _copy(good_bundle, tmp_path / "vocab")
+    model = json.loads((bad / "manifest.json").read_text())["model"]
+    _reseal(bad, model={**model, "vocab_size": 100})
+    with pytest.raises(UserError) as e:
+        open_model(bad, threads=1)
+    assert "field 'model.vocab_size' is 100" in _one_line(e.value) and "300 tokens" in str(e.value)
+    open_model(good_bundle, threads=1)  # the real one opens
+
+
+# ------------------------------------------------------------------------------------------------
+# numbers no float can hold: a 5,000-digit integer (json refuses it with a ValueError, not a
+# JSONDecodeError), a 400-digit one (float() overflows), nesting deeper than the recursion limit
+# ------------------------------------------------------------------------------------------------
+HUGE_INT = "9" * 5000
+BIG_INT = "9" * 400
+DEEP = "[" * 100000 + "]" * 100000
+
+
+def test_bundles_priors_predictors_and_jobs_with_unholdable_numbers_are_one_line_errors(good_bundle,
+                                                                                        tmp_path) -> None:
+    from hat_edge.exporters import load_bundle
+    from hat_edge.latency.predictor import load_predictor
+    from hat_edge.latency.prior import PACKAGED_PRIOR, load_prior
+    from hat_edge.runtime.job import parse_job
+
+    for i, text in enumerate((HUGE_INT, DEEP)):
+        bad = _copy(good_bundle, tmp_path / f"b{i}")
+        (bad / "manifest.json").write_text('{"format": "hat-edge-bundle", "version": %s}' % text)
+        with pytest.raises(UserError) as e:
+            load_bundle(bad)
+        assert "manifest.json" in _one_line(e.value) and str(bad) in str(e.value)
+        with pytest.raises(UserError) as e:
+            parse_job('{"format": %s}' % text, "job.json")
+        assert _one_line(e.value).startswith("job.json")
+
+    doc = json.loads(PACKAGED_PRIOR.read_text())
+    for i, (where, raw) in enumerate((("encoder", BIG_INT), ("encoder", HUGE_INT), ("noise", BIG_INT),
+                                      ("encoder", "1e300"))):
+        text = json.dumps(doc).replace(json.dumps(doc["devices"][0]["encoder"][:1])[:-1],
+                                       "[" + raw, 1) if where == "encoder" else json.dumps(doc).replace(
+            json.dumps(doc["devices"][0]["noise_log_q05_q95"]), "[-0.1, %s]" % raw, 1)
+        path = tmp_path / f"prior{i}.json"
+        path.write_text(text)
+        with pytest.raises(UserError) as e:
+            load_prior(path)
+        msg = _one_line(e.value)
+        assert msg.startswith(str(path)), msg
+        if raw != HUGE_INT:
+            assert "devices[0]." in msg, msg
+
+    for i, body in enumerate(('{"format": %s}' % HUGE_INT, DEEP)):
+        path = tmp_path / f"pred{i}.json"
+        path.write_text(body)
+        with pytest.raises(UserError) as e:
+            load_predictor(path)
+        assert _one_line(e.value).startswith(str(path))
+
+
 # ------------------------------------------------------------------------------------------------
 # profiles
 # ------------------------------------------------------------------------------------------------

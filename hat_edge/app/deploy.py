@@ -28,7 +28,7 @@ import numpy as np
 
 from hat_edge.checkpoint import Checkpoint, load_checkpoint
 from hat_edge.data.tokenizer import Tokenizer
-from hat_edge.devices.measure import device_env, push_runner, require_runtime, run_one_job
+from hat_edge.devices.measure import device_env, last_json_line, push_runner, require_runtime, run_one_job
 from hat_edge.devices.profiles import DeviceProfile
 from hat_edge.devices.transport import Result, Transport, TransportError, open_transport
 from hat_edge.errors import UserError
@@ -165,10 +165,7 @@ def _runner_json(res: Result, what: str) -> dict[str, Any]:
     if res.returncode != 0:
         tail = " | ".join((res.stderr or "").strip().splitlines()[-3:])
         raise TransportError(f"{what}: exit status {res.returncode}: {tail or 'no output'}")
-    for line in reversed(res.stdout.strip().splitlines()):
-        if line.strip().startswith("{"):
-            return json.loads(line)
-    raise TransportError(f"{what}: no JSON in the runner's output: {res.stdout[-300:]!r}")
+    return last_json_line(res.stdout, what)
 
 
 def deploy(

@@ -3,7 +3,7 @@
 On `local-cpu` with the bundled demo SuperTransformer, in order:
   1. check the device (connect + `runner.py env`): an unreachable device fails before any work
   2. measure a small latency dataset (random SubTransformers + the smallest and largest)
-  3. choose the budget (a percentile of the measured range, or --budget)
+  3. choose the budget (a percentile of the space's predicted latency, or --budget)
   4. the loop: fit the predictor, search, measure the top candidates, refit, until the budget holds
   5. optionally, random search at the same number of fitness evaluations, for comparison
   6. export and deploy the winner through the profile's transport; verify and benchmark it there
@@ -34,7 +34,7 @@ from hat_edge.search.evolution import Constraints, EvolutionSettings, SearchResu
 from hat_edge.search.loop import (
     LoopResult,
     LoopSettings,
-    budget_from_measurements,
+    budget_from_space,
     latency_fn,
     initial_default,
     measure_initial,
@@ -102,6 +102,12 @@ def run_main_job(
         return now
 
     out = Path(s.out_dir)
+    # 0. the priors are files: a bad one fails before the device is even reached
+    prior = None
+    if s.prior:
+        from hat_edge.latency.prior import resolve_priors
+
+        prior = resolve_priors(s.prior)
     # 1. the device, before anything else; then the checkpoint, the output dir and the store
     job = prepare_job(
         s.profile, s.checkpoint, store=s.store or None, out_dir=out, threads=s.threads,
@@ -113,12 +119,9 @@ def run_main_job(
     times["load_s"] = round(job.load_s, 2)
     t = time.perf_counter()
 
-    # 2. the initial latency dataset
-    prior = None
-    if s.prior:
-        from hat_edge.latency.prior import resolve_priors
-
-        prior = resolve_priors(s.prior, exclude=profile.name)  # checked before any measurement
+    # 2. the initial latency dataset (a prior never includes the device's own entry)
+    if prior is not None:
+        prior = prior.without(profile.name) if len(prior.without(profile.name)) else None
     n_initial = s.initial if s.initial is not None else initial_default(24, prior)
     say(f"[2/7] latency dataset: {'up to ' if prior else ''}{n_initial} SubTransformers of space "
         f"'{space.name}' on '{profile.name}'" + (f" (prior: {', '.join(prior.names())})" if prior else ""))
@@ -130,8 +133,10 @@ def run_main_job(
     if s.budget_ms is not None:
         budget, budget_source = float(s.budget_ms), "--budget"
     else:
-        budget = budget_from_measurements({a: measured[a] for a in init}, s.budget_percentile)
-        budget_source = f"{s.budget_percentile:g}th percentile of {len(init)} measured"
+        budget = budget_from_space(space, device, {a: measured[a] for a in init}, s.budget_percentile, prior,
+                                   seed=s.seed)
+        budget_source = (f"{s.budget_percentile:g}th percentile of the space's latency, predicted for 1,000 "
+                         f"sampled archs from {len(init)} measured")
     init_ms = sorted(measured[a] for a in init)
     say(f"[3/7] budget {budget:.1f} ms ({budget_source}; measured range {init_ms[0]:.1f}-{init_ms[-1]:.1f} ms)")
 

@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import posixpath
+import shutil
 import stat as statmod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -364,7 +365,7 @@ def _read_manifest(entry: Path) -> dict[str, Any] | None:
         with os.fdopen(fd, "rb") as f:
             data = f.read(4 << 20)
         out = json.loads(data.decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):
         return None
     return out if isinstance(out, dict) else None
 
@@ -399,6 +400,19 @@ def clean_cache(profile: DeviceProfile, store_path: str | Path, cache_dir: str |
 
             if entry.is_symlink() or not entry.is_dir():
                 keep("not an export directory")
+                continue
+            if entry.name.startswith(".partial-"):  # an export being written (measure._export)
+                pid = _partial_pid(entry.name)
+                if pid is None or _pid_alive(pid):
+                    keep("an export in progress" + (f" (pid {pid})" if pid else ""))
+                    continue
+                if not dry_run:
+                    shutil.rmtree(entry, ignore_errors=True)  # rmtree does not follow links inside
+                    if os.path.lexists(entry):
+                        keep(f"left by a stopped export (pid {pid}), could not be removed completely")
+                        continue
+                rep.removed.append(CleanItem("cache", str(entry), size, mtime,
+                                             f"left by a stopped export (pid {pid} is gone)"))
                 continue
             m = _read_manifest(entry)
             if m is None:
@@ -438,6 +452,24 @@ def clean_cache(profile: DeviceProfile, store_path: str | Path, cache_dir: str |
     finally:
         store.close()
     return rep
+
+
+def _partial_pid(name: str) -> int | None:
+    """The pid in `.partial-<key>-<pid>-<8 hex>` (measure._export's temporary name), else None."""
+    parts = name.rsplit("-", 2)
+    if len(parts) == 3 and parts[1].isdigit() and len(parts[2]) == 8:
+        return int(parts[1])
+    return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by another user
+        return True
+    return True
 
 
 # --------------------------------------------------------------------------------------------

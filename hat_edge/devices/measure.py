@@ -82,6 +82,10 @@ class MeasureCancelled(UserError):
     """Measurement stopped on request (Ctrl-C); everything committed so far stays stored."""
 
 
+class ExportCacheError(UserError):
+    """The local cache of exported bundles could not be written (names the directory)."""
+
+
 @dataclass(frozen=True)
 class MeasureError:
     """A model the runner could not measure (its error line), or that timed out."""
@@ -149,7 +153,7 @@ def export_for_measurement(
                 _move_into_place(Path(out), final)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-    raise MeasureError(f"{final}: the export kept disappearing (another process removing the cache?)")
+    raise ExportCacheError(f"{final}: the export kept disappearing (another process removing the cache?)")
 
 
 def _move_into_place(src: Path, final: Path) -> None:
@@ -160,13 +164,15 @@ def _move_into_place(src: Path, final: Path) -> None:
         try:
             os.rename(src, final)
             return
-        except OSError:
+        except OSError as e:
             if (final / MANIFEST).is_file():
                 return
             if final.is_symlink() or not final.is_dir():
-                raise
+                raise ExportCacheError(f"{final}: in the way of an export ({e.strerror}); it is not a directory "
+                                       f"hat-edge made: remove it") from None
             shutil.rmtree(final, ignore_errors=True)
-    raise MeasureError(f"could not move the export {src} to {final}")
+    raise ExportCacheError(f"{final}: could not move the finished export {src.name} there (a leftover directory "
+                           f"that cannot be removed? delete it by hand)")
 
 
 # Export directories in use by a worker of this process: several devices measuring the same archs
@@ -270,14 +276,19 @@ def push_runner(t: Transport) -> str:
     return path
 
 
-def _last_json_line(text: str, what: str) -> dict[str, Any]:
+def last_json_line(text: str, what: str) -> dict[str, Any]:
+    """The last line of a runner's output that starts with "{", as a JSON object (else a
+    TransportError quoting the output's end)."""
     for line in reversed(text.strip().splitlines()):
         line = line.strip()
         if line.startswith("{"):
             try:
-                return json.loads(line)
-            except json.JSONDecodeError:
+                doc = json.loads(line)
+            except (ValueError, RecursionError):
                 break
+            if isinstance(doc, dict):
+                return doc
+            break
     raise TransportError(f"{what}: no JSON in the runner's output: {text.strip()[-300:]!r}")
 
 
@@ -294,7 +305,7 @@ def device_env(profile: DeviceProfile, trust_new_host: bool = False, timeout: fl
             tail = " | ".join(res.stderr.strip().splitlines()[-3:])
             raise TransportError(f"{profile.name}: `{t.python} {Path(runner).name} env` failed (exit {res.returncode}): "
                                  f"{tail or 'no output'}; is numpy installed for {t.python}? {VENV_HINT}")
-        env = _last_json_line(res.stdout, f"{profile.name}: runner env")
+        env = last_json_line(res.stdout, f"{profile.name}: runner env")
         env.setdefault("profile", profile.name)
         env.setdefault("transport", profile.transport)
         if not t.is_local:
@@ -398,7 +409,7 @@ def board_state(t: Transport, runner: str, what: str) -> dict[str, Any]:
     if res.returncode != 0:
         tail = " | ".join(res.stderr.strip().splitlines()[-3:])
         raise TransportError(f"{what}: listing jobs failed (exit {res.returncode}): {tail or 'no output'}")
-    return _last_json_line(res.stdout, what)
+    return last_json_line(res.stdout, what)
 
 
 DEFAULT_LIST_TIMEOUT_S = 120.0
@@ -544,7 +555,7 @@ def _manifest_hashes(bundle_dir: Path) -> dict[Path, str]:
     """sha256 of a bundle's files as its manifest lists them (computed by the exporter)."""
     try:
         files = json.loads((bundle_dir / "manifest.json").read_text()).get("files", {})
-    except (OSError, json.JSONDecodeError, AttributeError):
+    except (OSError, ValueError, RecursionError, AttributeError):
         return {}
     return {bundle_dir / name: e["sha256"] for name, e in files.items()
             if isinstance(e, dict) and isinstance(e.get("sha256"), str)}
@@ -589,13 +600,22 @@ class _DeviceWorker:
     # ---- the whole list ----
     def run(self, archs: Sequence[Arch]) -> None:
         pending = [_Item(a, f"m{i:05d}-{bundle_key(a, self.p, self.quantize)[:10]}") for i, a in enumerate(archs)]
-        while pending:
-            if self.cancel.is_set():
-                raise MeasureCancelled(f"{self.p.name}: cancelled; stored models are kept")
-            batch = pending[: self.batch_size]
-            self._export(batch)
-            finished = self._run_batch(batch)
-            pending = [it for it in pending if it.id not in finished]
+        try:
+            while pending:
+                if self.cancel.is_set():
+                    raise MeasureCancelled(f"{self.p.name}: cancelled; stored models are kept")
+                batch = pending[: self.batch_size]
+                self._export(batch)
+                finished = self._run_batch(batch)
+                pending = [it for it in pending if it.id not in finished]
+        finally:
+            # Stopped by an error or Ctrl-C: the exports of unfinished models stay in the cache
+            # (a rerun uses them) but are no longer held by this process, so `device clean` and
+            # other processes may remove them.
+            for it in pending:
+                if it.local_dir is not None:
+                    _release(it.local_dir, delete=False)
+                    it.local_dir = None
 
     def _export(self, batch: list[_Item]) -> None:
         for it in batch:
@@ -1064,9 +1084,11 @@ def measure_many(
 
 
 __all__ = [
+    "ExportCacheError",
     "MeasureCancelled",
     "MeasureError",
     "board_state",
+    "last_json_line",
     "bundle_key",
     "device_env",
     "export_for_measurement",

@@ -21,6 +21,7 @@ Every field is documented in docs/profiles.md.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -366,12 +367,18 @@ def new_profile_text(name: str, example: str, **fields: Any) -> str:
             done.add(key)
     head = [f"{k} = {_toml_value(v)}" for k, v in values.items() if k not in done]
     text = "\n".join(head + lines) + "\n"
-    profile_from_dict(tomllib.loads(text), f"<new profile {name}>")  # refuse a bad --port etc. now
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:  # a value TOML cannot hold even escaped (e.g. a DEL character)
+        raise ProfileError(f"<new profile {name}>: a field's value cannot be written to TOML ({e})") from None
+    profile_from_dict(doc, f"<new profile {name}>")  # refuse a bad --port etc. now
     return text
 
 
 def _toml_value(v: Any) -> str:
-    return str(v) if isinstance(v, int) and not isinstance(v, bool) else '"' + str(v).replace('"', '\\"') + '"'
+    """An int as is, anything else as a TOML basic string: JSON's escapes (backslash, quote,
+    control characters) are TOML's, so a value can neither break the string nor add keys."""
+    return str(v) if isinstance(v, int) and not isinstance(v, bool) else json.dumps(str(v), ensure_ascii=False)
 
 
 def load_profile(name_or_path: str | Path) -> DeviceProfile:

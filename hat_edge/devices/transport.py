@@ -251,7 +251,7 @@ class Transport(ABC):
         res.check(f"{self.profile.name}: hashing files with {self.python}")
         try:
             return json.loads(res.stdout.strip().splitlines()[-1])
-        except (json.JSONDecodeError, IndexError):
+        except (ValueError, RecursionError, IndexError):
             raise TransportError(f"{self.profile.name}: unexpected output hashing files: {res.stdout[:200]!r}") from None
 
     def _incoming_name(self, remote: str) -> str:

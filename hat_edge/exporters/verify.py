@@ -119,7 +119,10 @@ def token_agreement(a: list[list[int]], b: list[list[int]]) -> float:
     token as different, as a position-by-position comparison would."""
     same = total = 0
     for x, y in zip(a, b):
-        total += max(len(x), len(y), 1)
+        if not x and not y:  # both translated to nothing at once: they agree
+            same, total = same + 1, total + 1
+            continue
+        total += max(len(x), len(y))
         same += sum(m.size for m in difflib.SequenceMatcher(None, x, y, autojunk=False).get_matching_blocks())
     return same / total if total else 1.0
 

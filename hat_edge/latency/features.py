@@ -59,7 +59,14 @@ class LatencyData:
     @classmethod
     def from_records(cls, recs: Sequence[Any], source: str) -> "LatencyData":
         """The rows of a latency store's records (`store.LatencyRecord`), anchored ones on their
-        anchors' scale (`corrected_ms`); the encoder/decoder split when every record has one."""
+        anchors' scale (`corrected_ms`); the encoder/decoder split when every record has one.
+        A record whose latency is not a positive finite number is a UserError naming it (a store
+        is a file anyone can edit)."""
+        for i, r in enumerate(recs, start=1):
+            ms = r.corrected_ms
+            if not (isinstance(ms, (int, float)) and math.isfinite(ms) and ms > 0):
+                raise UserError(f"{source}: record {i}: median_ms is {r.median_ms!r} (drift factor "
+                                f"{r.drift_factor:g}), expected a positive number")
         split = all(r.encoder_ms and r.decoder_ms and r.encoder_ms > 0 and r.decoder_ms > 0 for r in recs)
         archs = [r.arch for r in recs]
         return cls(
@@ -180,8 +187,9 @@ def read_latency_csv(path: str | Path, require_latency: bool = True) -> LatencyD
         if has_arch and (row.get(ARCH_COLUMN) or "").strip():
             try:
                 arch = Arch.from_any(json.loads(row[ARCH_COLUMN]))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: column '{ARCH_COLUMN}' is not JSON ({e.msg})") from None
+            except (ValueError, RecursionError) as e:
+                raise UserError(f"{where}: column '{ARCH_COLUMN}' is not JSON "
+                                f"({getattr(e, 'msg', e.__class__.__name__)})") from None
             except UserError as e:
                 raise UserError(f"{where}: column '{ARCH_COLUMN}': {e}") from None
             except (TypeError, AttributeError):

@@ -794,7 +794,7 @@ def load_predictor(path: str | Path) -> Predictor:
     path = Path(path)
     try:
         doc = json.loads(read_text(path, error=UserError))
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:
         raise UserError(f"{path}: not a predictor file ({e.__class__.__name__})") from None
     if not isinstance(doc, dict) or doc.get("format") != PREDICTOR_FORMAT:
         got = doc.get("format") if isinstance(doc, dict) else None
@@ -809,7 +809,7 @@ def load_predictor(path: str | Path) -> Predictor:
     try:
         pred = _CLASSES[kind](**params)
         pred._load_state(doc["state"])
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise UserError(f"{path}: damaged predictor file ({e.__class__.__name__}: {e})") from None
     except UserError as e:
         raise UserError(f"{path}: {e}") from None

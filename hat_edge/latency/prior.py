@@ -60,6 +60,9 @@ DESIGN_RIDGE = 10.0
 PACKAGED_PRIOR = Path(__file__).resolve().parents[1] / "assets" / "latency_prior" / "hat_wmt14ende.json"
 MAX_PRIOR_DEVICES = 256
 MAX_PRIOR_BYTES = 4 * 1024 * 1024
+# A cost coefficient is milliseconds per unit of its term; the largest real ones are ~40 (a GPU's
+# per-layer launch cost). The cap keeps sums of coefficients finite.
+MAX_COEF = 1e6
 
 
 @dataclass(frozen=True)
@@ -191,22 +194,33 @@ def prior_from_dict(doc: Any, where: str) -> Prior:
             if not isinstance(v, list) or len(v) != len(names):
                 raise bad(f"{at}.{key}", f"must be a list of {len(names)} numbers (one per cost term)")
             for j, x in enumerate(v):
-                if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:
-                    raise bad(f"{at}.{key}[{j}]", f"is {_short(x)}, expected a non-negative finite number "
-                                                  f"(cost per unit of '{names[j]}')")
+                if not _number_in(x, 0.0, MAX_COEF):
+                    raise bad(f"{at}.{key}[{j}]", f"is {_short(x)}, expected a number from 0 to {MAX_COEF:g} "
+                                                  f"(ms per unit of '{names[j]}')")
             vecs.append(tuple(float(x) for x in v))
         if not any(vecs[0]) and not any(vecs[1]):
             raise bad(at, "has every coefficient 0 (a device that costs nothing)")
         noise = d.get("noise_log_q05_q95")
         if noise is not None:
             ok = (isinstance(noise, list) and len(noise) == 2
-                  and all(not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x) for x in noise)
-                  and -2.0 <= noise[0] <= 0.0 <= noise[1] <= 2.0)
+                  and _number_in(noise[0], -2.0, 0.0) and _number_in(noise[1], 0.0, 2.0))
             if not ok:
                 raise bad(f"{at}.noise_log_q05_q95", f"is {_short(noise)}, expected [q05, q95] with -2 <= q05 <= 0 <= q95 <= 2")
             noise = (float(noise[0]), float(noise[1]))
         out.append(DevicePrior(name, vecs[0], vecs[1], rows, source, noise))
     return Prior(tuple(out), notice, where)
+
+
+def _number_in(x: Any, lo: float, hi: float) -> bool:
+    """x is a JSON number (not a bool) with lo <= x <= hi; a 400-digit integer is out of range, not
+    an OverflowError."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        f = float(x)
+    except OverflowError:
+        return False
+    return math.isfinite(f) and lo <= f <= hi
 
 
 def _short(v: Any) -> str:
@@ -227,6 +241,8 @@ def load_prior(path: str | Path) -> Prior:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not JSON ({e.msg} at line {e.lineno})") from None
+    except (ValueError, RecursionError) as e:  # a 5,000-digit number, nesting too deep
+        raise UserError(f"{path}: not a readable JSON prior ({e.__class__.__name__})") from None
     return prior_from_dict(doc, str(path))
 
 

@@ -88,6 +88,11 @@ class OrtModel(Model):
         self.enc_in = [i.name for i in self.enc.get_inputs()]
         self.dec_in = [i.name for i in self.dec.get_inputs()]
         self.dec_out = [o.name for o in self.dec.get_outputs()]
+        # The search splits flat top-k indices by vocab_size: the manifest's must be the graph's.
+        width = self.dec.get_outputs()[0].shape[-1] if self.dec.get_outputs()[0].shape else None
+        if isinstance(width, int) and width != self.vocab_size:
+            raise RunnerError(f"bundle {bundle_dir}: field 'model.vocab_size' is {self.vocab_size}, but the decoder "
+                              f"graph scores {width} tokens")
         # Graphs with the search's TopK (exported since issue #17) return N x k values a step
         # instead of N x V log-probs; False runs them the older way (the bench measures both).
         self.search_in_graph = True

@@ -89,7 +89,7 @@ def read_manifest(bundle_dir: "str | Path", verify_hashes: bool = True) -> dict:
         raise RunnerError(f"{where}: missing {MANIFEST} (not a hat-edge bundle, or incomplete)")
     try:
         manifest = json.loads(mpath.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, a 5,000-digit number, deep nesting
         raise RunnerError(f"{where}: {MANIFEST} is not valid JSON ({e.__class__.__name__})") from None
     if not isinstance(manifest, dict):
         raise RunnerError(f"{where}: {MANIFEST} must hold a JSON object")

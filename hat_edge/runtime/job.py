@@ -218,7 +218,7 @@ def parse_job(text: str, p: str) -> Tuple[List[dict], dict]:
     """(bundles, raw settings) of a job file's text, checked; RunnerError names the bad field."""
     try:
         job = json.loads(text)
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:
         raise RunnerError(f"{p}: not a readable JSON job file ({e.__class__.__name__})") from None
     if not isinstance(job, dict) or job.get("format") != JOB_FORMAT:
         raise RunnerError(f"{p}: field 'format' must be '{JOB_FORMAT}'")
@@ -281,7 +281,7 @@ def list_jobs(work_dir: str) -> List[Dict[str, Any]]:
         note: Any = None
         try:
             note = json.loads(read_text(os.path.join(e.path, JOB_HOST_FILE)))
-        except (RunnerError, json.JSONDecodeError):
+        except (RunnerError, ValueError, RecursionError):
             pass
         try:
             results = read_text(os.path.join(e.path, RESULTS_FILE))
@@ -346,7 +346,7 @@ def parse_result_line(line: str, where: str) -> Optional[Dict[str, Any]]:
         return None
     try:
         rec = json.loads(line)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         return None
     return read_result(rec, where)
 
@@ -364,7 +364,7 @@ def done_ids(out_path: Path) -> set:
     for line in out_path.read_text().splitlines():
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             continue  # a line cut short by a crash
         if isinstance(rec, dict) and "error" not in rec and "id" in rec:
             ids.add(rec["id"])

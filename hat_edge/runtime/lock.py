@@ -38,7 +38,7 @@ def _read_holder(fd: int) -> Optional[Dict[str, Any]]:
     try:
         data = os.pread(fd, 4096, 0)
         holder = json.loads(data.decode("utf-8")) if data.strip() else None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):  # ValueError: bad UTF-8, bad JSON, huge ints
         return None
     return holder if isinstance(holder, dict) else None
 

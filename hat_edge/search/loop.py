@@ -744,6 +744,28 @@ def run_loop(
     )
 
 
+def budget_from_space(
+    space: SearchSpace,
+    device: Device,
+    measured: Mapping[Arch, float],
+    percentile: float = 40.0,
+    prior: "Prior | None" = None,
+    n: int = 1000,
+    seed: int = 0,
+) -> float:
+    """A default budget: the given percentile of the latency the default predictor (fitted on
+    `measured`, with the prior if any) gives `n` archs sampled uniformly from the space, rounded
+    to 0.1 ms. It means "that share of the space fits", whichever archs were measured: random ones
+    (then it is close to `budget_from_measurements`) or a prior's informative ones, which sit at
+    the extremes of the space."""
+    if not measured:
+        raise UserError("no measurements to choose a budget from; pass --budget")
+    split = device.split() if isinstance(device, SplitDevice) else None
+    pred = fit_predictor("default", measured, split, device.name, prior=prior)
+    lat = pred.predict(space.sample_n(n, seed=seed))
+    return round(float(np.percentile(lat, percentile)), 1)
+
+
 def budget_from_measurements(measured: Mapping[Arch, float], percentile: float = 40.0) -> float:
     """A default budget: the given percentile of the measured latencies (rounded to 0.1 ms)."""
     if not measured:
@@ -764,6 +786,7 @@ __all__ = [
     "SplitDevice",
     "arch_tag",
     "budget_from_measurements",
+    "budget_from_space",
     "budget_verdict",
     "fit_predictor",
     "initial_archs",
