@@ -687,3 +687,17 @@ def test_export_cache_is_shared_safely_between_processes(tmp_path: Path, demo_ar
         holder.kill()
         holder.wait()
     assert measure.remove_export_if_unused(path) and not path.exists()
+
+
+def test_local_work_dir_default_follows_hat_edge_cache(tmp_path: Path, monkeypatch) -> None:
+    """A local profile without work_dir keeps its runner's files beside the export cache: under
+    $HAT_EDGE_CACHE when set (tests and CI never write to the home directory), else ~/.cache."""
+    from hat_edge.devices.profiles import profile_from_dict
+
+    monkeypatch.setenv("HAT_EDGE_CACHE", str(tmp_path / "cache"))
+    local = profile_from_dict({"name": "l"}, "<test>")
+    assert local.resolved_work_dir == str(tmp_path / "cache" / "work")
+    ssh = profile_from_dict({"name": "s", "transport": "ssh", "host": "h"}, "<test>")
+    assert ssh.resolved_work_dir == "~/.hat-edge"
+    monkeypatch.delenv("HAT_EDGE_CACHE")
+    assert profile_from_dict({"name": "l"}, "<test>").resolved_work_dir == "~/.cache/hat-edge/work"

@@ -63,7 +63,7 @@ class DeviceProfile:
     known_hosts: str | None = None     # None: ~/.ssh/known_hosts
     ssh_config_host: str | None = None
     python: str | None = None          # None: this interpreter (local) or "python3" (ssh)
-    work_dir: str | None = None        # None: ~/.cache/hat-edge/work (local) or ~/.hat-edge (ssh)
+    work_dir: str | None = None        # None: $HAT_EDGE_CACHE/work or ~/.cache/hat-edge/work (local), ~/.hat-edge (ssh)
     connect_timeout_s: float = 5.0     # an unreachable device fails this fast (per try)
     description: str = ""
     measurement: MeasureSpec = field(default_factory=lambda: MeasureSpec(runtime="onnxruntime"))
@@ -112,7 +112,10 @@ class DeviceProfile:
         (locally, or via the remote home for ssh): commands are quoted, so no shell expands it."""
         if self.work_dir:
             return self.work_dir
-        return "~/.cache/hat-edge/work" if self.is_local else "~/.hat-edge"
+        if not self.is_local:
+            return "~/.hat-edge"
+        root = os.environ.get("HAT_EDGE_CACHE")  # beside the export cache and the runner's ($HAT_EDGE_CACHE/...)
+        return str(Path(root).expanduser() / "work") if root else "~/.cache/hat-edge/work"
 
     def measure_spec(self, quantize: str | None = None, interleave: bool = False) -> MeasureSpec:
         """The spec a measurement of this profile runs with (`.identity()`: the store key)."""
