@@ -187,11 +187,11 @@ def read_latency_csv(path: str | Path, require_latency: bool = True) -> LatencyD
         if has_arch and (row.get(ARCH_COLUMN) or "").strip():
             try:
                 arch = Arch.from_any(json.loads(row[ARCH_COLUMN]))
+            except UserError as e:  # before ValueError: a UserError is one
+                raise UserError(f"{where}: column '{ARCH_COLUMN}': {e}") from None
             except (ValueError, RecursionError) as e:
                 raise UserError(f"{where}: column '{ARCH_COLUMN}' is not JSON "
                                 f"({getattr(e, 'msg', e.__class__.__name__)})") from None
-            except UserError as e:
-                raise UserError(f"{where}: column '{ARCH_COLUMN}': {e}") from None
             except (TypeError, AttributeError):
                 raise UserError(f"{where}: column '{ARCH_COLUMN}' must be a JSON object of Arch fields") from None
         if arch is not None:

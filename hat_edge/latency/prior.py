@@ -195,8 +195,8 @@ def prior_from_dict(doc: Any, where: str) -> Prior:
                 raise bad(f"{at}.{key}", f"must be a list of {len(names)} numbers (one per cost term)")
             for j, x in enumerate(v):
                 if not _number_in(x, 0.0, MAX_COEF):
-                    raise bad(f"{at}.{key}[{j}]", f"is {_short(x)}, expected a number from 0 to {MAX_COEF:g} "
-                                                  f"(ms per unit of '{names[j]}')")
+                    raise bad(f"{at}.{key}[{j}]", f"is {_short(x)}, expected a non-negative finite number "
+                                                  f"at most {MAX_COEF:g} (ms per unit of '{names[j]}')")
             vecs.append(tuple(float(x) for x in v))
         if not any(vecs[0]) and not any(vecs[1]):
             raise bad(at, "has every coefficient 0 (a device that costs nothing)")
