@@ -121,7 +121,7 @@ def run_main_job(
 
     # 2. the initial latency dataset (a prior never includes the device's own entry)
     if prior is not None:
-        prior = prior.without(profile.name) if len(prior.without(profile.name)) else None
+        prior = prior.for_device(profile.name)
     n_initial = s.initial if s.initial is not None else initial_default(24, prior)
     say(f"[2/7] latency dataset: {'up to ' if prior else ''}{n_initial} SubTransformers of space "
         f"'{space.name}' on '{profile.name}'" + (f" (prior: {', '.join(prior.names())})" if prior else ""))

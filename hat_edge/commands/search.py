@@ -232,7 +232,7 @@ def loop_cmd(profile_name: str, budget_ms: float, checkpoint: str, rounds: int, 
     job = prepare_job(profile_name, checkpoint, store=store_path, threads=threads, trust_new_host=trust_new_host)
     profile = job.profile
     if prior is not None:
-        ls = replace(ls, prior=prior.without(profile.name) if len(prior.without(profile.name)) else None)
+        ls = replace(ls, prior=prior.for_device(profile.name))
     if initial is None:
         ls = replace(ls, initial=initial_default(40, ls.prior))
     res = run_loop(job.space, job.fitness(valid_sentences), job.device, ls, progress=progress,

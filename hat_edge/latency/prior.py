@@ -102,6 +102,11 @@ class Prior:
         """The prior minus one device (a device's own entry must not be its prior)."""
         return Prior(tuple(d for d in self.devices if d.name != name), self.notice, self.origin)
 
+    def for_device(self, name: str) -> "Prior | None":
+        """The prior for device `name`: without its own entry; None when nothing else is left."""
+        rest = self.without(name)
+        return rest if len(rest) else None
+
     def merged(self, other: "Prior") -> "Prior":
         seen = set(self.names())
         devs = self.devices + tuple(d for d in other.devices if d.name not in seen)
@@ -342,9 +347,9 @@ def resolve_priors(items: Sequence[str | Path], exclude: str | None = None) -> P
         else:
             p = load_prior(item)
         merged = p if merged is None else merged.merged(p)
-    if merged is not None and exclude:
-        merged = merged.without(exclude)
-    return merged if merged is not None and len(merged) else None
+    if merged is None:
+        return None
+    return merged.for_device(exclude) if exclude else (merged if len(merged) else None)
 
 
 # --------------------------------------------------------------------------------------------
