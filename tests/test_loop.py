@@ -391,6 +391,30 @@ def test_with_a_prior_the_initial_dataset_is_informative_half_the_size_and_the_l
     assert with_prior.winner.loss <= plain.winner.loss + 0.02, (with_prior.winner.loss, plain.winner.loss)
 
 
+def test_the_loop_starts_from_an_initial_dataset_just_measured_without_measuring_or_fitting_it_again():
+    """`hat-edge run` measures the initial dataset before it sets the budget; handed to the loop, it
+    is neither measured nor re-decided there (no second round of early-stop fits and log lines)."""
+    from hat_edge.latency.prior import packaged_prior
+    from hat_edge.search.loop import measure_initial
+
+    prior = packaged_prior()
+    dev = SmoothDevice()
+    first: list[str] = []
+    measured, init, n_new = measure_initial(DEMO, dev, 24, prior=prior, step=4, progress=False, log=first.append)
+    assert n_new == len(init) and any("initial dataset" in m for m in first)
+    calls_before = len(dev.calls)
+    budget = float(np.percentile([SmoothDevice.latency(a) for a in init], 40))
+    logs: list[str] = []
+    res = run_loop(DEMO, CachedFitness(capacity_loss), dev,
+                   LoopSettings(budget_ms=budget, rounds=2, top_k=2, initial=24, evolution=TINY_EVO, prior=prior,
+                                initial_step=4),
+                   progress=False, log=logs.append, initial=(measured, init))
+    assert res.initial == tuple(init)
+    assert not [m for m in logs if "initial dataset" in m or "informative SubTransformers" in m], logs
+    assert sum(dev.calls[calls_before:]) == res.device_measurements  # only the loop's own picks
+    assert res.met
+
+
 def test_default_budget_is_a_share_of_the_space_whichever_archs_were_measured():
     """`hat-edge run`'s default budget is a percentile of the space's predicted latency: from 24
     random archs or from a prior's 12 informative ones (the space's extremes) it lands near the true

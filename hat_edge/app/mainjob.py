@@ -147,7 +147,8 @@ def run_main_job(
         budget_ms=budget, rounds=s.rounds, top_k=s.top_k, tolerance=s.tolerance, initial=n_initial,
         evolution=s.evolution, seed=s.seed, explore=s.explore, anchors=s.anchors, prior=prior,
     )
-    loop = run_loop(space, fit, device, ls, progress=progress, log=say, checked_env=env)
+    loop = run_loop(space, fit, device, ls, progress=progress, log=say, checked_env=env,
+                    initial=(measured, init))
     t = lap("loop_s", t)
 
     # 5. random search at the same number of evaluations, same latency model and budget

@@ -579,11 +579,15 @@ def run_loop(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     checked_env: Mapping[str, Any] | None = None,
+    initial: tuple[Mapping[Arch, float], Sequence[Arch]] | None = None,
 ) -> LoopResult:
     """Search, measure, refit until the search's winner meets the budget on the device.
 
     The device is checked (connect + runner env) before any measurement or search work; pass
-    `checked_env` when the caller has just done that.
+    `checked_env` when the caller has just done that. `initial`: the (measurements, initial archs)
+    that `measure_initial` has just returned for this device (`hat-edge run` measures them before
+    it sets the budget); the loop then starts from them instead of calling it again, which would
+    refit the predictor at every group of a prior's initial dataset and repeat its log lines.
     """
     say = log or (lambda msg: print(msg, file=sys.stderr))
     t0 = time.perf_counter()
@@ -593,8 +597,12 @@ def run_loop(
     cons = s.constraints()
 
     # 1. The initial dataset (stored measurements are reused: a rerun measures nothing new).
-    measured, init, n_device = measure_initial(space, device, s.initial, s.seed, progress=progress, log=say,
-                                               prior=s.prior, step=s.initial_step, cv_mape=s.initial_cv_mape)
+    if initial is not None:
+        measured, init, n_device = dict(initial[0]), list(initial[1]), 0
+    else:
+        measured, init, n_device = measure_initial(space, device, s.initial, s.seed, progress=progress, log=say,
+                                                   prior=s.prior, step=s.initial_step,
+                                                   cv_mape=s.initial_cv_mape)
 
     rounds: list[RoundReport] = []
     accepted: list[Measured] = []
