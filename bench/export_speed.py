@@ -31,6 +31,12 @@ once in a shuffled order, so load changes on the machine hit all methods alike; 
              the archs it can express (uniform: Transformer-Base/Big); its tokens are checked
              against eager's (bench/_ct2.py).
 
+  floor_fp32, floor_int8  the kernel floor (bench/_kernel_floor.py): only the translation's weight
+             matmuls (the same weights, the same int8 quantizer), as independent MatMul nodes in
+             onnxruntime: the encoder and encoder-decoder k/v once on 30 rows, then each step's
+             decoder linears and the d x V projection on beam (or 1) rows. No attention, softmax,
+             norms, caches or search: what onnxruntime's matmul kernels alone need on this CPU.
+
 The bandwidth bound: the bytes of weights a translation must read (every decoder layer and the
 d x V output projection once per step, whatever the beam; the encoder and the encoder-decoder k/v
 projections once), fp32 or int8 (matrices 1 byte), divided by the single-thread copy bandwidth
@@ -68,6 +74,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import _ct2  # noqa: E402  (bench/: the CTranslate2 peer, optional)
+import _kernel_floor  # noqa: E402  (bench/: the weight matmuls alone)
 from _results import write_json  # noqa: E402  (bench/, the script's own folder)
 
 import numpy as np  # noqa: E402
@@ -341,7 +348,7 @@ def stats(ms: list[float]) -> dict[str, Any]:
 # the main comparison
 # ------------------------------------------------------------------------------------------------
 def bench_arch(name: str, arch: Arch, work: Path, rounds: int, full_prefix: bool, ct2: bool = True,
-               slow: bool = True, variants: bool = True) -> dict[str, Any]:
+               slow: bool = True, variants: bool = True, floor: bool = True) -> dict[str, Any]:
     print(f"{name}: building and exporting ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     torch.manual_seed(0)
@@ -370,6 +377,9 @@ def bench_arch(name: str, arch: Arch, work: Path, rounds: int, full_prefix: bool
             m = load_bundle(b).open(threads=1)
             m.search_in_graph = False  # N x V log-probs to numpy, the numpy top-k (before #17)
             runners[f"ort_{prec}_numpy_topk"] = model_runner(m, src_np)
+    if floor:  # the weight matmuls alone, in onnxruntime's kernels (bench/_kernel_floor.py)
+        for prec in ("fp32", "int8"):
+            runners[f"floor_{prec}"] = _kernel_floor.runner(sub, d / f"floor_{prec}", prec == "int8", SRC_LEN, STEPS)
     ct2_why = None if ct2 else "--no-ct2"
     if ct2 and _ct2.available() is None:
         ct2_why = "ctranslate2 is not installed (pip install -e .[bench])"
@@ -386,7 +396,7 @@ def bench_arch(name: str, arch: Arch, work: Path, rounds: int, full_prefix: bool
     times, outputs = interleaved(runners, (BEAM, 1), rounds, label=name, cpu=cpu)
     # sanity: same weights and inputs -> the fp32 methods decode the same tokens
     ref = {m: outputs["eager"][m] if "eager" in outputs else reference(m) for m in (BEAM, 1)}
-    same = {k: {str(m): outputs[k][m] == ref[m] for m in (BEAM, 1)} for k in runners}
+    same = {k: {str(m): outputs[k][m] == ref[m] for m in (BEAM, 1)} for k in runners if not k.startswith("floor_")}
     wb = weight_bytes(sub)
     res: dict[str, Any] = {
         "arch": arch.to_dict(),
@@ -487,6 +497,7 @@ def main() -> int:
     ap.add_argument("--no-paths", action="store_true", help="skip the export-path comparison")
     ap.add_argument("--no-ct2", action="store_true", help="leave CTranslate2 out even when it is installed")
     ap.add_argument("--no-variants", action="store_true", help="leave out the decode path's older ways")
+    ap.add_argument("--no-floor", action="store_true", help="leave out the kernel floor (the weight matmuls alone)")
     ap.add_argument("--no-slow", action="store_true",
                     help="leave HAT's way and TorchScript out, and run eager only once for its tokens")
     ap.add_argument("--only", nargs="*", default=None, help="arch names to run (default: all four)")
@@ -507,7 +518,7 @@ def main() -> int:
     bandwidth = [copy_bandwidth()]
     for name in names:
         results[name] = bench_arch(name, ARCHS[name], work, rounds, args.full_prefix, ct2=not args.no_ct2,
-                                   slow=not args.no_slow, variants=not args.no_variants)
+                                   slow=not args.no_slow, variants=not args.no_variants, floor=not args.no_floor)
         bandwidth.append(copy_bandwidth())
     paths = None if (args.quick or args.no_paths) else bench_export_paths(work, rounds)
     bw = {"gb_per_s": float(np.median([b["gb_per_s"] for b in bandwidth])), "measurements": bandwidth,
@@ -574,6 +585,10 @@ def summarize_results(results: dict[str, Any], bw_gb_s: dict[str, float]) -> dic
             s["x_bound"][name][mode] = xb
             s["vs_ct2"][name][mode] = {k: r["methods"][k][mode]["median_ms"] / r["methods"][p][mode]["median_ms"]
                                        for k, p in PEER_OF.items() if p in r["methods"] and k in r["methods"]}
+            s.setdefault("x_floor", {}).setdefault(name, {})[mode] = {
+                k: r["methods"][k][mode]["median_ms"] / r["methods"][f"floor_{p}"][mode]["median_ms"]
+                for k, p in (("ort_fp32", "fp32"), ("ort_int8", "int8"))
+                if k in r["methods"] and f"floor_{p}" in r["methods"]}
             for k in PEER_OF:
                 if k not in xb:
                     continue
@@ -627,6 +642,14 @@ def print_tables(doc: dict[str, Any]) -> None:
             continue
         print(f"  {name}: " + ", ".join(f"{mode} {k} {x:.2f}" for mode in ("beam", "greedy")
                                         for k, x in v[mode].items()) + f"; tokens equal {eq}")
+    if any(doc["summary"].get("x_floor", {}).values()):
+        print("\nours / the kernel floor of its precision (the weight matmuls alone in onnxruntime; > 1: what the "
+              "rest of a step costs), and the floor / the bandwidth bound (how far the kernels are from it):")
+        for name, v in doc["summary"]["x_floor"].items():
+            xb = doc["summary"]["x_bound"][name]
+            print(f"  {name}: " + ", ".join(
+                f"{mode} {k} {x:.2f} (floor {xb[mode]['floor_' + precision_of_method(k)]:.2f}x bound)"
+                for mode in ("beam", "greedy") for k, x in v.get(mode, {}).items()))
     print("\ntargets (issue #17): " + ", ".join(f"{k} <= {x}x bound" for k, x in doc["summary"]["bound_targets"].items()))
     for name, t in doc["summary"]["targets_met"].items():
         print(f"  {name}: " + ", ".join(f"{k} {'/'.join(f'{c}={ok}' for c, ok in v.items())}" for k, v in t.items()))

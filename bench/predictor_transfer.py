@@ -25,7 +25,14 @@ strength); it is how the defaults in latency/prior.py were chosen and it never r
     .venv/bin/python bench/predictor_transfer.py --select --round 1  # design ridge, strength rule
     .venv/bin/python bench/predictor_transfer.py --select            # round 2: spread, strength 0
 
-Writes bench/results/predictor_transfer.json (or predictor_transfer_select.json) and prints a table.
+`--spread` (validation rows only) repeats the N-row fits on `--draws` random halves of the training
+pool: how much a figure depends on which rows happen to be measured, and how much of the shortfall
+is the overall scale (acc10 after the best single rescaling):
+
+    .venv/bin/python bench/predictor_transfer.py --spread --sizes 5,10,20   # ~2 min
+
+Writes bench/results/predictor_transfer.json (or predictor_transfer_select.json,
+predictor_transfer_spread.json) and prints a table.
 """
 
 from __future__ import annotations
@@ -265,6 +272,63 @@ def run_select(args) -> int:
     return 0
 
 
+def run_spread(args) -> int:
+    """How much the N-row figures depend on which pool the rows came from: `--draws` random halves
+    (800 rows) of the training pool idx[:1600], informative rows chosen from each, the transfer
+    predictor fitted, scored on the validation rows idx[1600:1800] (the test rows are not read).
+    Also per fit: acc10 after the one scale that would put the most validation rows within 10%
+    (an oracle: how much of the shortfall is the overall scale, which a few noisy rows fix only to
+    about noise / sqrt(N)), and the same for the default predictor on all 1,600 pool rows."""
+    datas = {d: read_latency_csv(DATA / FILES[d]) for d in FILES}
+    sizes = [int(s) for s in args.sizes.split(",")]
+    scales = np.linspace(0.9, 1.1, 81)
+
+    def acc(p: np.ndarray, y: np.ndarray) -> float:
+        return float(100 * np.mean(np.abs(p - y) <= 0.1 * y))
+
+    rows_out, summary = [], {}
+    for dev in args.devices.split(","):
+        data = datas[dev]
+        pool, _test = split(len(data))
+        idx = list(range(len(data)))
+        random.Random(0).shuffle(idx)
+        val = data.subset(idx[VALIDATION])
+        y = val.latency_ms
+        prior = build_prior([(d, datas[d]) for d in FILES if d != dev])
+        full = AnalyticPredictor().fit_data(data.subset(pool), device=dev).predict(val.X)
+        summary[dev] = {"all_1600_rows": {"acc10": acc(full, y), "acc10_best_scale": max(acc(s_ * full, y) for s_ in scales)}}
+        for n in sizes:
+            got = []
+            for k in range(args.draws):
+                sub = random.Random(100 + k).sample(pool, 800)
+                sel = [sub[i] for i in choose_informative(data.subset(sub).X, n, prior)]
+                p = AnalyticPredictor(prior=prior).fit_data(data.subset(sel), device=dev).predict(val.X)
+                r = {"device": dev, "n_train": n, "draw": k, "acc10": acc(p, y),
+                     "acc10_best_scale": max(acc(s_ * p, y) for s_ in scales),
+                     "median_log_ratio": float(np.median(np.log(y / p)))}
+                rows_out.append(r)
+                got.append(r)
+            a = [r["acc10"] for r in got]
+            summary[dev][f"n{n}"] = {"acc10_mean": float(np.mean(a)), "acc10_min": min(a), "acc10_max": max(a),
+                                     "acc10_best_scale_mean": float(np.mean([r["acc10_best_scale"] for r in got])),
+                                     "median_log_ratio_sd": float(np.std([r["median_log_ratio"] for r in got]))}
+            s_ = summary[dev][f"n{n}"]
+            print(f"{dev:<12} N={n:<3} acc10 mean {s_['acc10_mean']:5.1f} (min {s_['acc10_min']:5.1f}, max "
+                  f"{s_['acc10_max']:5.1f}); at the best scale {s_['acc10_best_scale_mean']:5.1f}; scale error sd "
+                  f"{100 * s_['median_log_ratio_sd']:.1f}%", flush=True)
+        a = summary[dev]["all_1600_rows"]
+        print(f"{dev:<12} all 1,600 rows, no prior: acc10 {a['acc10']:5.1f}; at the best scale {a['acc10_best_scale']:5.1f}")
+    doc = {"format": "hat-edge-bench-predictor-transfer-spread", "version": 1,
+           "protocol": (f"{args.draws} draws of 800 rows from idx[:1600] (random.Random(100 + k)); informative rows "
+                        "(choose_informative) from each; the transfer predictor (prior = the other two devices); "
+                        "scored on idx[1600:1800]; test rows unread"),
+           "command": "bench/predictor_transfer.py " + " ".join(sys.argv[1:]),
+           "summary": summary, "results": rows_out}
+    out = write_json(args.out.replace("predictor_transfer.json", "predictor_transfer_spread.json"), doc)
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)))
@@ -272,8 +336,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mlp", action="store_true", help="recompute HAT's MLP at N=1,600 (5,000 steps per device)")
     ap.add_argument("--select", action="store_true", help="the model-selection run on validation rows")
     ap.add_argument("--round", type=int, default=2, choices=(1, 2), help="--select: which round of choices")
+    ap.add_argument("--spread", action="store_true",
+                    help="the N-row figures over --draws halves of the training pool, on validation rows")
+    ap.add_argument("--draws", type=int, default=8, help="--spread: how many pool halves")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "predictor_transfer.json"))
     args = ap.parse_args(argv)
+    if args.spread:
+        return run_spread(args)
     return run_select(args) if args.select else run_table(args)
 
 
