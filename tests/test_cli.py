@@ -37,6 +37,21 @@ def test_run_is_listed_first_in_help():
     assert "hat-edge run" in r.output.split("Commands:", 1)[0]  # the one-command path, in the description
 
 
+def test_the_cli_starts_without_torch():
+    """Every command's flags are built without importing torch (2+ s on a small CPU, paid by
+    `profile list` and `--help` alike): torch is imported by the commands that run a model."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom hat_edge.cli import main\n"
+            "for argv in (['--help'], ['profile', 'list'], ['run', '--help'], ['train', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "NO-TORCH"
+
+
 @pytest.mark.parametrize("command", ["search", "loop", "run"])
 def test_search_size_is_the_way_to_size_the_search(command: str):
     r = CliRunner().invoke(cli, [command, "--help"])

@@ -14,7 +14,7 @@ from hat_edge.errors import UserError
 
 def _defaults():
     # The flags' defaults come from TrainConfig: one source of truth for CLI and API.
-    from hat_edge.train import TrainConfig
+    from hat_edge.train_config import TrainConfig  # torch-free: every command's start-up stays fast
 
     return TrainConfig()
 
