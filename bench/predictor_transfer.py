@@ -329,6 +329,73 @@ def run_spread(args) -> int:
     return 0
 
 
+STOP_THRESHOLDS = (0.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, float("inf"))
+
+
+def run_stop(args) -> int:
+    """The early stop of `hat-edge run`'s initial dataset (search.loop.measure_initial), simulated on
+    HAT's files: informative rows from `--draws` halves of the training pool, the first 8 rows, then
+    4 at a time up to 12 (`run`) or 20 (`loop`); measuring stops once the transfer predictor's
+    cross-validated MAPE is <= T. For each T: the rows used and the validation acc10 (idx[1600:1800];
+    test rows unread). Rule fixed before the run: the largest T whose mean validation acc10 (three
+    devices x draws) is within 1.0 point of never stopping early (T = 0)."""
+    from hat_edge.search.loop import INITIAL_MIN_ROWS, INITIAL_STEP
+
+    datas = {d: read_latency_csv(DATA / FILES[d]) for d in FILES}
+    results = []
+    for dev in args.devices.split(","):
+        data = datas[dev]
+        pool, _test = split(len(data))
+        idx = list(range(len(data)))
+        random.Random(0).shuffle(idx)
+        val = data.subset(idx[VALIDATION])
+        prior = build_prior([(d, datas[d]) for d in FILES if d != dev])
+        for k in range(args.draws):
+            sub = random.Random(100 + k).sample(pool, 800)
+            order = [sub[i] for i in choose_informative(data.subset(sub).X, 20, prior)]
+            fits = {}
+            for n in range(INITIAL_MIN_ROWS, 21, INITIAL_STEP):
+                pred = AnalyticPredictor(prior=prior).fit_data(data.subset(order[:n]), device=dev)
+                cv = (pred.meta.get("cv") or {}).get("mape_pct")
+                fits[n] = {"cv_mape": cv, "acc10": score(pred, val)["acc10_pct"]}
+            for cap, cmd in ((12, "run"), (20, "loop")):
+                for t in STOP_THRESHOLDS:
+                    n = next((m for m in sorted(fits) if m <= cap and (m == cap or (fits[m]["cv_mape"] is not None
+                                                                                    and fits[m]["cv_mape"] <= t))), cap)
+                    results.append({"device": dev, "draw": k, "command": cmd, "threshold": t, "rows": n,
+                                    "acc10": fits[n]["acc10"], "cv_mape_at_stop": fits[n]["cv_mape"]})
+            print(f"{dev:<12} draw {k}: " + ", ".join(f"N={n} cv {f['cv_mape']:.1f}% acc10 {f['acc10']:.1f}"
+                                                      for n, f in fits.items()), file=sys.stderr, flush=True)
+    summary = {}
+    for cmd in ("run", "loop"):
+        summary[cmd] = {}
+        for t in STOP_THRESHOLDS:
+            mine = [r for r in results if r["command"] == cmd and r["threshold"] == t]
+            summary[cmd][repr(t)] = {
+                "acc10_mean": float(np.mean([r["acc10"] for r in mine])),
+                "rows_mean": float(np.mean([r["rows"] for r in mine])),
+                "per_device": {d: {"acc10": float(np.mean([r["acc10"] for r in mine if r["device"] == d])),
+                                   "rows": float(np.mean([r["rows"] for r in mine if r["device"] == d]))}
+                               for d in args.devices.split(",")},
+            }
+        base = summary[cmd]["0.0"]["acc10_mean"]
+        ok = [t for t in STOP_THRESHOLDS if summary[cmd][repr(t)]["acc10_mean"] >= base - 1.0]
+        summary[cmd]["decision"] = max(ok)
+        print(f"\n{cmd} (at most {12 if cmd == 'run' else 20} rows): threshold, mean rows, mean validation acc10 "
+              "(per device)")
+        for t in STOP_THRESHOLDS:
+            v = summary[cmd][repr(t)]
+            print(f"  T={t:>4}%  rows {v['rows_mean']:5.1f}  acc10 {v['acc10_mean']:5.1f}  ("
+                  + ", ".join(f"{d} {x['acc10']:.1f}/{x['rows']:.1f}" for d, x in v["per_device"].items()) + ")")
+        print(f"  decision (largest T within 1.0 point of never stopping early): {summary[cmd]['decision']}")
+    doc = {"format": "hat-edge-bench-predictor-transfer-stop", "version": 1,
+           "protocol": run_stop.__doc__, "command": "bench/predictor_transfer.py " + " ".join(sys.argv[1:]),
+           "summary": summary, "results": results}
+    out = write_json(args.out.replace("predictor_transfer.json", "predictor_transfer_stop.json"), doc)
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)))
@@ -338,11 +405,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--round", type=int, default=2, choices=(1, 2), help="--select: which round of choices")
     ap.add_argument("--spread", action="store_true",
                     help="the N-row figures over --draws halves of the training pool, on validation rows")
-    ap.add_argument("--draws", type=int, default=8, help="--spread: how many pool halves")
+    ap.add_argument("--stop", action="store_true",
+                    help="the initial dataset's early-stop threshold, simulated on validation rows")
+    ap.add_argument("--draws", type=int, default=8, help="--spread, --stop: how many pool halves")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "predictor_transfer.json"))
     args = ap.parse_args(argv)
     if args.spread:
         return run_spread(args)
+    if args.stop:
+        return run_stop(args)
     return run_select(args) if args.select else run_table(args)
 
 
