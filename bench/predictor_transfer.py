@@ -208,17 +208,22 @@ def table(results, checks) -> None:
             print(f"[{'PASS' if c['pass'] else 'FAIL'}] {c['target']}")
 
 
+def leave_one_out(datas: dict, dev: str):
+    """(data, training pool idx[:1600], validation rows idx[1600:1800], prior of the other devices)
+    for target `dev` (HAT's protocol order; the test rows are not touched)."""
+    data = datas[dev]
+    pool, _test = split(len(data))
+    idx = list(range(len(data)))
+    random.Random(0).shuffle(idx)
+    return data, pool, data.subset(idx[VALIDATION]), build_prior([(d, datas[d]) for d in FILES if d != dev])
+
+
 def run_select(args) -> int:
     """Leave-one-device-out on validation rows idx[1600:1800]; the test rows are not read."""
     datas = {d: read_latency_csv(DATA / FILES[d]) for d in FILES}
     rows_out = []
     for dev in FILES:
-        data = datas[dev]
-        pool, _test = split(len(data))
-        idx = list(range(len(data)))
-        random.Random(0).shuffle(idx)
-        val = data.subset(idx[VALIDATION])
-        prior = build_prior([(d, datas[d]) for d in FILES if d != dev])
+        data, pool, val, prior = leave_one_out(datas, dev)
         for n in SELECT_SIZES:
             rowsets = [("informative", None)] + [("random", sd) for sd in RANDOM_SEEDS]
             for name, (ridge, params) in SELECT_CONFIGS.items():
@@ -288,13 +293,8 @@ def run_spread(args) -> int:
 
     rows_out, summary = [], {}
     for dev in args.devices.split(","):
-        data = datas[dev]
-        pool, _test = split(len(data))
-        idx = list(range(len(data)))
-        random.Random(0).shuffle(idx)
-        val = data.subset(idx[VALIDATION])
+        data, pool, val, prior = leave_one_out(datas, dev)
         y = val.latency_ms
-        prior = build_prior([(d, datas[d]) for d in FILES if d != dev])
         full = AnalyticPredictor().fit_data(data.subset(pool), device=dev).predict(val.X)
         summary[dev] = {"all_1600_rows": {"acc10": acc(full, y), "acc10_best_scale": max(acc(s_ * full, y) for s_ in scales)}}
         for n in sizes:
@@ -344,12 +344,7 @@ def run_stop(args) -> int:
     datas = {d: read_latency_csv(DATA / FILES[d]) for d in FILES}
     results = []
     for dev in args.devices.split(","):
-        data = datas[dev]
-        pool, _test = split(len(data))
-        idx = list(range(len(data)))
-        random.Random(0).shuffle(idx)
-        val = data.subset(idx[VALIDATION])
-        prior = build_prior([(d, datas[d]) for d in FILES if d != dev])
+        data, pool, val, prior = leave_one_out(datas, dev)
         for k in range(args.draws):
             sub = random.Random(100 + k).sample(pool, 800)
             order = [sub[i] for i in choose_informative(data.subset(sub).X, 20, prior)]
