@@ -391,6 +391,43 @@ def test_with_a_prior_the_initial_dataset_is_informative_half_the_size_and_the_l
     assert with_prior.winner.loss <= plain.winner.loss + 0.02, (with_prior.winner.loss, plain.winner.loss)
 
 
+class TransientDevice(SmoothDevice):
+    """SmoothDevice whose first measurements after the initial dataset run 15% slow (a passing
+    load): the first round's picks miss, and the calibration then scales every later search up."""
+
+    name = "transient"
+
+    def measure(self, archs, progress=True):
+        out = super().measure(archs, progress)
+        if len(self.calls) == 2:  # the loop's first round
+            out = {a: 1.15 * ms for a, ms in out.items()}
+            self.store.update(out)
+        return out
+
+
+def test_a_winner_with_room_under_a_calibrated_search_gets_one_round_on_the_predictors_own_latencies():
+    """After a passing slowdown inflates the calibration, the search's winner meets the budget with
+    room to spare; the loop then runs one more round without the calibration, which measures a pick
+    closer to the budget, and stops there."""
+    init = initial_archs(DEMO, 20, seed=0)
+    budget = float(np.percentile([SmoothDevice.latency(a) for a in init], 60))
+    dev = TransientDevice()
+    logs: list[str] = []
+    res = run_loop(DEMO, CachedFitness(capacity_loss), dev,
+                   LoopSettings(budget_ms=budget, rounds=4, top_k=2, initial=20, explore=0, evolution=TINY_EVO),
+                   progress=False, log=logs.append)
+    cal = [r.calibration for r in res.rounds]
+    assert cal[1] > 1.1, cal
+    assert any("one more round on the predictor's own latencies" in m for m in logs), logs
+    last, before = res.rounds[-1], res.rounds[-2]
+    assert last.calibration == 1.0 and before.calibration > 1.03 and before.met, cal
+    assert before.candidates[0].measured_ms < budget * 0.97
+    assert last.candidates[0].measured_ms > before.candidates[0].measured_ms  # closer to the budget
+    assert res.met and res.winner.measured_ms <= budget * 1.03
+    earlier = min(c.loss for r in res.rounds[:-1] for c in r.candidates if c.measured_ms <= budget * 1.03)
+    assert res.winner.round == last.round and res.winner.loss < earlier  # the extra round found the winner
+
+
 def test_the_loop_starts_from_an_initial_dataset_just_measured_without_measuring_or_fitting_it_again():
     """`hat-edge run` measures the initial dataset before it sets the budget; handed to the loop, it
     is neither measured nor re-decided there (no second round of early-stop fits and log lines)."""

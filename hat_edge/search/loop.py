@@ -612,13 +612,15 @@ def run_loop(
     accepted: list[Measured] = []
     searches: list[SearchResult] = []
     pred: LatencyPredictor | None = None
+    relaxed = False  # this round searches on the predictor's own latencies (see the stop rule)
     for r in range(1, s.rounds + 1):
         split = device.split() if isinstance(device, SplitDevice) else None
         pred = fit_predictor(s.predictor, measured, split, device.name, prior=s.prior)
         known = dict(measured)
 
-        # The calibration of this round's search: the bias the earlier rounds' picks showed.
-        bias = selection_bias(rounds)
+        # The calibration of this round's search: the bias the earlier rounds' picks showed (none
+        # in a relaxed round, see the stop rule below).
+        bias = 1.0 if relaxed else selection_bias(rounds)
         if abs(bias - 1) > 0.02:
             say(f"round {r}: earlier picks measured {bias:.2f}x their predictions; this search's predicted "
                 f"latencies are scaled by that")
@@ -709,7 +711,21 @@ def run_loop(
             + (f"; exploring found {len(better)} better within the budget, searching again from them" if better else ""))
         # Done when the search's own winner holds on the device and exploring found nothing
         # better; a better explored arch is measured now, so the next search starts from it.
+        # Except once: a winner that met the budget with room to spare under a calibration that
+        # scaled predictions up can be the calibration's doing (one early miss of 11% scaled every
+        # later prediction by 1.09 and the loop settled 8.6% under the budget, behind a random arch
+        # in CI). Then one more round searches on the refitted predictor's own latencies; whatever
+        # it measures can only add candidates, the winner is still the best measured within budget.
+        if relaxed:
+            break
         if met and not better:
+            slack = w.measured_ms < s.budget_ms * (1 - s.tolerance)
+            if slack and bias > 1 + s.tolerance and r < s.rounds:
+                relaxed = True
+                say(f"round {r}: the pick met the budget {100 * (1 - w.measured_ms / s.budget_ms):.1f}% under it "
+                    f"while this search's latencies were scaled up {bias:.2f}x; one more round on the "
+                    f"predictor's own latencies")
+                continue
             break
 
     assert searches and pred is not None
