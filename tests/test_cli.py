@@ -52,6 +52,20 @@ def test_the_cli_starts_without_torch():
     assert r.stderr.strip().splitlines()[-1] == "NO-TORCH"
 
 
+@pytest.mark.parametrize("command, threshold", [("run", "INITIAL_CV_MAPE"), ("loop", "LOOP_INITIAL_CV_MAPE")])
+def test_initial_help_quotes_the_early_stop_threshold_in_use(command: str, threshold: str):
+    """The `--initial` help quotes the early-stop threshold as a number (the CLI does not import the
+    search loop to build its help); it must be the one measure_initial uses (it once said 4% for a 3%)."""
+    import re
+
+    from hat_edge.search import loop
+
+    r = CliRunner().invoke(cli, [command, "--help"], terminal_width=500)
+    assert r.exit_code == 0, r.output
+    said = re.findall(r"cross-validated MAPE is at most ([0-9.]+)%", " ".join(r.output.split()))
+    assert said and float(said[0]) == getattr(loop, threshold), (said, getattr(loop, threshold))
+
+
 @pytest.mark.parametrize("command", ["search", "loop", "run"])
 def test_search_size_is_the_way_to_size_the_search(command: str):
     r = CliRunner().invoke(cli, [command, "--help"])

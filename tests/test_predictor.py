@@ -482,6 +482,42 @@ def test_choose_informative_respects_already_and_pool_size() -> None:
     assert len(choose_informative(archs[:5], 10)) == 5  # no prior: still a design; never more than the pool
 
 
+def test_choose_informative_starts_with_the_rows_that_pin_the_prior_devices_weights() -> None:
+    """With a prior of K devices the first min(K, n // 2) rows are chosen for the low-rank start
+    (the weights of the K devices' predictions), the rest by the per-term design given them."""
+    from hat_edge.latency.features import as_features, cost_terms
+    from hat_edge.latency.prior import choose_informative, packaged_prior
+
+    prior = packaged_prior()
+    k = len(prior)
+    archs = PRESETS["hat-wmt"].sample_n(150, seed=3)
+    design = choose_informative(archs, 10, prior)
+    per_term = choose_informative(archs, 10, prior, lowrank=0)
+    assert len(set(design)) == 10 and design != per_term
+    assert design[k:] == choose_informative(archs, 10 - k, prior, already=design[:k], lowrank=0)
+
+    # The first K rows leave less predictive variance over the pool for the low-rank model (the K
+    # devices' predictions as columns, relative, standardised; both sides) than the per-term
+    # design's first K rows do: the I-optimal criterion the phase minimises.
+    TE, TD = cost_terms(as_features(archs)[1], archs)
+    sides = []
+    for T, side in ((TE, "encoder"), (TD, "decoder")):
+        P = T @ prior.coef(side).T
+        P = P[:, P.mean(axis=0) > 0]
+        A = P / (P / P.mean(axis=0)).mean(axis=1)[:, None]
+        sides.append(A / A.std(axis=0))
+
+    def pool_variance(rows: list[int]) -> float:
+        return sum(float(np.trace(A @ np.linalg.solve(A[rows].T @ A[rows] + 1e-3 * np.eye(A.shape[1]), A.T)))
+                   for A in sides)
+
+    assert pool_variance(design[:k]) < pool_variance(per_term[:k])
+    # Rows measured before count towards the low-rank phase: with K of them, none is added.
+    assert choose_informative(archs, 5, prior, already=per_term[:k]) == choose_informative(
+        archs, 5, prior, already=per_term[:k], lowrank=0)
+    assert choose_informative(archs, 4, None) == choose_informative(archs, 4, None, lowrank=3)  # no prior: per-term
+
+
 def test_predictor_with_prior_roundtrips_and_a_tampered_prior_is_named(tmp_path: Path) -> None:
     from hat_edge.latency.prior import packaged_prior
 

@@ -409,6 +409,7 @@ def choose_informative(
     prior: Prior | None = None,
     ridge: float = DESIGN_RIDGE,
     already: Sequence[int] = (),
+    lowrank: int | None = None,
 ) -> list[int]:
     """Indices of the `n` rows of a candidate pool X to measure first (greedy, in order).
 
@@ -417,26 +418,54 @@ def choose_informative(
     model with a ridge prior on standardised relative term columns). Relative: each row's terms are
     divided by the latency the prior devices predict for it (their mean, each device scaled to mean
     1), so the design is in the units the fit works in. Without a prior the plain term sum stands in.
+
+    With a prior of K devices the design first pins down the low-rank start of the transfer fit
+    (the weights of the K devices' predictions): the first min(K, total // 2) rows of the whole
+    design (`already` included) are the I-optimal design for those K columns per side, the rest
+    the I-optimal design for the per-term costs, given every row before. `lowrank` sets that count
+    (0: the per-term design alone). Chosen over the per-term design alone on validation rows only
+    (bench/predictor_transfer.py --select --round 3).
     `already`: pool rows measured before (they count as chosen and are not returned).
     """
     from hat_edge.latency.features import as_features
 
     archs, F = as_features(X)
     N = len(F)
-    n = max(0, min(int(n), N - len(set(already))))
+    done = list(dict.fromkeys(int(i) for i in already))
+    n = max(0, min(int(n), N - len(done)))
     TE, TD = cost_terms(F, archs)
-    mats = []
+    terms, low = [], []
     for T, side in ((TE, "encoder"), (TD, "decoder")):
         if prior is not None and len(prior):
             P = T @ prior.coef(side).T
             P = P[:, P.mean(axis=0) > 0]
             yh = (P / P.mean(axis=0)).mean(axis=1) if P.shape[1] else T.sum(axis=1)
+            if P.shape[1]:
+                low.append(_standardised(P / np.maximum(yh, 1e-12)[:, None]))
         else:
             yh = T.sum(axis=1)
-        A = T / np.maximum(yh, 1e-12)[:, None]
-        sd = A.std(axis=0)
-        A = A[:, sd > 1e-12] / sd[sd > 1e-12]
-        mats.append(A)
+        terms.append(_standardised(T / np.maximum(yh, 1e-12)[:, None]))
+    k = len(prior) if prior is not None and low else 0
+    if lowrank is None:
+        lowrank = max(0, min(k, (len(done) + n) // 2) - len(done))
+    first = _greedy_design(low, LOWRANK_RIDGE, min(int(lowrank), n), done) if low and lowrank > 0 else []
+    return first + _greedy_design(terms, ridge, n - len(first), done + first)
+
+
+# Ridge of the low-rank phase of `choose_informative` (K standardised columns per side: nearly an
+# unregularised I-optimal design; only keeps the first step's inverse finite).
+LOWRANK_RIDGE = 1e-3
+
+
+def _standardised(A: np.ndarray) -> np.ndarray:
+    sd = A.std(axis=0)
+    return A[:, sd > 1e-12] / sd[sd > 1e-12]
+
+
+def _greedy_design(mats: list[np.ndarray], ridge: float, n: int, already: Sequence[int]) -> list[int]:
+    """Greedy I-optimal design: `n` rows, each reducing most the summed predictive variance over
+    all rows of the linear models with design matrices `mats` (ridge prior), given `already`."""
+    N = len(mats[0]) if mats else 0
     Hinv = [np.eye(A.shape[1]) / ridge for A in mats]
 
     def take(i: int) -> None:
@@ -451,7 +480,7 @@ def choose_informative(
             taken[i] = True
             take(i)
     chosen: list[int] = []
-    for _ in range(n):
+    for _ in range(min(n, N - int(taken.sum()))):
         score = np.zeros(N)
         for A, Hi in zip(mats, Hinv):
             G = A @ Hi  # (N, p)
