@@ -25,6 +25,7 @@ strength); it is how the defaults in latency/prior.py were chosen and it never r
     .venv/bin/python bench/predictor_transfer.py --select --round 1  # design ridge, strength rule
     .venv/bin/python bench/predictor_transfer.py --select            # round 2: spread, strength 0
     .venv/bin/python bench/predictor_transfer.py --select --round 3 --draws 16  # low-rank rows first
+    .venv/bin/python bench/predictor_transfer.py --select --round 4 --draws 16  # split basis, 1se
 
 `--spread` (validation rows only) repeats the N-row fits on `--draws` random halves of the training
 pool: how much a figure depends on which rows happen to be measured, and how much of the shortfall
@@ -75,15 +76,19 @@ VALIDATION = slice(1600, 1800)
 # the interval and whether "no prior" (strength 0) is a candidate of the cross-validation.
 STRENGTHS = (1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)
 STRENGTHS_WITH_ZERO = (0.0, *STRENGTHS)
-_R1 = {"point_spread": "posterior", "strengths": STRENGTHS}
+# Rounds 1 and 2 ran before rounds 3 and 4 changed the defaults: their configurations pin the
+# predictor and the design as they were then (each prior device whole, the lowest-CV-error strength,
+# the per-term design alone), so they still reproduce.
+_THEN = {"prior_split": False, "strength_rule": "min"}
+_R1 = {**_THEN, "point_spread": "posterior", "strengths": STRENGTHS}
 SELECT_CONFIGS = {
     "ridge10-min": (10.0, _R1),
     "ridge1-min": (1.0, _R1),
     "ridge100-min": (100.0, _R1),
     "ridge10-1se": (10.0, {**_R1, "strength_rule": "1se"}),
-    "ridge10-min-boot": (10.0, {"point_spread": "bootstrap", "strengths": STRENGTHS}),
-    "ridge10-min-zero": (10.0, {"point_spread": "posterior", "strengths": STRENGTHS_WITH_ZERO}),
-    "ridge10-min-zero-boot": (10.0, {"point_spread": "bootstrap", "strengths": STRENGTHS_WITH_ZERO}),
+    "ridge10-min-boot": (10.0, {**_THEN, "point_spread": "bootstrap", "strengths": STRENGTHS}),
+    "ridge10-min-zero": (10.0, {**_THEN, "point_spread": "posterior", "strengths": STRENGTHS_WITH_ZERO}),
+    "ridge10-min-zero-boot": (10.0, {**_THEN, "point_spread": "bootstrap", "strengths": STRENGTHS_WITH_ZERO}),
 }
 ROUND2 = ("ridge10-min", "ridge10-min-boot", "ridge10-min-zero", "ridge10-min-zero-boot")
 RANDOM_SEEDS = (1, 2, 3)
@@ -100,10 +105,11 @@ def score(pred, test) -> dict:
     return m
 
 
-def rows_for(strategy: str, data, pool: list[int], n: int, prior, ridge: float = 10.0) -> list[int]:
+def rows_for(strategy: str, data, pool: list[int], n: int, prior, ridge: float = 10.0,
+             lowrank: int | None = None) -> list[int]:
     if strategy == "random":
         return pool[:n]
-    sel = choose_informative(data.subset(pool).X, n, prior, ridge=ridge)
+    sel = choose_informative(data.subset(pool).X, n, prior, ridge=ridge, lowrank=lowrank)
     return [pool[i] for i in sel]
 
 
@@ -136,6 +142,7 @@ def run_table(args) -> int:
     results += mlp
     checks = targets(results)
     table(results, checks)
+    draws = _test_draws(args, datas, sizes)
     doc = {
         "format": "hat-edge-bench-predictor-transfer",
         "version": 1,
@@ -146,10 +153,41 @@ def run_table(args) -> int:
         "machine": {"python": platform.python_version(), "platform": platform.platform()},
         "results": results,
         "targets": checks,
+        "test_draws": draws,
     }
     out = write_json(args.out, doc)
     print(f"\nwrote {out}")
     return 0
+
+
+def _test_draws(args, datas, sizes: list[int]) -> dict:
+    """The protocol's informative rows are one draw: the same transfer fit on informative rows from
+    `--test-draws` random halves of the training pool (random.Random(100 + k), as --spread), scored on
+    the same test rows. Reporting only: how far one draw's figure can be from the typical one."""
+    out: dict = {}
+    if args.test_draws <= 0:
+        return out
+    print(f"\ninformative rows from {args.test_draws} halves of the pool, transfer fit, test rows: acc10 mean "
+          "(min-max); Spearman mean")
+    for dev in args.devices.split(","):
+        data = datas[dev]
+        pool, test_idx = split(len(data))
+        test = data.subset(test_idx)
+        prior = build_prior([(d, datas[d]) for d in FILES if d != dev])
+        for n in sizes:
+            acc, rho = [], []
+            for k in range(args.test_draws):
+                sub = random.Random(100 + k).sample(pool, 800)
+                sel = [sub[i] for i in choose_informative(data.subset(sub).X, n, prior)]
+                pred = AnalyticPredictor(prior=prior, bootstrap=0).fit_data(data.subset(sel), device=dev)
+                m = accuracy_metrics(pred.predict(test.X), test.latency_ms)
+                acc.append(m["acc10_pct"])
+                rho.append(m["spearman_rho"])
+            out[f"{dev}/n{n}"] = {"acc10_mean": float(np.mean(acc)), "acc10_min": min(acc), "acc10_max": max(acc),
+                                  "spearman_mean": float(np.mean(rho)), "draws": args.test_draws}
+            print(f"{dev:<12} N={n:<3} acc10 {np.mean(acc):5.1f} ({min(acc):5.1f}-{max(acc):5.1f}); "
+                  f"Spearman {np.mean(rho):.3f}", flush=True)
+    return out
 
 
 def _mlp_rows(args, datas) -> list[dict]:
@@ -241,7 +279,7 @@ def run_select(args) -> int:
                 for strategy, sd in rowsets:
                     if args.round == 1 and strategy == "random":
                         continue
-                    rows = (rows_for("informative", data, pool, n, prior, ridge=ridge) if sd is None
+                    rows = (rows_for("informative", data, pool, n, prior, ridge=ridge, lowrank=0) if sd is None
                             else random.Random(sd).sample(pool, n))
                     pred = AnalyticPredictor(prior=prior, **params).fit_data(data.subset(rows), device=dev)
                     m = score(pred, val)
@@ -288,56 +326,79 @@ def run_select(args) -> int:
 
 # --select --round 3: how many low-rank rows start the design (`choose_informative(lowrank=...)`),
 # K = the number of prior devices. Added after the spread and ceiling runs showed that the Xeon's
-# 10-row fits lose to the exact shape on the prior devices' weights, not on the overall scale.
-LOWRANK_CONFIGS = {
-    "per-term only": lambda n, k: 0,
-    "K (default)": lambda n, k: min(k, n // 2),
-    "K + 1": lambda n, k: min(k + 1, n // 2),
-    "2K": lambda n, k: min(2 * k, n // 2),
-    "half": lambda n, k: n // 2,
+# 10-row fits lose to the exact shape on the prior devices' weights, not on the overall scale. The
+# predictor as it was then (each prior device whole, the lowest-CV-error strength up to 100).
+_ROUND3_FIT = {"prior_split": False, "strength_rule": "min", "strengths": STRENGTHS_WITH_ZERO}
+_K = lambda n, k: min(k, n // 2)  # noqa: E731  (round 3's choice)
+ROUND3 = {
+    "per-term only": (lambda n, k: 0, _ROUND3_FIT),
+    "K (default)": (_K, _ROUND3_FIT),
+    "K + 1": (lambda n, k: min(k + 1, n // 2), _ROUND3_FIT),
+    "2K": (lambda n, k: min(2 * k, n // 2), _ROUND3_FIT),
+    "half": (lambda n, k: n // 2, _ROUND3_FIT),
 }
-ROUND3_SIZES = (5, 10, 20)
+# --select --round 4: the low-rank start with each prior device split into its compute terms and
+# the rest (`prior_basis`), and strengths up to 1e4 with the one-standard-error rule (the strongest
+# prior the rows cannot tell from the best, so it fades as rows accumulate). Added after a look at
+# the split basis alone (its pure fit from 10 rows: 89.8 / 84.6 / 82.1 on the validation rows, the
+# GPU at its 1,600-row figure) and at the CV rule turning it down. A strength fixed at 1e4 scored
+# highest in that look but never fades with more rows, so it is not a candidate.
+_S4 = STRENGTHS_WITH_ZERO + (1e3, 1e4)
+ROUND4 = {
+    "round 3": (_K, _ROUND3_FIT),
+    "whole, 1se, to 1e4": (_K, {"prior_split": False, "strength_rule": "1se", "strengths": _S4}),
+    "split, min, to 100": (_K, {"prior_split": True, "strength_rule": "min", "strengths": STRENGTHS_WITH_ZERO}),
+    "split, min, to 1e4": (_K, {"prior_split": True, "strength_rule": "min", "strengths": _S4}),
+    "split, 1se, to 1e4 (default)": (_K, {"prior_split": True, "strength_rule": "1se", "strengths": _S4}),
+}
+ROUND34_SIZES = (5, 10, 20)
 
 
-def run_select_design(args) -> int:
-    """--select --round 3: informative rows from `--draws` halves of the training pool for each
-    low-rank count in LOWRANK_CONFIGS, the transfer predictor, scored on idx[1600:1800] (test rows
-    unread). Rule fixed before the 16-draw run: the highest mean validation acc10 over the three
-    devices x N in {5, 10, 20}. (An 8-draw look at "per-term only" and "half" came first: "half"
-    gained at N = 5-10 and lost at N = 20, which is why N = 20 is in the score and the counts
-    between were added.)"""
+def run_select_draws(args) -> int:
+    """--select --round 3 or 4: informative rows from `--draws` halves of the training pool for each
+    configuration (rows for the low-rank weights first, predictor settings), the transfer predictor,
+    scored on idx[1600:1800] (test rows unread). Rule fixed before each 16-draw run: the highest mean
+    validation acc10 over the three devices x N in {5, 10, 20}. (Round 3: an 8-draw look at "per-term
+    only" and "half" came first; "half" gained at N = 5-10 and lost at N = 20, which is why N = 20 is
+    in the score and the counts between were added. Round 4: see ROUND4.)"""
+    configs = ROUND3 if args.round == 3 else ROUND4
     datas = {d: read_latency_csv(DATA / FILES[d]) for d in FILES}
     rows_out = []
     for dev in FILES:
         data, pool, val, prior = leave_one_out(datas, dev)
-        for n in ROUND3_SIZES:
+        for n in ROUND34_SIZES:
             for k in range(args.draws):
                 sub = random.Random(100 + k).sample(pool, 800)
                 got: dict[tuple, dict] = {}
-                for name, count in LOWRANK_CONFIGS.items():
+                for name, (count, params) in configs.items():
                     sel = choose_informative(data.subset(sub).X, n, prior, lowrank=count(n, len(prior)))
-                    if tuple(sel) not in got:
-                        pred = AnalyticPredictor(prior=prior).fit_data(data.subset([sub[i] for i in sel]), device=dev)
-                        got[tuple(sel)] = score(pred, val)
+                    key = (tuple(sel), repr(sorted(params.items())))
+                    if key not in got:
+                        pred = AnalyticPredictor(prior=prior, **params).fit_data(data.subset([sub[i] for i in sel]),
+                                                                                 device=dev)
+                        got[key] = score(pred, val)
                     rows_out.append({"device": dev, "n_train": n, "draw": k, "config": name,
-                                     "acc10_pct": got[tuple(sel)]["acc10_pct"]})
+                                     "acc10_pct": got[key]["acc10_pct"]})
             print(f"{dev:<12} N={n:<3} " + "  ".join(
                 f"{name} {np.mean([r['acc10_pct'] for r in rows_out if r['device'] == dev and r['n_train'] == n and r['config'] == name]):5.1f}"
-                for name in LOWRANK_CONFIGS), file=sys.stderr, flush=True)
+                for name in configs), file=sys.stderr, flush=True)
     summary = {}
-    for name in LOWRANK_CONFIGS:
+    for name in configs:
         per = {n: float(np.mean([r["acc10_pct"] for r in rows_out if r["config"] == name and r["n_train"] == n]))
-               for n in ROUND3_SIZES}
+               for n in ROUND34_SIZES}
         summary[name] = {**{f"acc10_n{n}": v for n, v in per.items()}, "score": float(np.mean(list(per.values())))}
-        print(f"{name:<14} acc10 " + "  ".join(f"N={n} {v:5.2f}" for n, v in per.items())
+        print(f"{name:<30} acc10 " + "  ".join(f"N={n} {v:5.2f}" for n, v in per.items())
               + f"  score {summary[name]['score']:5.2f}")
-    chosen = max(LOWRANK_CONFIGS, key=lambda k: round(summary[k]["score"], 6))
+    chosen = max(configs, key=lambda k: round(summary[k]["score"], 6))
     print(f"decision (highest mean over devices x N in 5, 10, 20): {chosen}")
-    doc = {"format": "hat-edge-bench-predictor-transfer-select", "version": 1, "round": 3,
+    doc = {"format": "hat-edge-bench-predictor-transfer-select", "version": 1, "round": args.round,
            "rows": (f"informative rows (choose_informative(lowrank=...)) from {args.draws} halves of idx[:1600] "
                     "(random.Random(100 + k)); scored on idx[1600:1800], test rows unread"),
-           "rule": run_select_design.__doc__, "summary": summary, "decision": chosen, "results": rows_out}
-    out = write_json(args.out.replace("predictor_transfer.json", "predictor_transfer_select_round3.json"), doc)
+           "configs": {k: {"lowrank_rows_at_n10_k2": c(10, 2), **{p: (list(v) if isinstance(v, tuple) else v)
+                                                                   for p, v in prm.items()}}
+                       for k, (c, prm) in configs.items()},
+           "rule": run_select_draws.__doc__, "summary": summary, "decision": chosen, "results": rows_out}
+    out = write_json(args.out.replace("predictor_transfer.json", f"predictor_transfer_select_round{args.round}.json"), doc)
     print(f"wrote {out}")
     return 0
 
@@ -533,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--devices", default=",".join(FILES))
     ap.add_argument("--mlp", action="store_true", help="recompute HAT's MLP at N=1,600 (5,000 steps per device)")
     ap.add_argument("--select", action="store_true", help="the model-selection run on validation rows")
-    ap.add_argument("--round", type=int, default=2, choices=(1, 2, 3), help="--select: which round of choices")
+    ap.add_argument("--round", type=int, default=2, choices=(1, 2, 3, 4), help="--select: which round of choices")
     ap.add_argument("--spread", action="store_true",
                     help="the N-row figures over --draws halves of the training pool, on validation rows")
     ap.add_argument("--stop", action="store_true",
@@ -541,6 +602,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ceiling", action="store_true",
                     help="what the targets allow on each file: the shape oracle's figures on the test rows")
     ap.add_argument("--draws", type=int, default=8, help="--spread, --stop, --ceiling: how many pool halves")
+    ap.add_argument("--test-draws", type=int, default=16,
+                    help="the table: also the informative-row fits from this many pool halves, on the test rows (0: off)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "predictor_transfer.json"))
     args = ap.parse_args(argv)
     if args.spread:
@@ -549,8 +612,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_stop(args)
     if args.ceiling:
         return run_ceiling(args)
-    if args.select and args.round == 3:
-        return run_select_design(args)
+    if args.select and args.round in (3, 4):
+        return run_select_draws(args)
     return run_select(args) if args.select else run_table(args)
 
 

@@ -353,9 +353,7 @@ class SmoothDevice(CliffDevice):
 
 def test_with_a_prior_the_initial_dataset_is_informative_half_the_size_and_the_loop_as_good():
     """#16: with the packaged prior the loop measures the most informative archs first and stops
-    the initial dataset once the predictor's cross-validated MAPE is at most a threshold (2% here:
-    on this smooth device 8 archs already give 3.7%, and the rerun check needs a stop after more
-    than one group); the loop still meets
+    the initial dataset once the predictor's cross-validated MAPE is <= 4%; the loop still meets
     the same budget with a winner as good as the one without a prior from twice the rows."""
     from hat_edge.latency.prior import packaged_prior
     from hat_edge.search.loop import informative_initial_archs, measure_initial
@@ -367,7 +365,7 @@ def test_with_a_prior_the_initial_dataset_is_informative_half_the_size_and_the_l
 
     probe = SmoothDevice()
     logs: list[str] = []
-    _, init, n_new = measure_initial(DEMO, probe, 24, prior=prior, step=4, cv_mape=2.0, progress=False,
+    _, init, n_new = measure_initial(DEMO, probe, 24, prior=prior, step=4, cv_mape=4.0, progress=False,
                                      log=logs.append)
     assert init == order[: len(init)] and n_new == len(init) == len(probe.store)
     assert len(init) <= 12, (len(init), logs)
@@ -376,7 +374,7 @@ def test_with_a_prior_the_initial_dataset_is_informative_half_the_size_and_the_l
     # whatever else the store holds by then
     assert len(init) > 8  # more than one group: a stop decided on other rows would come earlier
     probe.measure([a for a in DEMO.sample_n(30, seed=5) if a not in probe.store][:12])
-    _, again, n_again = measure_initial(DEMO, probe, 24, prior=prior, step=4, cv_mape=2.0, progress=False)
+    _, again, n_again = measure_initial(DEMO, probe, 24, prior=prior, step=4, cv_mape=4.0, progress=False)
     assert again == init and n_again == 0
 
     budget = float(np.percentile([SmoothDevice.latency(a) for a in initial_archs(DEMO, 24, seed=0)], 40))

@@ -518,6 +518,33 @@ def test_choose_informative_starts_with_the_rows_that_pin_the_prior_devices_weig
     assert choose_informative(archs, 4, None) == choose_informative(archs, 4, None, lowrank=3)  # no prior: per-term
 
 
+def test_the_low_rank_start_mixes_each_prior_devices_compute_and_other_costs_separately() -> None:
+    """A board whose matmuls run like the Xeon's at 2x speed but whose fixed, per-layer and per-head
+    costs are 20x the Xeon's (a GPU-like launch overhead) is no mix of the Pi and the Xeon whole,
+    but is exactly a mix of their compute and other parts, which `prior_mean` finds from 8 rows."""
+    from hat_edge.latency.features import as_features, cost_terms
+    from hat_edge.latency.prior import COMPUTE_TERMS, packaged_prior, prior_basis, prior_mean, term_names
+
+    C = packaged_prior().without("titanxp").coef("decoder")  # Pi, Xeon
+    B = prior_basis(C, "decoder")
+    compute = np.array([n in COMPUTE_TERMS for n in term_names("decoder")])
+    assert B.shape == (4, C.shape[1])
+    np.testing.assert_allclose(B[0] + B[1], C[0])
+    np.testing.assert_allclose(B[2] + B[3], C[1])
+    assert not B[0][~compute].any() and not B[1][compute].any()
+    np.testing.assert_array_equal(prior_basis(C), C)  # side None: each device whole
+
+    archs = PRESETS["hat-wmt"].sample_n(60, seed=21)
+    _, TD = cost_terms(as_features(archs)[1], archs)
+    target = 0.5 * B[2] + 20.0 * B[3]
+    y = TD @ target
+    rows = np.arange(8)
+    split = prior_mean(TD[rows], y[rows], C, huber_k=None, side="decoder")
+    whole = prior_mean(TD[rows], y[rows], C, huber_k=None)
+    np.testing.assert_allclose(TD @ split, y, rtol=1e-6)  # the 52 rows it never saw as well
+    assert np.max(np.abs(TD @ whole / y - 1)) > 0.05
+
+
 def test_predictor_with_prior_roundtrips_and_a_tampered_prior_is_named(tmp_path: Path) -> None:
     from hat_edge.latency.prior import packaged_prior
 

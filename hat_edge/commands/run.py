@@ -38,7 +38,7 @@ def _log(msg: str) -> None:
                    "archs from the initial measurements (the share of the space that fits).")
 @click.option("--initial", default=None, type=click.IntRange(min=5),
               help="SubTransformers measured before the first search.  [default: 24 random ones; with a latency "
-                   "prior 12 informative ones, fewer once the predictor's cross-validated MAPE is at most 6%]")
+                   "prior 12 informative ones, fewer once the predictor's cross-validated MAPE is at most 8%]")
 @click.option("--rounds", default=2, show_default=True, type=click.IntRange(min=1), help="Most loop rounds.")
 @click.option("--top-k", default=3, show_default=True, type=click.IntRange(min=1), help="Candidates measured per round.")
 @search_size_option("quick")

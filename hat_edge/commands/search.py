@@ -180,7 +180,7 @@ def _predictor(predictor_path: Path | None, profile_name: str | None, store_path
               help="Accept a winner measuring up to budget x (1 + tolerance) (measurement noise).")
 @click.option("--initial", default=None, type=click.IntRange(min=5),
               help="Measurements before the first search.  [default: 40 (random + smallest + largest); with a "
-                   "latency prior 20 informative ones, fewer once the predictor's cross-validated MAPE is at most 5%]")
+                   "latency prior 20 informative ones, fewer once the predictor's cross-validated MAPE is at most 8%]")
 @click.option("--explore", default=2, show_default=True, type=click.IntRange(min=0),
               help="Extra candidates measured per round: archs with a lower loss that an optimistic "
                    "search finds (latency at the low end of the predictor's interval). 0: off.")

@@ -273,9 +273,12 @@ class AnalyticPredictor(Predictor):
     (worth `noise_rows` rows). point_spread: "bootstrap" (the ensemble's spread, the default) or
     "posterior" (the penalised fit's Gaussian posterior; it ignores the non-negativity that bounds
     the real uncertainty and gave 1,000%-wide intervals at 5 rows). strengths / strength_rule: the
-    candidates and the rule ("min" or "1se") of the strength's cross-validation. The prior
-    defaults (design ridge, strengths with 0, rule, spread) were chosen on validation rows only:
-    bench/predictor_transfer.py --select (rounds 1 and 2, bench/results/predictor_transfer_select*.json).
+    candidates and the rule ("1se": the strongest prior within one standard error of the lowest
+    cross-validated error; "min": the lowest) of the strength's cross-validation. prior_split: the
+    low-rank start mixes each prior device's compute terms and its other terms with their own
+    weights (`latency.prior.prior_basis`); False mixes the devices whole. The prior defaults
+    (design ridge, strengths, rule, spread, split) were chosen on validation rows only:
+    bench/predictor_transfer.py --select (rounds 1-4, bench/results/predictor_transfer_select*.json).
     """
 
     kind = "default"
@@ -298,8 +301,9 @@ class AnalyticPredictor(Predictor):
         small_n: int = 30,
         noise_rows: int = 10,
         strengths: Sequence[float] = PRIOR_STRENGTHS,
-        strength_rule: str = "min",
+        strength_rule: str = "1se",
         point_spread: str = "bootstrap",
+        prior_split: bool = True,
     ) -> None:
         super().__init__()
         self.prior = prior if prior is not None and len(prior) else None
@@ -317,6 +321,7 @@ class AnalyticPredictor(Predictor):
         if strength_rule not in ("min", "1se"):
             raise UserError(f"strength_rule must be 'min' or '1se', got {strength_rule!r}")
         self.strength_rule = strength_rule
+        self.prior_split = bool(prior_split)
         self.lam: float | None = None  # the prior strength used by the last fit
         self._n_fit = 0
         self.huber_k = huber_k
@@ -361,6 +366,7 @@ class AnalyticPredictor(Predictor):
             "strengths": list(self.strengths),
             "strength_rule": self.strength_rule,
             "point_spread": self.point_spread,
+            "prior_split": self.prior_split,
         }
 
     # ---- the analytic part ----
@@ -375,7 +381,8 @@ class AnalyticPredictor(Predictor):
     def _fit_linear(self, T: np.ndarray, y: np.ndarray, side: str = "joint") -> _Linear:
         lam = self.lam if self.lam is not None else (self.prior_strength or 1.0)
         if self.prior is not None and lam > 0:
-            c = fit_with_prior(T, y, self.prior.coef(side), lam, huber_k=self.huber_k)
+            c = fit_with_prior(T, y, self.prior.coef(side), lam, huber_k=self.huber_k,
+                               side=side if self.prior_split else None)
             return _Linear(tuple(range(T.shape[1])), tuple(float(v) for v in c))
         cols = independent_columns(T)
         c = fit_relative(T[:, cols], y, huber_k=self.huber_k)

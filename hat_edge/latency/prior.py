@@ -11,23 +11,28 @@ Transfer (`fit_with_prior`), for one side (encoder or decoder) with cost terms T
 y (n,) and the prior devices' coefficients C (K, p):
 
 1. Low-rank start: the new device is first modelled as a non-negative combination of the prior
-   devices' predictions, y ~ sum_k w_k (T C_k). Two or three weights fix the scale and the mix of
-   "compute-bound" and "overhead-bound" behaviour from a handful of rows.
+   devices' cost models, each split into its matmul (`COMPUTE_TERMS`) and its other costs:
+   y ~ sum_k (a_k T C_k^compute + b_k T C_k^other). 2K weights fix the scale and the balance of
+   matmul work and fixed, per-layer and per-head costs from a handful of rows, so a GPU (launch
+   overheads) is within reach of CPU priors (`prior_basis`).
 2. Correction: the per-term coefficients c >= 0 are then fitted to the new rows with a Gaussian
-   prior centred on c0 = w C: minimise sum_i ((T_i c - y_i) / y_i)^2 (Huber-reweighted) +
+   prior centred on c0 (step 1's fit): minimise sum_i ((T_i c - y_i) / y_i)^2 (Huber-reweighted) +
    lam * sum_j ((c_j - c0_j) * s_j)^2, where s_j = mean_i(T_ij / y_i) turns a coefficient into the
    share of the latency that term explains. So `lam` says how many rows' worth of evidence the prior
    is worth per term, in units of "share of latency"; the data term grows with the number of rows,
    so the prior fades as measurements accumulate.
 
 `lam` (the prior strength) is chosen per fit by cross-validation on the new device's own rows
-(leave-one-out below 13 rows) from `PRIOR_STRENGTHS`, 0 (no prior) included, unless fixed.
+(leave-one-out below 13 rows) from `PRIOR_STRENGTHS`, 0 (no prior) included, unless fixed: the
+strongest prior whose error is within one standard error of the lowest (the predictor's default
+rule), so the prior holds while a few rows cannot tell it from a free fit and fades as they can.
 
 Choosing what to measure first (`choose_informative`): greedy expected reduction of the total
-predictive variance over a candidate pool (I-optimal design) under the same linear model, with the
-prior devices' mean prediction standing in for the still-unknown latency. Chosen over random rows
-and a D-optimal (extremes-first) design by leave-one-device-out on HAT's training rows only
-(bench/predictor_transfer.py `--select`).
+predictive variance over a candidate pool (I-optimal design), first (min(K, n // 2) rows, K prior
+devices) for the low-rank start's K weights, then for the per-term linear model, with the prior
+devices' mean prediction standing in for the still-unknown latency. Chosen over random rows, a
+D-optimal (extremes-first) design and other sizes of the first phase by leave-one-device-out on
+HAT's training rows only (bench/predictor_transfer.py `--select`, rounds 1-3).
 
 Prior files are untrusted input: `load_prior` validates every field and raises a one-line
 `UserError` naming the file and the field.
@@ -53,7 +58,7 @@ PRIOR_FORMAT = "hat-edge-latency-prior"
 PRIOR_VERSION = 1
 # Candidate prior strengths (lam above); chosen by cross-validation on the new device's rows.
 # 0 is "no prior" (the plain fit), so a prior that does not fit the new board can be turned down.
-PRIOR_STRENGTHS = (0.0, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)
+PRIOR_STRENGTHS = (0.0, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0, 1e3, 1e4)
 # Design ridge of `choose_informative` in standardised term units (chosen with the training rows
 # only, see the module docstring).
 DESIGN_RIDGE = 10.0
@@ -355,14 +360,53 @@ def resolve_priors(items: Sequence[str | Path], exclude: str | None = None) -> P
 # --------------------------------------------------------------------------------------------
 # Transfer fit
 # --------------------------------------------------------------------------------------------
-def prior_mean(T: np.ndarray, y: np.ndarray, C: np.ndarray, huber_k: float | None = 4.0) -> np.ndarray:
-    """c0 = w C with w >= 0 the robust relative fit of y on the prior devices' predictions T C_k."""
-    P = T @ C.T  # (n, K)
+# Terms that are matmul work (multiply-adds). A device's costs per unit of these move together from
+# one device to the next (a faster matmul unit speeds every matmul); the other terms (fixed,
+# per-layer, per-head and elementwise costs) move together too, but not with the first group: a
+# GPU's kernel launches cost far more per FLOP than a CPU's. So the low-rank start gives each prior
+# device's two groups their own weights (`prior_basis`); chosen on validation rows only
+# (bench/predictor_transfer.py --select --round 4).
+COMPUTE_TERMS = frozenset({
+    "enc_proj", "enc_ffn", "enc_attn",
+    "dec_out", "dec_proj", "dec_ffn", "dec_self_attn", "dec_cross_len", "dec_cross_kv",
+})
+
+
+def term_names(side: str) -> tuple[str, ...]:
+    """The cost terms of `side` ("encoder", "decoder" or "joint"), in column order."""
+    if side == "encoder":
+        return ENCODER_TERMS
+    if side == "decoder":
+        return DECODER_TERMS
+    if side == "joint":
+        return ENCODER_TERMS + DECODER_TERMS[1:]
+    raise ValueError(f"side must be 'encoder', 'decoder' or 'joint', got {side!r}")
+
+
+def prior_basis(C: np.ndarray, side: str | None = None) -> np.ndarray:
+    """(B, p) coefficient vectors the low-rank start mixes: each prior device's compute terms and
+    its other terms as two vectors (`COMPUTE_TERMS`), or each device whole when `side` is None."""
+    C = np.asarray(C, float)
+    if side is None:
+        return C
+    compute = np.array([n in COMPUTE_TERMS for n in term_names(side)])
+    if len(compute) != C.shape[1]:
+        raise ValueError(f"{C.shape[1]} coefficients for the {len(compute)} terms of side {side!r}")
+    parts = [np.where(mask, c, 0.0) for c in C for mask in (compute, ~compute)]
+    return np.array([v for v in parts if np.any(v > 0)]).reshape(-1, C.shape[1])
+
+
+def prior_mean(T: np.ndarray, y: np.ndarray, C: np.ndarray, huber_k: float | None = 4.0,
+               side: str | None = None) -> np.ndarray:
+    """c0 = w B with w >= 0 the robust relative fit of y on the predictions T B_b of the prior
+    basis B = `prior_basis(C, side)` (each device whole when `side` is None)."""
+    B = prior_basis(C, side)
+    P = T @ B.T  # (n, len(B))
     keep = np.flatnonzero(np.abs(P).sum(axis=0) > 0)
-    w = np.zeros(len(C))
+    w = np.zeros(len(B))
     if len(keep):
         w[keep] = fit_relative(P[:, keep], y, huber_k=huber_k)
-    return w @ C
+    return w @ B
 
 
 def fit_with_prior(
@@ -372,11 +416,14 @@ def fit_with_prior(
     lam: float,
     huber_k: float | None = 4.0,
     iters: int = 20,
+    side: str | None = None,
 ) -> np.ndarray:
-    """Non-negative coefficients (p,) for one side; see the module docstring (steps 1 and 2)."""
+    """Non-negative coefficients (p,) for one side; see the module docstring (steps 1 and 2).
+    `side` ("encoder", "decoder", "joint") splits each prior device into its compute and other
+    terms for step 1 (`prior_basis`); None mixes the devices whole."""
     T = np.asarray(T, float)
     y = np.asarray(y, float)
-    c0 = prior_mean(T, y, C, huber_k)
+    c0 = prior_mean(T, y, C, huber_k, side)
     share = (T / y[:, None]).mean(axis=0)  # latency share per unit coefficient
     s = np.where(share > 0, share, 1.0)
     n = len(y)
@@ -512,6 +559,9 @@ __all__ = [
     "build_prior",
     "resolve_priors",
     "prior_from_store",
+    "COMPUTE_TERMS",
+    "term_names",
+    "prior_basis",
     "prior_mean",
     "fit_with_prior",
     "choose_informative",
