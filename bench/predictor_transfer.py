@@ -113,16 +113,21 @@ def rows_for(strategy: str, data, pool: list[int], n: int, prior, ridge: float =
     return [pool[i] for i in sel]
 
 
+def test_target(datas: dict, dev: str):
+    """(data, training pool idx[:1600], test rows idx[1800:], prior of the other devices) for target
+    `dev`: HAT's protocol, as the final table reads it."""
+    data = datas[dev]
+    pool, test_idx = split(len(data))
+    return data, pool, data.subset(test_idx), build_prior([(d, datas[d]) for d in FILES if d != dev])
+
+
 def run_table(args) -> int:
     datas = {d: read_latency_csv(DATA / FILES[d]) for d in FILES}
     sizes = [int(s) for s in args.sizes.split(",")]
     mlp = _mlp_rows(args, datas)
     results = []
     for dev in args.devices.split(","):
-        data = datas[dev]
-        pool, test_idx = split(len(data))
-        test = data.subset(test_idx)
-        prior = build_prior([(d, datas[d]) for d in FILES if d != dev])
+        data, pool, test, prior = test_target(datas, dev)
         for n in sizes:
             for strategy in ("informative", "random"):
                 rows = rows_for(strategy, data, pool, n, prior)
@@ -170,10 +175,7 @@ def _test_draws(args, datas, sizes: list[int]) -> dict:
     print(f"\ninformative rows from {args.test_draws} halves of the pool, transfer fit, test rows: acc10 mean "
           "(min-max); Spearman mean")
     for dev in args.devices.split(","):
-        data = datas[dev]
-        pool, test_idx = split(len(data))
-        test = data.subset(test_idx)
-        prior = build_prior([(d, datas[d]) for d in FILES if d != dev])
+        data, pool, test, prior = test_target(datas, dev)
         for n in sizes:
             acc, rho = [], []
             for k in range(args.test_draws):
