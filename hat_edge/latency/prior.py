@@ -471,7 +471,8 @@ def choose_informative(
     design (`already` included) are the I-optimal design for those K columns per side, the rest
     the I-optimal design for the per-term costs, given every row before. `lowrank` sets that count
     (0: the per-term design alone). Chosen over the per-term design alone on validation rows only
-    (bench/predictor_transfer.py --select --round 3).
+    (bench/predictor_transfer.py --select --round 3), when the start mixed the devices whole; round 4
+    split the start into 2K weights (`prior_basis`) and kept this design (a split phase 1 is untried).
     `already`: pool rows measured before (they count as chosen and are not returned).
     """
     from hat_edge.latency.features import as_features
