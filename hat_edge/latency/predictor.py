@@ -59,7 +59,7 @@ from hat_edge.latency.fitting import (
     fit_relative,
     independent_columns,
 )
-from hat_edge.latency.prior import PRIOR_STRENGTHS, Prior, fit_with_prior, prior_from_dict
+from hat_edge.latency.prior import PRIOR_STRENGTHS, Prior, fit_with_prior, prior_from_dict, term_names
 from hat_edge.space import HAT_FEATURE_NORM, Arch
 
 PREDICTOR_FORMAT = "hat-edge-predictor"
@@ -586,7 +586,7 @@ class AnalyticPredictor(Predictor):
         TE, TD = self._terms(archs, F)
         out: dict[str, np.ndarray] = {}
         if self.joint is not None:
-            names = list(ENCODER_TERMS) + list(DECODER_TERMS[1:])
+            names = term_names("joint")
             T = self._joint_terms(TE, TD)
             for c, v in zip(self.joint.cols, self.joint.coef):
                 out[names[c]] = T[:, c] * v

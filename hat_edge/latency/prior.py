@@ -126,7 +126,7 @@ class Prior:
         return max(0.0, -float(np.mean([b[0] for b in bands]))), max(0.0, float(np.mean([b[1] for b in bands])))
 
     def coef(self, side: str) -> np.ndarray:
-        """(K, p) coefficients of `side`: "encoder", "decoder" or "joint" (see `joint_terms`)."""
+        """(K, p) coefficients of `side`: "encoder", "decoder" or "joint" (columns as `term_names`)."""
         E = np.array([d.encoder for d in self.devices], float).reshape(-1, len(ENCODER_TERMS))
         D = np.array([d.decoder for d in self.devices], float).reshape(-1, len(DECODER_TERMS))
         if side == "encoder":
