@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from hat_edge import __version__
-from hat_edge.data.tokenizer import Tokenizer
+from hat_edge.data.tokenizer import Tokenizer, tokenizer_from_bytes
 from hat_edge.errors import UserError
 from hat_edge.space import Arch, SearchSpace
 
@@ -285,7 +285,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     doc = read_checkpoint(p)
     model, space = build_model(doc, str(p))
     model.to(device).eval()
-    tok = Tokenizer(doc["tokenizer"], f"{p} (tokenizer)")
+    tok = tokenizer_from_bytes(doc["tokenizer"], f"{p} (tokenizer)")
     arch = Arch.from_dict(doc["arch"], str(p)) if doc.get("arch") else None
     return Checkpoint(model=model, tokenizer=tok, space=space, meta=dict(doc.get("meta") or {}), arch=arch, path=str(p))
 
@@ -294,7 +294,7 @@ def ship_checkpoint(src: str | Path, dst: str | Path, extra_meta: dict[str, Any]
     """A small, inference-only copy: fp16 weights, no training state (what the package ships)."""
     doc = read_checkpoint(src)
     model, space = build_model(doc, str(src))
-    tok = Tokenizer(doc["tokenizer"])
+    tok = tokenizer_from_bytes(doc["tokenizer"])
     arch = Arch.from_dict(doc["arch"]) if doc.get("arch") else None
     meta = dict(doc.get("meta") or {})
     meta.update(extra_meta or {})

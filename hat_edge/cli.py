@@ -23,6 +23,7 @@ _COMMAND_MODULES = (
     "hat_edge.commands.devices",
     "hat_edge.commands.predictor",
     "hat_edge.commands.train",
+    "hat_edge.commands.hatimport",
     "hat_edge.commands.search",
 )
 

@@ -22,19 +22,41 @@ import torch.nn.functional as F
 
 from hat_edge.data.batching import Batch, EncodedPairs, collate, make_batches
 from hat_edge.data.corpus import DataSpec, ParallelCorpus
-from hat_edge.data.tokenizer import PAD_ID, Tokenizer
+from hat_edge.data.tokenizer import PAD_ID, Tokenizer, load_tokenizer
 from hat_edge.errors import UserError
 from hat_edge.space import Arch
 
-# fairseq's default output length bound: a * source length + b.
+# hat-edge's default output length bound: a * source length + b.
 MAX_LEN_A = 1.2
 MAX_LEN_B = 10
+
+# BLEU metrics: "sacrebleu" (detokenised text, 13a), and HAT's two (configs/*/test.sh):
+# "hat-normal" (Moses-tokenized text, BPE removed, compounds split as ##AT##-##AT##, BLEU on
+# whitespace tokens as fairseq's score.py) and "hat-sacre" (sacremoses detokenize, then sacreBLEU).
+BLEU_METRICS = ("sacrebleu", "hat-normal", "hat-sacre")
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """How translations are decoded: beam, length penalty, fairseq's min length, a*src+b steps."""
+
+    beam: int = 5
+    len_penalty: float = 1.0
+    min_len: int = 0
+    max_len_a: float = MAX_LEN_A
+    max_len_b: int = MAX_LEN_B
+
+
+# HAT's test.sh (generate.py --beam 4 --lenpen 0.6) with fairseq's generator defaults (min_len 1,
+# max_len_a 0, max_len_b 200; fairseq runs max_len + 1 steps, the last one EOS only: 201 here).
+HAT_DECODING = DecodeSettings(beam=4, len_penalty=0.6, min_len=1, max_len_a=0.0, max_len_b=201)
 
 
 # ------------------------------------------------------------------------------------------------
 # loss
 # ------------------------------------------------------------------------------------------------
-def loss_sums(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def loss_sums(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0,
+              pad_id: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed (smoothed loss, nll) over non-pad target tokens.
 
     logits (B, T, V), target (B, T). The smoothed loss is fairseq's label-smoothed cross-entropy:
@@ -43,7 +65,7 @@ def loss_sums(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float
     loses the small probabilities that the smoothing term sums).
     """
     lprobs = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
-    mask = target != PAD_ID  # (B, T)
+    mask = target != pad_id  # (B, T)
     nll = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (B, T)
     nll = nll.masked_fill(~mask, 0.0).sum()
     if label_smoothing <= 0.0:
@@ -65,7 +87,7 @@ def mean_loss(model: torch.nn.Module, batches: Sequence[Batch], arch: Arch, devi
         for b in batches:
             b = b.to(device)
             logits = model(b.src, b.prev, arch)
-            _, nll = loss_sums(logits, b.target)
+            _, nll = loss_sums(logits, b.target, pad_id=b.pad_id)
             total += float(nll)
             ntok += b.ntokens
     finally:
@@ -148,7 +170,7 @@ def load_split(checkpoint: Any, split: str, data: DataSpec | None = None) -> Par
         if not spec:
             raise UserError(f"{checkpoint.path or 'checkpoint'}: no training data recorded; pass --data")
         data = DataSpec.from_dict(spec)
-    return data.load().get(split)
+    return data.load_split(split)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -164,8 +186,9 @@ class BleuResult:
     elapsed_ms: float
 
 
-def _max_len(src_len: int, cap: int) -> int:
-    return max(2, min(int(MAX_LEN_A * src_len + MAX_LEN_B), cap))
+def _max_len(src_len: int, cap: int, d: "DecodeSettings | None" = None) -> int:
+    d = d or DecodeSettings()
+    return max(2, min(int(d.max_len_a * src_len + d.max_len_b), cap))
 
 
 def translate(
@@ -176,8 +199,16 @@ def translate(
     beam: int = 5,
     batch_size: int = 32,
     progress: bool = False,
+    level: str = "raw",
+    out_level: str = "raw",
+    decoding: DecodeSettings | None = None,
 ) -> list[str]:
     """Detokenised translations of `sources` by beam search (beam=1: greedy).
+
+    `level`/`out_level`: the text level of the sources and of the output ("raw"; "bpe" and "tok"
+    for a model imported from HAT, `hat_edge.data.fairseq_tokenizer`). `decoding`: length penalty,
+    min length and length bound (default: hat-edge's; `HAT_DECODING`: HAT's test.sh); its beam
+    replaces `beam`.
 
     `model`: a SuperTransformer (with `arch`; cut to a plain SubTransformer first, which is what
     export and the device run), a SubTransformer, or an exported bundle (a `Bundle` or its
@@ -191,20 +222,21 @@ def translate(
     tokenizer = tokenizer or bundle_tok
     if tokenizer is None:
         raise UserError("translating needs a tokenizer (the bundle has none: export it with one)")
-    enc = [tokenizer.encode(s) for s in sources]
+    d = decoding or DecodeSettings(beam=beam)
+    enc = tokenizer.encode_batch(list(sources), side="src", level=level)
     order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
     out: list[str] = [""] * len(enc)
     chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for chunk in tqdm(chunks, desc="translate", unit="batch", disable=not progress, leave=False):
         longest = max(len(enc[i]) for i in chunk)
-        hyps = decode_ids([enc[i] for i in chunk], beam, _max_len(longest, max_positions))
+        hyps = decode_ids([enc[i] for i in chunk], d, _max_len(longest, max_positions, d))
         for r, i in enumerate(chunk):
-            out[i] = tokenizer.decode(hyps[r])
+            out[i] = tokenizer.decode(hyps[r], level=out_level) if out_level != "raw" else tokenizer.decode(hyps[r])
     return out
 
 
-def _pad(seqs: Sequence[Sequence[int]]) -> torch.Tensor:
-    src = np.full((len(seqs), max(len(s) for s in seqs)), PAD_ID, dtype=np.int64)
+def _pad(seqs: Sequence[Sequence[int]], pad_id: int = PAD_ID) -> torch.Tensor:
+    src = np.full((len(seqs), max(len(s) for s in seqs)), pad_id, dtype=np.int64)
     for r, s in enumerate(seqs):
         src[r, : len(s)] = s
     return torch.from_numpy(src)  # (B, S), right-padded
@@ -227,9 +259,12 @@ def _torch_decoder(sub: torch.nn.Module):
     sub = sub.eval()
 
     @torch.no_grad()
-    def run(seqs: Sequence[Sequence[int]], beam: int, max_len: int) -> list[list[int]]:
-        src = _pad(seqs)
-        hyps = decode.greedy(sub, src, max_len=max_len) if beam <= 1 else decode.beam(sub, src, beam=beam, max_len=max_len)
+    def run(seqs: Sequence[Sequence[int]], d: DecodeSettings, max_len: int) -> list[list[int]]:
+        src = _pad(seqs, sub.cfg.pad_id)
+        if d.beam <= 1:
+            hyps = decode.greedy(sub, src, max_len=max_len, min_len=d.min_len)
+        else:
+            hyps = decode.beam(sub, src, beam=d.beam, max_len=max_len, len_penalty=d.len_penalty, min_len=d.min_len)
         return [list(map(int, h)) for h in hyps]
 
     return run
@@ -242,10 +277,11 @@ def _bundle_decoder(model: Any):
 
     bundle = model if isinstance(model, exporters.Bundle) else exporters.load_bundle(Path(model))
     tok_file = bundle.tokenizer_file
-    tok = Tokenizer.load(tok_file) if tok_file is not None and Path(tok_file).exists() else None
+    tok = load_tokenizer(tok_file) if tok_file is not None and Path(tok_file).exists() else None
 
-    def run(seqs: Sequence[Sequence[int]], beam: int, max_len: int) -> list[list[int]]:
-        return exporters.translate(bundle, [list(s) for s in seqs], beam=beam, max_len=max_len)
+    def run(seqs: Sequence[Sequence[int]], d: DecodeSettings, max_len: int) -> list[list[int]]:
+        return exporters.translate(bundle, [list(s) for s in seqs], beam=d.beam, max_len=max_len,
+                                   len_penalty=d.len_penalty, min_len=d.min_len)
 
     return run, int(bundle.manifest["model"].get("max_positions", 512)), tok
 
@@ -258,24 +294,69 @@ def bleu(
     beam: int = 5,
     batch_size: int = 32,
     progress: bool = False,
+    metric: str = "sacrebleu",
+    decoding: DecodeSettings | None = None,
 ) -> BleuResult:
-    """sacrebleu corpus BLEU of beam-search translations of `corpus.src` against `corpus.tgt`.
+    """Corpus BLEU of beam-search translations of `corpus.src` against `corpus.tgt`.
 
     `model` as in `translate`: SuperTransformer + arch, SubTransformer, or an exported bundle.
+    `metric` (BLEU_METRICS): "sacrebleu" on detokenised text, or HAT's "hat-normal" / "hat-sacre"
+    (configs/*/test.sh; for a model imported from HAT). `decoding` as in `translate`.
     """
+    if metric not in BLEU_METRICS:
+        raise UserError(f"BLEU metric {metric!r}: allowed {', '.join(BLEU_METRICS)}")
     t0 = time.perf_counter()
-    hyps = translate(model, tokenizer, corpus.src, arch=arch, beam=beam, batch_size=batch_size, progress=progress)
-    refs = list(corpus.tgt)
-    metric = sacrebleu.BLEU()
-    score = metric.corpus_score(hyps, [refs])
+    tok = tokenizer if tokenizer is not None else _decoder_for(model, arch)[2]
+    if tok is None:
+        raise UserError("translating needs a tokenizer (the bundle has none: export it with one)")
+    out_level = "tok" if metric != "sacrebleu" else "raw"
+    hyps = translate(model, tok, corpus.src, arch=arch, beam=beam, batch_size=batch_size, progress=progress,
+                     level=corpus.level, out_level=out_level, decoding=decoding)
+    refs = [tok.reference(t, corpus.level, out_level) for t in corpus.tgt]
+    if metric == "hat-normal":
+        hyps, refs = [split_compounds(h) for h in hyps], [split_compounds(r) for r in refs]
+        scorer = sacrebleu.BLEU(tokenize="none", smooth_method="none", force=True)
+    elif metric == "hat-sacre":
+        hyps, refs = [moses_detokenize_en(h) for h in hyps], [moses_detokenize_en(r) for r in refs]
+        scorer = sacrebleu.BLEU()
+    else:
+        scorer = sacrebleu.BLEU()
+    score = scorer.corpus_score(hyps, [refs])
+    metric_obj = scorer
     return BleuResult(
         bleu=float(score.score),
         n_sentences=len(hyps),
         hypotheses=tuple(hyps),
         references=tuple(refs),
-        signature=str(metric.get_signature()),
+        signature=f"{metric}|{metric_obj.get_signature()}",
         elapsed_ms=(time.perf_counter() - t0) * 1000.0,
     )
+
+
+_COMPOUND = None
+
+
+def split_compounds(s: str) -> str:
+    """HAT's "normal" BLEU preprocessing: `perl -ple 's{(\\S)-(\\S)}{$1 ##AT##-##AT## $2}g'`."""
+    import re
+
+    global _COMPOUND
+    if _COMPOUND is None:
+        _COMPOUND = re.compile(r"(\S)-(\S)")
+    return _COMPOUND.sub(r"\1 ##AT##-##AT## \2", s)
+
+
+_DETOK = None
+
+
+def moses_detokenize_en(s: str) -> str:
+    """HAT's "sacre" BLEU preprocessing: `sacremoses detokenize` (its CLI's default language, en)."""
+    global _DETOK
+    if _DETOK is None:
+        from sacremoses import MosesDetokenizer
+
+        _DETOK = MosesDetokenizer(lang="en")
+    return _DETOK.detokenize(s.split())
 
 
 def evaluate(
@@ -287,8 +368,17 @@ def evaluate(
     data: DataSpec | None = None,
     do_bleu: bool = True,
     progress: bool = False,
+    metric: str | None = None,
+    decoding: DecodeSettings | None = None,
 ) -> dict[str, Any]:
-    """Loss and BLEU of one SubTransformer of a checkpoint on a split (the CLI's `evaluate`)."""
+    """Loss and BLEU of one SubTransformer of a checkpoint on a split (the CLI's `evaluate`).
+
+    metric/decoding None: HAT's ("hat-normal", `HAT_DECODING`) for a model imported from HAT,
+    hat-edge's (sacreBLEU, `beam`) otherwise."""
+    hat = getattr(checkpoint.tokenizer, "kind", "") == "fairseq"
+    metric = metric or ("hat-normal" if hat else "sacrebleu")
+    if decoding is None:
+        decoding = HAT_DECODING if hat else DecodeSettings(beam=beam)
     checkpoint.space.validate(arch)
     corpus = load_split(checkpoint, split, data)
     if max_sentences is not None:
@@ -309,8 +399,10 @@ def evaluate(
         "loss_ms": loss_ms,
     }
     if do_bleu:
-        res = bleu(checkpoint.model, checkpoint.tokenizer, corpus, arch=arch, beam=beam, progress=progress)
-        out.update(bleu=res.bleu, beam=beam, bleu_signature=res.signature, bleu_ms=res.elapsed_ms)
+        res = bleu(checkpoint.model, checkpoint.tokenizer, corpus, arch=arch, beam=decoding.beam, progress=progress,
+                   metric=metric, decoding=decoding)
+        out.update(bleu=res.bleu, beam=decoding.beam, bleu_metric=metric, len_penalty=decoding.len_penalty,
+                   bleu_signature=res.signature, bleu_ms=res.elapsed_ms)
     return out
 
 
@@ -321,6 +413,10 @@ __all__ = [
     "ValidLoss",
     "load_split",
     "BleuResult",
+    "BLEU_METRICS",
+    "DecodeSettings",
+    "HAT_DECODING",
+    "split_compounds",
     "translate",
     "bleu",
     "evaluate",

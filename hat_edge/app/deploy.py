@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from hat_edge.checkpoint import Checkpoint, load_checkpoint
-from hat_edge.data.tokenizer import Tokenizer
+from hat_edge.data.tokenizer import load_tokenizer
 from hat_edge.devices.measure import device_env, last_json_line, push_runner, require_runtime, run_one_job
 from hat_edge.devices.profiles import DeviceProfile
 from hat_edge.devices.transport import Result, Transport, TransportError, open_transport
@@ -241,7 +241,7 @@ def deploy(
                 f"--bundle {bundle}: runtime '{b.runtime}' but profile '{profile.name}' uses '{profile.runtime}'"
             )
         if b.tokenizer_file is not None:
-            tok = Tokenizer.load(b.tokenizer_file)
+            tok = load_tokenizer(b.tokenizer_file)
     local_dir = Path(b.path)
     manifest = b.manifest
 
@@ -251,8 +251,10 @@ def deploy(
         shown = list(sentences)
     else:
         rng = np.random.default_rng(0)
-        V = int(manifest["model"]["vocab_size"])
-        sources = [[int(x) for x in rng.integers(4, V, size=n)] + [3] for n in (7, 12, 5)]
+        m = manifest["model"]
+        V = int(m.get("src_vocab_size", m["vocab_size"]))
+        eos = int(m.get("eos_id", 3))
+        sources = [[int(x) for x in rng.integers(4, V, size=n)] + [eos] for n in (7, 12, 5)]
         shown = [" ".join(map(str, s)) for s in sources]
         references = None
 

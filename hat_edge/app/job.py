@@ -34,8 +34,34 @@ def make_fitness(ckpt: Checkpoint, sentences: int) -> CachedFitness:
     """The search's fitness: validation loss of an arch inside the checkpoint's SuperTransformer."""
     from hat_edge.evaluate import ValidLoss
 
-    vl = ValidLoss(ckpt, split="valid", max_sentences=sentences, max_tokens=FITNESS_MAX_TOKENS)
+    vl = ValidLoss(_on_fitness_device(ckpt), split="valid", max_sentences=sentences, max_tokens=FITNESS_MAX_TOKENS,
+                   device=fitness_device())
     return CachedFitness(vl.loss)
+
+
+def fitness_device() -> str:
+    """Where the fitness runs: CUDA when this host has it (HAT_EDGE_FITNESS_DEVICE=cpu keeps it on
+    the CPU), else the CPU."""
+    import os
+
+    import torch
+
+    want = os.environ.get("HAT_EDGE_FITNESS_DEVICE", "auto")
+    if want not in ("auto", "cpu", "cuda"):
+        raise UserError(f"HAT_EDGE_FITNESS_DEVICE={want!r}: allowed auto, cpu, cuda")
+    if want == "cuda" and not torch.cuda.is_available():
+        raise UserError("HAT_EDGE_FITNESS_DEVICE=cuda, but torch sees no CUDA device here")
+    return "cuda" if want != "cpu" and torch.cuda.is_available() else "cpu"
+
+
+def _on_fitness_device(ckpt: Checkpoint) -> Checkpoint:
+    """On CUDA the fitness gets its own copy of the SuperTransformer, so the checkpoint's model (the
+    one export and deploy cut SubTransformers from) stays on the CPU."""
+    if fitness_device() == "cpu":
+        return ckpt
+    import copy
+
+    return dataclasses.replace(ckpt, model=copy.deepcopy(ckpt.model).to("cuda"))
 
 
 def set_host_threads(threads: int | None) -> None:

@@ -111,14 +111,20 @@ def train_cmd(resume: bool, as_json: bool, **kw) -> None:
 @click.option("--data", default=None, help="Evaluate on another corpus's split (TSV, or with --tgt-data a file pair); default: the checkpoint's corpus.")
 @click.option("--tgt-data", default=None, help="Target file for --data.")
 @click.option("--max-sentences", default=None, type=int, help="Only the first N pairs of the split.")
-@click.option("--beam", default=5, type=int, help="Beam size for BLEU (1: greedy).")
+@click.option("--beam", default=None, type=int, help="Beam size for BLEU (1: greedy). Default 5; 4 for a model "
+              "imported from HAT (its test.sh, with --lenpen 0.6).")
+@click.option("--bleu", "metric", default=None, type=click.Choice(["sacrebleu", "hat-normal", "hat-sacre"]),
+              help="BLEU as sacreBLEU on detokenised text, or as HAT's test.sh computes it ('normal': Moses-tokenized, "
+              "compounds split; 'sacre': detokenised, sacreBLEU). Default: hat-normal for an imported HAT model.")
+@click.option("--text-level", default="bpe", type=click.Choice(["bpe", "raw"]),
+              help="With --data DIR for an imported HAT model: its text files are BPE'd (HAT's) or raw text.")
 @click.option("--no-bleu", is_flag=True, help="Loss only (fast).")
 @click.option("--threads", default=None, type=int, help="CPU threads for torch.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (loss, bleu, ...).")
 @progress_option(None, when="on, off with --json")
 def evaluate_cmd(ckpt: str, bundle: Path | None, arch: str, split: str, data: str | None, tgt_data: str | None,
-                 max_sentences: int | None, beam: int, no_bleu: bool, threads: int | None, as_json: bool,
-                 progress: bool | None) -> None:
+                 max_sentences: int | None, beam: int | None, metric: str | None, text_level: str, no_bleu: bool,
+                 threads: int | None, as_json: bool, progress: bool | None) -> None:
     """Loss and BLEU of one SubTransformer of a trained SuperTransformer (or BLEU of a bundle).
 
     \b
@@ -130,27 +136,54 @@ def evaluate_cmd(ckpt: str, bundle: Path | None, arch: str, split: str, data: st
       hat-edge evaluate --checkpoint demo --arch largest --split test --json
       hat-edge evaluate --checkpoint runs/demo/checkpoint_best.pt --arch winner.yml --max-sentences 200
       hat-edge evaluate --bundle out/bundle --checkpoint demo --max-sentences 100   # corpus of 'demo'
+      hat-edge evaluate --checkpoint pi_6.9s.pt --data data/binary/wmt16_en_de --bleu hat-sacre
+    A model imported from HAT (`hat-edge import hat`) reads HAT's data directory (fairseq-binarized
+    {valid,test}.en-de.* or valid.en/valid.de text) and decodes as HAT's test.sh (beam 4, lenpen 0.6).
     """
     import torch
 
     from hat_edge.checkpoint import load_checkpoint, read_checkpoint
     from hat_edge.data.corpus import DataSpec
-    from hat_edge.evaluate import bleu, evaluate
+    from hat_edge.evaluate import HAT_DECODING, DecodeSettings, bleu, evaluate
     from hat_edge.space import load_arch
 
     if threads:
         torch.set_num_threads(threads)
     show = not as_json if progress is None else progress
-    if beam < 1:
+    if beam is not None and beam < 1:
         raise UserError(f"--beam must be at least 1, got {beam}")
+
+    def data_spec(cp_meta: dict, tok) -> DataSpec | None:
+        if data is None:
+            return None
+        if getattr(tok, "kind", "") == "fairseq":
+            if not Path(data).is_dir():
+                raise UserError(f"--data {data}: a model imported from HAT reads a data directory (fairseq-binarized "
+                                "splits or valid.LANG/test.LANG text files)")
+            return DataSpec(str(data), kind="fairseq", src_lang=tok.src_lang, tgt_lang=tok.tgt_lang,
+                            text_level=text_level)
+        base = DataSpec.from_dict(cp_meta["data"]) if cp_meta.get("data") else DataSpec(data)
+        return DataSpec(data, tgt_data, base.n_valid, base.n_test, base.seed)
+
+    def decoding_for(tok) -> DecodeSettings:
+        d = HAT_DECODING if getattr(tok, "kind", "") == "fairseq" else DecodeSettings()
+        return d if beam is None else DecodeSettings(beam, d.len_penalty, d.min_len, d.max_len_a, d.max_len_b)
+
     if bundle is not None:
+        from hat_edge.data.tokenizer import load_tokenizer
+        from hat_edge.exporters import load_bundle
+
+        b = load_bundle(bundle)
+        tok = load_tokenizer(b.tokenizer_file) if b.tokenizer_file is not None else None
         meta = (read_checkpoint(ckpt).get("meta") or {}) if data is None else {}
-        base = DataSpec.from_dict(meta["data"]) if meta.get("data") else DataSpec(data or "demo")
-        spec = DataSpec(data, tgt_data, base.n_valid, base.n_test, base.seed) if data else base
-        corpus = spec.load().get(split)
+        spec = data_spec(meta, tok) or (DataSpec.from_dict(meta["data"]) if meta.get("data") else DataSpec("demo"))
+        corpus = spec.load_split(split)
         if max_sentences is not None:
             corpus = corpus.head(max_sentences)
-        res = bleu(bundle, None, corpus, beam=beam, progress=show)
+        d = decoding_for(tok)
+        beam = d.beam
+        m = metric or ("hat-normal" if getattr(tok, "kind", "") == "fairseq" else "sacrebleu")
+        res = bleu(b, tok, corpus, beam=beam, progress=show, metric=m, decoding=d)
         out = {"version": 1, "bundle": str(bundle), "split": split, "n_sentences": res.n_sentences, "bleu": res.bleu,
                "beam": beam, "bleu_signature": res.signature, "bleu_ms": res.elapsed_ms}
         if as_json:
@@ -160,12 +193,11 @@ def evaluate_cmd(ckpt: str, bundle: Path | None, arch: str, split: str, data: st
         return
     cp = load_checkpoint(ckpt)
     a = cp.arch if (arch == "largest" and cp.arch is not None) else load_arch(arch, cp.space)
-    spec = None
-    if data is not None:
-        base = DataSpec.from_dict(cp.meta["data"]) if cp.meta.get("data") else DataSpec(data)
-        spec = DataSpec(data, tgt_data, base.n_valid, base.n_test, base.seed)
+    spec = data_spec(cp.meta, cp.tokenizer)
+    d = decoding_for(cp.tokenizer)
+    beam = d.beam
     res = evaluate(cp, a, split=split, max_sentences=max_sentences, beam=beam, data=spec, do_bleu=not no_bleu,
-                   progress=show)
+                   progress=show, metric=metric, decoding=d)
     if as_json:
         click.echo(json.dumps(res))
         return

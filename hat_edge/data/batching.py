@@ -26,14 +26,21 @@ class EncodedPairs:
 
     src: tuple[np.ndarray, ...]
     tgt: tuple[np.ndarray, ...]
+    pad_id: int = PAD_ID
+    start_id: int = BOS_ID  # the decoder's first input token (fairseq's models start with EOS)
 
     def __len__(self) -> int:
         return len(self.src)
 
     @classmethod
     def from_corpus(cls, corpus: ParallelCorpus, tokenizer: Tokenizer) -> "EncodedPairs":
-        enc = lambda texts: tuple(np.asarray(ids, dtype=np.int32) for ids in tokenizer.encode_batch(texts))  # noqa: E731
-        return cls(enc(corpus.src), enc(corpus.tgt))
+        """Both sides through the tokenizer, at the corpus's text level (raw, or HAT's BPE'd text)."""
+        def enc(texts: Sequence[str], side: str) -> tuple[np.ndarray, ...]:
+            ids = tokenizer.encode_batch(texts, side=side, level=corpus.level)
+            return tuple(np.asarray(x, dtype=np.int32) for x in ids)
+
+        return cls(enc(corpus.src, "src"), enc(corpus.tgt, "tgt"), int(tokenizer.pad_id),
+                   int(getattr(tokenizer, "decoder_start_id", BOS_ID)))
 
     @property
     def src_lens(self) -> np.ndarray:
@@ -52,10 +59,11 @@ class EncodedPairs:
         """Cut both sides to `max_len` tokens, keeping the final EOS (validation loss on long lines)."""
         def cut(x: np.ndarray) -> np.ndarray:
             return x if len(x) <= max_len else np.concatenate([x[: max_len - 1], x[-1:]])
-        return EncodedPairs(tuple(cut(x) for x in self.src), tuple(cut(x) for x in self.tgt))
+        return EncodedPairs(tuple(cut(x) for x in self.src), tuple(cut(x) for x in self.tgt), self.pad_id, self.start_id)
 
     def select(self, indices: Sequence[int]) -> "EncodedPairs":
-        return EncodedPairs(tuple(self.src[i] for i in indices), tuple(self.tgt[i] for i in indices))
+        return EncodedPairs(tuple(self.src[i] for i in indices), tuple(self.tgt[i] for i in indices),
+                            self.pad_id, self.start_id)
 
 
 @dataclass(frozen=True)
@@ -66,18 +74,19 @@ class Batch:
     prev: torch.Tensor  # (B, T) long
     target: torch.Tensor  # (B, T) long, PAD where there is no token
     indices: tuple[int, ...]  # positions in the EncodedPairs
+    pad_id: int = PAD_ID
 
     @property
     def ntokens(self) -> int:
         """Target tokens (the unit of the loss)."""
-        return int((self.target != PAD_ID).sum())
+        return int((self.target != self.pad_id).sum())
 
     @property
     def nsentences(self) -> int:
         return int(self.src.shape[0])
 
     def to(self, device: torch.device | str) -> "Batch":
-        return Batch(self.src.to(device), self.prev.to(device), self.target.to(device), self.indices)
+        return Batch(self.src.to(device), self.prev.to(device), self.target.to(device), self.indices, self.pad_id)
 
 
 def collate(pairs: EncodedPairs, indices: Sequence[int]) -> Batch:
@@ -87,15 +96,17 @@ def collate(pairs: EncodedPairs, indices: Sequence[int]) -> Batch:
     srcs = [pairs.src[i] for i in indices]
     tgts = [pairs.tgt[i] for i in indices]
     B, S, T = len(indices), max(len(s) for s in srcs), max(len(t) for t in tgts)
-    src = np.full((B, S), PAD_ID, dtype=np.int64)
-    prev = np.full((B, T), PAD_ID, dtype=np.int64)
-    target = np.full((B, T), PAD_ID, dtype=np.int64)
+    pad = pairs.pad_id
+    src = np.full((B, S), pad, dtype=np.int64)
+    prev = np.full((B, T), pad, dtype=np.int64)
+    target = np.full((B, T), pad, dtype=np.int64)
     for b, (s, t) in enumerate(zip(srcs, tgts)):
         src[b, : len(s)] = s
         target[b, : len(t)] = t
-        prev[b, 0] = BOS_ID
+        prev[b, 0] = pairs.start_id
         prev[b, 1 : len(t)] = t[:-1]
-    return Batch(torch.from_numpy(src), torch.from_numpy(prev), torch.from_numpy(target), tuple(int(i) for i in indices))
+    return Batch(torch.from_numpy(src), torch.from_numpy(prev), torch.from_numpy(target), tuple(int(i) for i in indices),
+                 pad)
 
 
 def make_batches(

@@ -38,10 +38,15 @@ class ParallelCorpus:
     src: tuple[str, ...]
     tgt: tuple[str, ...]
     source: str = ""
+    # "raw": plain text; "bpe": Moses-tokenized BPE'd text as HAT ships it (read by an imported
+    # model's fairseq tokenizer as it is)
+    level: str = "raw"
 
     def __post_init__(self) -> None:
         if len(self.src) != len(self.tgt):
             raise ValueError(f"{len(self.src)} source lines but {len(self.tgt)} target lines")
+        if self.level not in ("raw", "bpe"):
+            raise ValueError(f"level must be 'raw' or 'bpe', got {self.level!r}")
 
     def __len__(self) -> int:
         return len(self.src)
@@ -51,10 +56,11 @@ class ParallelCorpus:
             tuple(self.src[i] for i in indices),
             tuple(self.tgt[i] for i in indices),
             self.source if source is None else source,
+            self.level,
         )
 
     def head(self, n: int) -> "ParallelCorpus":
-        return ParallelCorpus(self.src[:n], self.tgt[:n], self.source)
+        return ParallelCorpus(self.src[:n], self.tgt[:n], self.source, self.level)
 
 
 @dataclass(frozen=True)
@@ -204,18 +210,50 @@ class DataSpec:
     n_valid: int = DEMO_VALID
     n_test: int = DEMO_TEST
     seed: int = DEMO_SPLIT_SEED
+    # "corpus": one corpus split by (n_valid, n_test, seed). "fairseq": HAT's data as it ships, a
+    # directory with fairseq-binarized splits ({split}.{src}-{tgt}.{lang}.bin/.idx) or text splits
+    # ({split}.{lang}, Moses-tokenized BPE text; or raw text with text_level "raw"), with the ids of
+    # the imported model's dictionaries (`hat_edge.data.fairseq`).
+    kind: str = "corpus"
+    src_lang: str | None = None
+    tgt_lang: str | None = None
+    text_level: str = "bpe"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("corpus", "fairseq"):
+            raise UserError(f"data spec: field 'kind' is {self.kind!r}, allowed: corpus, fairseq")
+        if self.kind == "fairseq" and not (self.src_lang and self.tgt_lang):
+            raise UserError("data spec: HAT data needs both languages (src_lang, tgt_lang)")
+        if self.text_level not in ("raw", "bpe"):
+            raise UserError(f"data spec: field 'text_level' is {self.text_level!r}, allowed: raw, bpe")
 
     def load(self) -> Splits:
+        if self.kind == "fairseq":
+            return Splits(*(self.load_split(n) for n in ("train", "valid", "test")))
         return split_corpus(read_parallel(self.path, self.tgt_path), self.n_valid, self.n_test, self.seed)
 
+    def load_split(self, name: str) -> ParallelCorpus:
+        """One split; HAT's data reads only that split's files (its training set is millions of lines)."""
+        if self.kind == "corpus":
+            return self.load().get(name)
+        if name not in ("train", "valid", "test"):
+            raise UserError(f"unknown split '{name}': allowed train, valid, test")
+        from hat_edge.data.hat_data import read_hat_split
+
+        assert self.src_lang and self.tgt_lang
+        return read_hat_split(Path(self.path), name, self.src_lang, self.tgt_lang, self.text_level)
+
     def to_dict(self) -> dict:
-        return {
+        d = {
             "path": self.path,
             "tgt_path": self.tgt_path,
             "n_valid": self.n_valid,
             "n_test": self.n_test,
             "seed": self.seed,
         }
+        if self.kind != "corpus":
+            d.update(kind=self.kind, src_lang=self.src_lang, tgt_lang=self.tgt_lang, text_level=self.text_level)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "DataSpec":
@@ -225,4 +263,8 @@ class DataSpec:
             n_valid=int(d.get("n_valid", DEMO_VALID)),
             n_test=int(d.get("n_test", DEMO_TEST)),
             seed=int(d.get("seed", DEMO_SPLIT_SEED)),
+            kind=str(d.get("kind", "corpus")),
+            src_lang=d.get("src_lang"),
+            tgt_lang=d.get("tgt_lang"),
+            text_level=str(d.get("text_level", "bpe")),
         )

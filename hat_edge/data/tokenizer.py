@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import sentencepiece as spm
 
@@ -45,26 +45,41 @@ class Tokenizer:
             )
 
     # ---- ids ----
+    kind = "sentencepiece"
     pad_id = PAD_ID
     unk_id = UNK_ID
     bos_id = BOS_ID
     eos_id = EOS_ID
+    decoder_start_id = BOS_ID  # the decoder's first input token
+
+    @property
+    def src_vocab_size(self) -> int:
+        return self.vocab_size  # one joint vocabulary
 
     @property
     def vocab_size(self) -> int:
         return int(self._sp.get_piece_size())
 
     # ---- text <-> ids ----
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, level: str = "raw", side: str = "src") -> list[int]:
         """Subword ids of one sentence, ending with EOS."""
+        _raw_only(level)
         return list(self._sp.encode(text)) + [EOS_ID]
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """`encode` for many sentences in one C++ call (the corpus is encoded once, up front)."""
+    def encode_batch(self, texts: Sequence[str], side: str = "src", level: str = "raw") -> list[list[int]]:
+        """`encode` for many sentences in one C++ call (the corpus is encoded once, up front).
+        One joint model: `side` changes nothing."""
+        _raw_only(level)
         return [ids + [EOS_ID] for ids in self._sp.encode(list(texts))]
 
-    def decode(self, ids: Iterable[int]) -> str:
+    def reference(self, text: str, level: str, out_level: str) -> str:
+        _raw_only(level)
+        _raw_only(out_level)
+        return text
+
+    def decode(self, ids: Iterable[int], level: str = "raw") -> str:
         """Detokenised text; stops at the first EOS and drops pad/bos."""
+        _raw_only(level)
         out: list[int] = []
         for i in ids:
             i = int(i)
@@ -108,6 +123,34 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, {len(self._bytes)} bytes)"
+
+
+def _raw_only(level: str) -> None:
+    if level != "raw":
+        raise UserError(f"text level {level!r} needs a model imported from HAT (fairseq dictionaries and BPE); "
+                        "a SentencePiece model reads and writes raw text only")
+
+
+def tokenizer_from_bytes(data: bytes, source: str = "<bytes>") -> Any:
+    """A checkpoint's tokenizer field: SentencePiece model bytes, or an imported model's fairseq
+    tokenizer (a JSON document, `hat_edge.data.fairseq_tokenizer`)."""
+    if bytes(data[:1]) == b"{":
+        from hat_edge.data.fairseq_tokenizer import FairseqTokenizer
+
+        return FairseqTokenizer.from_bytes(data, source)
+    return Tokenizer(data, source)
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """A tokenizer file (`tokenizer.model` or `tokenizer.json`), or a directory holding one (a bundle)."""
+    p = Path(path)
+    if p.is_dir():
+        from hat_edge.data.fairseq_tokenizer import FAIRSEQ_TOKENIZER_FILE
+
+        p = p / (FAIRSEQ_TOKENIZER_FILE if (p / FAIRSEQ_TOKENIZER_FILE).is_file() else TOKENIZER_FILE)
+    data = read_file(p, "no such tokenizer file", UserError)
+    assert isinstance(data, bytes)
+    return tokenizer_from_bytes(data, str(p))
 
 
 def train_tokenizer(

@@ -71,6 +71,9 @@ def export_bundle(
     if tokenizer is not None and tokenizer.vocab_size != sub.cfg.vocab_size:
         raise UserError(f"tokenizer has {tokenizer.vocab_size} pieces but the model's vocab_size is "
                         f"{sub.cfg.vocab_size}")
+    if tokenizer is not None and getattr(tokenizer, "src_vocab_size", tokenizer.vocab_size) != sub.cfg.encoder_vocab_size:
+        raise UserError(f"tokenizer's source side has {tokenizer.src_vocab_size} symbols but the model's encoder "
+                        f"vocabulary is {sub.cfg.encoder_vocab_size}")
     out_dir = Path(out_dir)
     tmp = _prepare_out_dir(out_dir)
     try:
@@ -94,7 +97,8 @@ def export_bundle(
         tok_info = None
         if tokenizer is not None:
             tok_path = tokenizer.save(tmp)
-            tok_info = {"file": tok_path.name, "kind": "sentencepiece", "vocab_size": tokenizer.vocab_size}
+            tok_info = {"file": tok_path.name, "kind": getattr(tokenizer, "kind", "sentencepiece"),
+                        "vocab_size": tokenizer.vocab_size}
         io = io_description(sub, topk=fmt == "onnx")
         cfg = sub.cfg
         manifest: dict[str, Any] = {
@@ -110,6 +114,7 @@ def export_bundle(
             "arch": sub.arch.to_dict(),
             "model": {
                 "vocab_size": cfg.vocab_size,
+                **({"src_vocab_size": cfg.src_vocab_size} if cfg.src_vocab_size is not None else {}),
                 "pad_id": cfg.pad_id,
                 "bos_id": cfg.bos_id,
                 "eos_id": cfg.eos_id,

@@ -43,7 +43,7 @@ class DecoderStepGraph(nn.Module):
 def example_source(sub: SubTransformer, batch: int = EX_BATCH, src_len: int = EX_SRC, seed: int = 0) -> Tensor:
     """(batch, src_len) ids from the non-special range, EOS last, the second row right-padded."""
     g = torch.Generator().manual_seed(seed)
-    V = sub.cfg.vocab_size
+    V = sub.cfg.encoder_vocab_size
     src = torch.randint(4 if V > 8 else 0, V, (batch, src_len), generator=g)
     src[:, -1] = sub.cfg.eos_id
     if batch > 1 and src_len > 3:  # exercise the padding mask

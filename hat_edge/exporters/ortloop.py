@@ -43,6 +43,7 @@ def translate(
     max_len: Optional[int] = None,
     len_penalty: float = 1.0,
     threads: Optional[int] = None,
+    min_len: int = 0,
 ) -> list[list[int]]:
     """Decode token-id sources (each ending with EOS) with a bundle; one id list per source.
 
@@ -57,13 +58,13 @@ def translate(
     model = open_bundle(bundle, threads=threads)
     batch = [list(s) for s in sources]  # type: ignore[union-attr]
     for s in batch:
-        bad = [t for t in s if not 0 <= int(t) < model.vocab_size]
+        bad = [t for t in s if not 0 <= int(t) < model.src_vocab_size]
         if bad:
-            raise UserError(f"token id {bad[0]} is outside the bundle's vocabulary (0..{model.vocab_size - 1})")
+            raise UserError(f"token id {bad[0]} is outside the bundle's vocabulary (source ids 0..{model.src_vocab_size - 1})")
     if max_len is None:
         longest = max((len(s) for s in batch), default=1)
         max_len = min(2 * longest + 10, int(model.manifest["model"].get("max_positions", 512)))
     try:
-        return backends.translate(model, batch, beam=beam, max_len=max_len, len_penalty=len_penalty)
+        return backends.translate(model, batch, beam=beam, max_len=max_len, len_penalty=len_penalty, min_len=min_len)
     except RunnerError as e:
         raise UserError(str(e)) from None

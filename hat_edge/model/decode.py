@@ -105,6 +105,7 @@ def greedy(
     max_len: Optional[int] = None,
     use_cache: bool = True,
     fixed_steps: bool = False,
+    min_len: int = 0,
 ) -> list[list[int]]:
     """Greedy decoding of src_tokens (B, S); token ids per sentence without BOS/EOS.
 
@@ -114,7 +115,8 @@ def greedy(
     sub = _as_sub(model)
     n = _default_max_len(sub, src_tokens, max_len)
     return _run(sub, src_tokens, 1, use_cache,
-                lambda step, s: greedy_search(step, src_tokens.size(0), s.cfg.bos_id, s.cfg.eos_id, n, fixed_steps))
+                lambda step, s: greedy_search(step, src_tokens.size(0), s.cfg.bos_id, s.cfg.eos_id, n, fixed_steps,
+                                              min_len=min_len))
 
 
 def beam(
@@ -125,6 +127,7 @@ def beam(
     len_penalty: float = 1.0,
     use_cache: bool = True,
     fixed_steps: bool = False,
+    min_len: int = 0,
 ) -> list[list[int]]:
     """Beam search of src_tokens (B, S); the best hypothesis per sentence without BOS/EOS.
 
@@ -136,7 +139,7 @@ def beam(
     n = _default_max_len(sub, src_tokens, max_len)
     return _run(sub, src_tokens, beam, use_cache,
                 lambda step, s: beam_search(step, src_tokens.size(0), beam, s.cfg.bos_id, s.cfg.eos_id, n,
-                                            len_penalty, fixed_steps))
+                                            len_penalty, fixed_steps, min_len=min_len))
 
 
 __all__ = ["greedy", "beam"]

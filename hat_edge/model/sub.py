@@ -227,9 +227,10 @@ class SubTransformer(nn.Module):
             # projection) its first d columns
             self.embed_tokens = nn.Embedding(V, max(e, d), padding_idx=cfg.pad_id)
         else:
-            self.encoder_embed_tokens = nn.Embedding(V, e, padding_idx=cfg.pad_id)
+            self.encoder_embed_tokens = nn.Embedding(cfg.encoder_vocab_size, e, padding_idx=cfg.pad_id)
             self.decoder_embed_tokens = nn.Embedding(V, d, padding_idx=cfg.pad_id)
-            self.output_projection = nn.Linear(d, V, bias=False)
+            if not cfg.share_decoder_input_output_embed:
+                self.output_projection = nn.Linear(d, V, bias=False)
 
         self.encoder_layers = nn.ModuleList(
             EncoderLayer(e, f, h, arch.qkv_dim, self.encoder_dropout, cfg.attention_dropout)
@@ -267,7 +268,7 @@ class SubTransformer(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        if not self.cfg.share_all_embeddings:
+        if hasattr(self, "output_projection"):
             nn.init.normal_(self.output_projection.weight, 0.0, self.arch.decoder_embed_dim**-0.5)
 
     @classmethod
@@ -292,7 +293,7 @@ class SubTransformer(nn.Module):
 
     def output_layer(self, x: Tensor) -> Tensor:
         """(..., d) -> logits (..., V); tied to the decoder input table when shared."""
-        if self.cfg.share_all_embeddings:
+        if self.cfg.share_all_embeddings or self.cfg.share_decoder_input_output_embed:
             return F.linear(x, self._decoder_embed_weight())
         return self.output_projection(x)
 

@@ -15,8 +15,9 @@ configs HAT ships (`configs/*/supertransformer/space*.yml`):
   the first token sits at table row pad_id + 1 (fairseq's offset). Sequences are right-padded.
 - Embeddings: with `share_all_embeddings` one table (vocab, max(enc, dec) super width) serves the
   encoder (first enc-dim columns), the decoder and the tied output projection (first dec-dim
-  columns); otherwise separate encoder/decoder tables and an untied output projection (HAT's
-  `embed_out`).
+  columns); otherwise separate encoder/decoder tables (the encoder's of `src_vocab_size` rows when
+  the dictionaries differ) and an untied output projection (HAT's `embed_out`), or, with
+  `share_decoder_input_output_embed`, the decoder's table as its output projection.
 - Attention: q/k/v projections are always `qkv_dim` wide (head dim = qkv_dim / heads); the
   encoder-decoder k/v read the encoder width.
 - Arbitrary encoder-decoder attention: decoder layer i attends to the last `arch.ende_layers(i)`
@@ -133,10 +134,11 @@ class SuperTransformer(nn.Module):
         if cfg.share_all_embeddings:
             self.embed_tokens = ElasticEmbedding(cfg.vocab_size, max(E, D), cfg.pad_id)
         else:
-            self.encoder_embed_tokens = ElasticEmbedding(cfg.vocab_size, E, cfg.pad_id)
+            self.encoder_embed_tokens = ElasticEmbedding(cfg.encoder_vocab_size, E, cfg.pad_id)
             self.decoder_embed_tokens = ElasticEmbedding(cfg.vocab_size, D, cfg.pad_id)
-            self.output_projection = ElasticLinear(D, cfg.vocab_size, bias=False)
-            nn.init.normal_(self.output_projection.weight, 0.0, D**-0.5)  # HAT's embed_out init
+            if not cfg.share_decoder_input_output_embed:
+                self.output_projection = ElasticLinear(D, cfg.vocab_size, bias=False)
+                nn.init.normal_(self.output_projection.weight, 0.0, D**-0.5)  # HAT's embed_out init
         self.encoder_layers = nn.ModuleList(
             SuperEncoderLayer(E, space.max_encoder_ffn, q, cfg.attention_dropout)
             for _ in range(space.max_encoder_layers)
@@ -168,7 +170,7 @@ class SuperTransformer(nn.Module):
                 d, e, arch.decoder_ffn_embed_dim[i], arch.decoder_self_attention_heads[i],
                 arch.decoder_ende_attention_heads[i], arch.ende_layers(i), dec_drop,
             )
-        if not self.cfg.share_all_embeddings:
+        if hasattr(self, "output_projection"):
             self.output_projection.set_active(d, self.cfg.vocab_size)
         self.arch = arch
         self._enc_drop, self._dec_drop = enc_drop, dec_drop
@@ -184,6 +186,8 @@ class SuperTransformer(nn.Module):
     def output_layer(self, x: Tensor) -> Tensor:
         if self.cfg.share_all_embeddings:
             return F.linear(x, self.embed_tokens.get_active_weight(self.arch.decoder_embed_dim))
+        if self.cfg.share_decoder_input_output_embed:
+            return F.linear(x, self.decoder_embed_tokens.get_active_weight(self.arch.decoder_embed_dim))
         return self.output_projection(x)
 
     # ---- forward ----
@@ -225,7 +229,8 @@ class SuperTransformer(nn.Module):
             else:
                 self.encoder_embed_tokens.copy_to(sub.encoder_embed_tokens)
                 self.decoder_embed_tokens.copy_to(sub.decoder_embed_tokens)
-                self.output_projection.copy_to(sub.output_projection)
+                if hasattr(self, "output_projection"):
+                    self.output_projection.copy_to(sub.output_projection)
             for src, dst in zip(self.encoder_layers, sub.encoder_layers):
                 _copy_block(src, dst)
             for src, dst in zip(self.decoder_layers, sub.decoder_layers):

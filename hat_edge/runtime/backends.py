@@ -33,6 +33,8 @@ class Model:
         m = manifest["model"]
         self.manifest = manifest
         self.vocab_size = int(m["vocab_size"])
+        # the encoder's vocabulary (separate source dictionary); the target's when not given
+        self.src_vocab_size = int(m.get("src_vocab_size", self.vocab_size))
         self.pad_id = int(m.get("pad_id", 0))
         self.bos_id = int(m.get("bos_id", 2))
         self.eos_id = int(m.get("eos_id", 3))
@@ -247,7 +249,7 @@ def pad_batch(sources: Sequence[Sequence[int]], pad_id: int) -> np.ndarray:
 
 def translate(model: Model, sources: Union[Sequence[Sequence[int]], np.ndarray], beam: int = 5,
               max_len: Optional[int] = None, len_penalty: float = 1.0,
-              fixed_steps: bool = False) -> list[list[int]]:
+              fixed_steps: bool = False, min_len: int = 0) -> list[list[int]]:
     """Decode token-id sources (each ending with EOS) into target ids (no BOS, no EOS).
 
     max_len defaults to 2 * longest source + 10 steps, capped at the model's max_positions (as the
@@ -258,7 +260,8 @@ def translate(model: Model, sources: Union[Sequence[Sequence[int]], np.ndarray],
         max_len = min(2 * src.shape[1] + 10, int(model.manifest["model"].get("max_positions", 512)))
     enc = model.encode(src)
     step = model.stepper(enc, max(1, beam))
-    return decode(step, src.shape[0], beam, model.bos_id, model.eos_id, max_len, len_penalty, fixed_steps)
+    return decode(step, src.shape[0], beam, model.bos_id, model.eos_id, max_len, len_penalty, fixed_steps,
+                  min_len=min_len)
 
 
 # ------------------------------------------------------------------------------------------------

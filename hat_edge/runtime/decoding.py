@@ -37,11 +37,13 @@ def greedy_search(
     eos: int,
     max_len: int,
     fixed_steps: bool = False,
+    min_len: int = 0,
 ) -> list[list[int]]:
     """Greedy decoding of `batch` sentences; returns token ids without BOS, up to and without EOS.
 
     fixed_steps: run exactly `max_len` steps and never stop at EOS (latency measurement, where
-    random weights would otherwise end at an arbitrary step).
+    random weights would otherwise end at an arbitrary step). min_len: EOS is banned for the first
+    `min_len` steps (fairseq's --min-len, 1 in fairseq's generator: never an empty translation).
     """
     tokens = np.full((batch,), bos, dtype=np.int64)
     out: list[list[int]] = [[] for _ in range(batch)]
@@ -49,7 +51,7 @@ def greedy_search(
     order: Optional[np.ndarray] = None
     for t in range(max_len):
         lprobs = step(tokens, order)
-        if fixed_steps:
+        if fixed_steps or (t < min_len and t < max_len - 1):
             lprobs = lprobs.copy()
             lprobs[:, eos] = -np.inf
         nxt = lprobs.argmax(axis=-1).astype(np.int64)
@@ -141,13 +143,17 @@ def beam_search(
     max_len: int,
     len_penalty: float = 1.0,
     fixed_steps: bool = False,
+    min_len: int = 0,
 ) -> list[list[int]]:
     """Beam search; rows are laid out sentence-major (row = sentence * beam + k).
 
-    The step function sees N = batch * beam rows from the first step. A hypothesis that emits EOS
-    is finished with score sum(logp) / len**len_penalty (len counts EOS); a sentence is done when it
-    has `beam` finished hypotheses (fairseq's rule), or at max_len (EOS forced). Ties are broken by
-    the lower flat index, so any two backends with equal log-probs pick equal tokens.
+    fairseq's SequenceGenerator, step for step: the step function sees N = batch * beam rows from
+    the first step; each step takes the 2 * beam best (hypothesis, token) candidates; an EOS among
+    the first `beam` of them finishes that hypothesis with score sum(logp) / len**len_penalty (len
+    counts EOS), an EOS further down is dropped; the next beam is the first `beam` non-EOS
+    candidates; a sentence is done when it has `beam` finished hypotheses, or at max_len (EOS
+    forced). EOS is banned for the first `min_len` steps (fairseq's generator uses 1). Ties are
+    broken by the lower flat index, so any two backends with equal log-probs pick equal tokens.
     """
     n = batch * beam
     tokens = np.full((n,), bos, dtype=np.int64)
@@ -164,11 +170,12 @@ def beam_search(
         top: Optional[Tuple[np.ndarray, np.ndarray]] = None
         if topk is not None and vocab > 0 and (fixed_steps or t < max_len - 1):
             k = min(2 * beam, beam * vocab)
-            top = topk(tokens, order, min(vocab, k + 1 if fixed_steps else k))
+            banned = fixed_steps or t < min_len
+            top = topk(tokens, order, min(vocab, k + 1 if banned else k))
         else:
             lprobs = np.asarray(step(tokens, order))  # (n, V), float32 from every backend
             vocab = lprobs.shape[-1]
-            if fixed_steps:
+            if fixed_steps or (t < min_len and t < max_len - 1):
                 lprobs = lprobs.copy()
                 lprobs[:, eos] = -np.inf
             elif t == max_len - 1:  # force EOS on the last step
@@ -188,16 +195,17 @@ def beam_search(
             rows = slice(b * beam, (b + 1) * beam)
             if top is not None:
                 flats, cands = _beam_candidates_topk(scores[b], top[0][rows], top[1][rows], vocab, k,
-                                                     eos if fixed_steps else None)
+                                                     eos if banned else None)
             else:
                 flats, cands = _beam_candidates(scores[b], lprobs[rows], k)
-            for flat, sc in zip(flats, cands):
+            for rank, (flat, sc) in enumerate(zip(flats, cands)):
                 if not np.isfinite(sc):
                     break
                 src, tok = divmod(int(flat), vocab)
                 if tok == eos and not fixed_steps:
-                    length = len(hyps[b][src]) + 1
-                    if len(finished[b]) < beam:
+                    # fairseq: only an EOS among the first `beam` candidates finishes a hypothesis
+                    if rank < beam and len(finished[b]) < beam:
+                        length = len(hyps[b][src]) + 1
                         finished[b].append((sc / (length**len_penalty), hyps[b][src]))
                     continue
                 new_tokens[b * beam + filled] = tok
@@ -226,11 +234,11 @@ def beam_search(
 
 
 def decode(step: StepFn, batch: int, beam: int, bos: int, eos: int, max_len: int, len_penalty: float = 1.0,
-           fixed_steps: bool = False) -> list[list[int]]:
+           fixed_steps: bool = False, min_len: int = 0) -> list[list[int]]:
     """Greedy when beam == 1, beam search otherwise (the step function then sees batch*beam rows)."""
     if beam <= 1:
-        return greedy_search(step, batch, bos, eos, max_len, fixed_steps=fixed_steps)
-    return beam_search(step, batch, beam, bos, eos, max_len, len_penalty, fixed_steps=fixed_steps)
+        return greedy_search(step, batch, bos, eos, max_len, fixed_steps=fixed_steps, min_len=min_len)
+    return beam_search(step, batch, beam, bos, eos, max_len, len_penalty, fixed_steps=fixed_steps, min_len=min_len)
 
 
 # ------------------------------------------------------------------------------------------------

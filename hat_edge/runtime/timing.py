@@ -151,7 +151,7 @@ def _result(runs: list, warm: list, s: MeasureSpec, timing: str) -> dict:
 
 def measure(model: Model, s: MeasureSpec) -> dict:
     """Warm up until stable, then time full translations until min_repeats AND min_time_s."""
-    src = measurement_source(s.src_len, model.vocab_size, model.eos_id, s.seed)
+    src = measurement_source(s.src_len, model.src_vocab_size, model.eos_id, s.seed)
     cuda_events = _cuda_events(model, s)
     warm = _warm_up(model, src, s, cuda_events)
     runs: list[dict] = []
@@ -169,7 +169,7 @@ def measure_interleaved(models: Sequence[Model], s: MeasureSpec) -> list:
     every model has min_repeats runs and the rotation has lasted min_time_s per model. A drift in
     the machine's speed (a neighbour on a shared host, a clock change) then hits every model alike,
     so their ratios hold even when the absolute times move."""
-    srcs = [measurement_source(s.src_len, m.vocab_size, m.eos_id, s.seed) for m in models]
+    srcs = [measurement_source(s.src_len, m.src_vocab_size, m.eos_id, s.seed) for m in models]
     events = [_cuda_events(m, s) for m in models]
     warms = [_warm_up(m, src, s, ev) for m, src, ev in zip(models, srcs, events)]
     runs: list[list] = [[] for _ in models]
