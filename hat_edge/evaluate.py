@@ -333,6 +333,15 @@ def bleu(
     )
 
 
+def default_bleu(tokenizer: Any, beam: int | None = None) -> tuple[str, DecodeSettings]:
+    """(metric, decoding) a checkpoint is scored with by default: HAT's test.sh for a model imported
+    from HAT, sacreBLEU with hat-edge's decoding otherwise; `beam` overrides the beam."""
+    if getattr(tokenizer, "kind", "") == "fairseq":
+        d = HAT_DECODING
+        return "hat-normal", d if beam is None else DecodeSettings(beam, d.len_penalty, d.min_len, d.max_len_a, d.max_len_b)
+    return "sacrebleu", DecodeSettings(beam=5 if beam is None else beam)
+
+
 _COMPOUND = None
 
 
@@ -417,6 +426,7 @@ __all__ = [
     "DecodeSettings",
     "HAT_DECODING",
     "split_compounds",
+    "default_bleu",
     "translate",
     "bleu",
     "evaluate",

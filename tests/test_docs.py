@@ -109,3 +109,14 @@ def test_readme_links_resolve() -> None:
     for link in links:
         if "://" not in link:
             assert (REPO / link).exists(), f"README links to {link}, which does not exist"
+
+
+def test_every_command_in_bring_hats_models_parses() -> None:
+    """docs/hat_models.md is a walkthrough a HAT user copies from: its commands parse as written."""
+    cmds = _commands((REPO / "docs" / "hat_models.md").read_text())
+    assert len(cmds) >= 6, cmds
+    for line in cmds:
+        try:
+            _parse(shlex.split(line)[1:])
+        except click.ClickException as e:
+            pytest.fail(f"docs/hat_models.md: `{line}` does not parse: {e.format_message()}")

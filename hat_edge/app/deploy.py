@@ -184,6 +184,7 @@ def deploy(
     trust_new_host: bool = False,
     env: Mapping[str, Any] | None = None,
     log: Callable[[str], None] | None = None,
+    level: str = "raw",
 ) -> DeployResult:
     """Export (if given an arch), push, check, translate and benchmark on `profile`'s device.
 
@@ -191,7 +192,9 @@ def deploy(
     a few fixed token-id sources are used instead. `verify_sentences`: the sentences the host
     check against PyTorch decodes (default: `sentences`; int8's agreement wants a few dozen real
     ones). `env`: a fresh `device_env` result, when the
-    caller has just checked the device (skips the first step).
+    caller has just checked the device (skips the first step). `level`: the sentences' text level
+    ("raw", or "bpe" for HAT's BPE'd data with a model imported from HAT); the device's output
+    comes back as raw text either way.
     """
     say = log or (lambda m: print(m, file=sys.stderr))
     if (bundle is None) == (arch is None):
@@ -229,7 +232,7 @@ def deploy(
         # int8's agreement with PyTorch is measured on the test sentences when there are any
         # (on random ids it says little; `verify_bundle`)
         check = verify_sentences or sentences
-        host_verify = verify_bundle(sub, path, sources=[ckpt.tokenizer.encode(x) for x in check] if check else None)
+        host_verify = verify_bundle(sub, path, sources=[ckpt.tokenizer.encode(x, level=level) for x in check] if check else None)
         timings["host_verify_ms"] = (time.perf_counter() - t) * 1e3
         tok = ckpt.tokenizer
         b = load_bundle(path)
@@ -247,8 +250,10 @@ def deploy(
 
     # Test sources: the sentences as ids, or fixed id sequences without a tokenizer.
     if tok is not None and sentences:
-        sources = [tok.encode(s) for s in sentences]
-        shown = list(sentences)
+        sources = [tok.encode(s, level=level) for s in sentences]
+        shown = [tok.reference(s, level, "raw", side="src") for s in sentences] if level != "raw" else list(sentences)
+        if references and level != "raw":
+            references = [tok.reference(r, level, "raw") for r in references]
     else:
         rng = np.random.default_rng(0)
         m = manifest["model"]

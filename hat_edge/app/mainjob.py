@@ -57,7 +57,7 @@ class RunSettings:
     evolution: EvolutionSettings = field(default_factory=EvolutionSettings.quick)
     valid_sentences: int = 60  # fitness: validation loss on this many sentences
     bleu_sentences: int = 100
-    bleu_beam: int = 5
+    bleu_beam: int | None = None  # None: 5, or 4 (HAT's test.sh, lenpen 0.6) for a model imported from HAT
     translations: int = 4
     quantize: str | None = None
     compare_random: bool = False  # doubles the fitness work; bench/search.py does it properly
@@ -90,7 +90,7 @@ def run_main_job(
     """Run the whole job; returns (summary, loop result, random-search result). Writes the report."""
     from hat_edge.app.deploy import VERIFY_SENTENCES, deploy
     from hat_edge.app.report import write_report
-    from hat_edge.evaluate import bleu, load_split
+    from hat_edge.evaluate import bleu, default_bleu, load_split
 
     say = log or (lambda m: print(m, file=sys.stderr))
     t0 = time.perf_counter()
@@ -167,13 +167,14 @@ def run_main_job(
     # 6. deploy the winner
     w = loop.winner
     test = load_split(ckpt, "test")
+    metric, decoding = default_bleu(ckpt.tokenizer, s.bleu_beam)
     k = max(0, s.translations)
     say(f"[6/7] deploying the winner to '{profile.name}'")
     dep = deploy(
         profile, arch=w.arch, checkpoint=ckpt, out_dir=out / "bundle", quantize=s.quantize,
         sentences=list(test.src[:k]), references=list(test.tgt[:k]), verify_sentences=list(test.src[:VERIFY_SENTENCES]),
-        beam=s.bleu_beam, env=env, log=say,
-        trust_new_host=s.trust_new_host,
+        beam=decoding.beam, env=env, log=say,
+        trust_new_host=s.trust_new_host, level=test.level,
     )
     t = lap("deploy_s", t)
 
@@ -194,15 +195,15 @@ def run_main_job(
     t = lap("side_by_side_s", t)
 
     # 7. loss and BLEU: the winner and the largest SubTransformer
-    say(f"[7/7] BLEU on {min(s.bleu_sentences, len(test))} test sentences (beam {s.bleu_beam})")
+    say(f"[7/7] BLEU on {min(s.bleu_sentences, len(test))} test sentences (beam {decoding.beam}, {metric})")
     bleu_corpus = test.head(s.bleu_sentences)
-    b_w = bleu(ckpt.model, ckpt.tokenizer, bleu_corpus, arch=w.arch, beam=s.bleu_beam)
-    b_l = bleu(ckpt.model, ckpt.tokenizer, bleu_corpus, arch=largest, beam=s.bleu_beam)
+    b_w = bleu(ckpt.model, ckpt.tokenizer, bleu_corpus, arch=w.arch, metric=metric, decoding=decoding)
+    b_l = bleu(ckpt.model, ckpt.tokenizer, bleu_corpus, arch=largest, metric=metric, decoding=decoding)
     b_q = None
     if s.quantize:  # the deployed int8 bundle's own BLEU (host onnxruntime, the device's search)
         from hat_edge.exporters import load_bundle
 
-        b_q = bleu(load_bundle(dep.bundle), ckpt.tokenizer, bleu_corpus, beam=s.bleu_beam).bleu
+        b_q = bleu(load_bundle(dep.bundle), ckpt.tokenizer, bleu_corpus, metric=metric, decoding=decoding).bleu
     t = lap("bleu_s", t)
 
     largest_ms = loop.measured.get(largest)
@@ -239,7 +240,7 @@ def run_main_job(
         speedup=side.speedup if side else ((largest_ms / w.measured_ms) if largest_ms else None),
         side_by_side=side,
         bleu_sentences=len(bleu_corpus),
-        bleu_beam=s.bleu_beam,
+        bleu_beam=decoding.beam,
         initial_measurements=len(init),
         device_measurements=n_new + loop.device_measurements,
         fitness_evaluations=fit.calls,  # after the largest's loss: it counts

@@ -44,6 +44,10 @@ def _log(msg: str) -> None:
 @search_size_option("quick")
 @click.option("--valid-sentences", default=60, show_default=True, type=click.IntRange(min=1),
               help="Validation sentences for the fitness (loss).")
+@click.option("--bleu-sentences", default=100, show_default=True, type=click.IntRange(min=1),
+              help="Test sentences translated (winner and largest) for the report's BLEU.")
+@click.option("--bleu-beam", default=None, type=click.IntRange(min=1),
+              help="Beam of that BLEU.  [default: 5; 4 with lenpen 0.6 (HAT's test.sh) for a model imported from HAT]")
 @threads_option
 @click.option("--quantize", type=click.Choice(["int8"]), default=None, help="Deploy the winner as int8.")
 @click.option("--out-dir", "out_dir", default=Path("hat-edge-run"), show_default=True, type=dir_path(),
@@ -61,7 +65,8 @@ def _log(msg: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @progress_option()
 def run_cmd(profile_name: str, checkpoint: str, budget_ms: float | None, budget_percentile: float, initial: int | None,
-            rounds: int, top_k: int, search_size: SearchSize, valid_sentences: int, threads: int,
+            rounds: int, top_k: int, search_size: SearchSize, valid_sentences: int, bleu_sentences: int,
+            bleu_beam: int | None, threads: int,
             quantize: str | None, out_dir: Path, compare_random: bool, seed: int, priors: tuple[str, ...],
             no_prior: bool, trust_new_host: bool, as_json: bool, progress: bool) -> None:
     """The whole job: measure, fit, search under a budget, deploy, benchmark, report.
@@ -78,6 +83,7 @@ def run_cmd(profile_name: str, checkpoint: str, budget_ms: float | None, budget_
       hat-edge run
       hat-edge run --budget 50 --out-dir run-50ms
       hat-edge run --profile raspberrypi4 --checkpoint wmt.pt --search-size hat
+      hat-edge run --checkpoint wmt14ende_super.pt --bleu-sentences 20   # imported: hat-edge import hat
     """
     from hat_edge.app.mainjob import RunSettings, render_summary, run_main_job
 
@@ -87,7 +93,7 @@ def run_cmd(profile_name: str, checkpoint: str, budget_ms: float | None, budget_
         profile=profile_name, checkpoint=checkpoint, budget_ms=budget_ms, budget_percentile=budget_percentile,
         initial=initial, rounds=rounds, top_k=top_k, quantize=quantize, out_dir=str(out_dir),
         evolution=search_size.settings(seed=seed),
-        valid_sentences=valid_sentences, threads=threads or None,
+        valid_sentences=valid_sentences, bleu_sentences=bleu_sentences, bleu_beam=bleu_beam, threads=threads or None,
         compare_random=compare_random, seed=seed, trust_new_host=trust_new_host, prior=() if no_prior else tuple(priors),
     )
     argv = " ".join(sys.argv[1:]) if sys.argv and "hat-edge" in Path(sys.argv[0]).name else "run"

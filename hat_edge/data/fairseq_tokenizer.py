@@ -118,13 +118,14 @@ class FairseqTokenizer:
         tok = remove_bpe(bpe)
         return tok if level == "tok" else self.pipeline.detokenize(tok, self.tgt_lang)
 
-    def reference(self, text: str, level: str, out_level: str) -> str:
-        """A reference sentence given at `level` ("raw" | "bpe"), at the output level `out_level`."""
+    def reference(self, text: str, level: str, out_level: str, side: str = "tgt") -> str:
+        """A sentence given at `level` ("raw" | "bpe"), at the output level `out_level` ("raw" | "tok")."""
+        lang = self.tgt_lang if side == "tgt" else self.src_lang
         if level == "bpe":
             tok = remove_bpe(text)
-            return tok if out_level == "tok" else self.pipeline.detokenize(tok, self.tgt_lang)
+            return tok if out_level == "tok" else self.pipeline.detokenize(tok, lang)
         if out_level == "tok":
-            return self.pipeline.tokenize(text, self.tgt_lang)
+            return self.pipeline.tokenize(text, lang)
         return text
 
     # ---- persistence ----

@@ -72,7 +72,7 @@ class Tokenizer:
         _raw_only(level)
         return [ids + [EOS_ID] for ids in self._sp.encode(list(texts))]
 
-    def reference(self, text: str, level: str, out_level: str) -> str:
+    def reference(self, text: str, level: str, out_level: str, side: str = "tgt") -> str:
         _raw_only(level)
         _raw_only(out_level)
         return text
