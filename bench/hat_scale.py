@@ -9,8 +9,13 @@
    no trained WMT SuperTransformer here): Kendall's tau and the mean |loss difference| between the
    loss on N sentences and on all 1,000 validation sentences, over random archs.
 
+3. with --run: `hat-edge run --checkpoint <that import>` on local-cpu, fresh cache, its wall time
+   and outcome (budget met, winner vs largest side by side); BLEU on --bleu-sentences test
+   sentences (random weights never emit EOS, so each decodes to HAT's 200-token bound).
+
     .venv/bin/python bench/hat_scale.py                 # ~10 min on 2 cores
     .venv/bin/python bench/hat_scale.py --sizes 30,60 --archs 3
+    .venv/bin/python bench/hat_scale.py --only-run      # the run alone, ~15 min
 
 Writes bench/results/hat_scale.json and prints two tables.
 """
@@ -57,11 +62,12 @@ def wmt_size_import(d: Path, vocab: int = 32768, n_valid: int = 3000, seed: int 
     rng = np.random.default_rng(seed)
     data = d / "data"
     data.mkdir()
-    for lang in ("en", "de"):
-        # newstest2013 after BPE 32k: ~29 tokens a sentence, long right tail
-        lens = np.clip(rng.lognormal(3.2, 0.55, size=n_valid).astype(int), 2, 150)
-        ids = [rng.zipf(1.3, size=k) % n_sym for k in lens]
-        (data / f"valid.{lang}").write_text("".join(" ".join(f"w{i}" for i in s) + "\n" for s in ids))
+    for split, n in (("valid", n_valid), ("test", 200)):
+        for lang in ("en", "de"):
+            # newstest2013 after BPE 32k: ~29 tokens a sentence, long right tail
+            lens = np.clip(rng.lognormal(3.2, 0.55, size=n).astype(int), 2, 150)
+            ids = [rng.zipf(1.3, size=k) % n_sym for k in lens]
+            (data / f"{split}.{lang}").write_text("".join(" ".join(f"w{i}" for i in s) + "\n" for s in ids))
     out = d / "wmt_size.pt"
     import_hat(d / "HAT_wmt_size_super_space0.pt", out, src_dict=d / "dict.en.txt", data=data)
     return out
@@ -117,14 +123,54 @@ def ranking_noise(sizes: list[int], n_archs: int) -> list[dict]:
     return rows
 
 
+def time_run(ckpt: Path, out: Path, bleu_sentences: int) -> dict:
+    """`hat-edge run --checkpoint CKPT` on local-cpu with a fresh cache: wall time and outcome."""
+    import json
+    import os
+    import subprocess
+
+    exe = Path(sys.executable).with_name("hat-edge")
+    env = dict(os.environ, HAT_EDGE_CACHE=str(out / "cache"))
+    cmd = [str(exe), "run", "--checkpoint", str(ckpt), "--out-dir", str(out / "run"), "--no-progress", "--json",
+           "--bleu-sentences", str(bleu_sentences)]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    (out / "run.err").write_text(p.stderr)
+    if p.returncode not in (0, 1):
+        raise SystemExit(f"hat-edge run failed ({p.returncode}): {p.stderr.strip().splitlines()[-1:]}")
+    s = json.loads(p.stdout.strip().splitlines()[-1])
+    row = {"command": " ".join(cmd[1:]), "wall_s": wall, "exit": p.returncode, "met": s.get("met"),
+           "initial_measurements": s.get("initial_measurements"), "device_measurements": s.get("device_measurements"),
+           "fitness_evaluations": s.get("fitness_evaluations"), "speedup": s.get("speedup"),
+           "timings_s": s.get("timings_s"), "job_wall_s": s.get("wall_s"), "bleu_sentences": bleu_sentences,
+           "winner_params": (s.get("winner") or {}).get("params"), "largest_params": (s.get("largest") or {}).get("params")}
+    print(f"  hat-edge run on the imported space0-size model: {wall:.0f} s, exit {p.returncode}, budget met "
+          f"{row['met']}, {row['device_measurements']} measurements, {row['fitness_evaluations']} fitness evaluations",
+          flush=True)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="30,60,120,300", help="validation sentences to time")
     ap.add_argument("--archs", type=int, default=5, help="random archs timed per size (+ the largest)")
     ap.add_argument("--noise-sizes", default="30,60,120,300,600")
     ap.add_argument("--noise-archs", type=int, default=30)
+    ap.add_argument("--run", action="store_true", help="also time `hat-edge run` on the imported model")
+    ap.add_argument("--only-run", action="store_true", help="only the run (keeps the rest of an existing JSON)")
+    ap.add_argument("--bleu-sentences", type=int, default=10)
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "hat_scale.json"))
     a = ap.parse_args()
+    if a.only_run:
+        import json
+
+        doc = json.loads(Path(a.out).read_text()) if Path(a.out).exists() else {"version": 1}
+        with tempfile.TemporaryDirectory() as tmp:
+            doc["run"] = time_run(wmt_size_import(Path(tmp)), Path(tmp), a.bleu_sentences)
+        write_json(a.out, doc)
+        print(f"wrote {a.out}")
+        return
     random.seed(0)
     sizes = [int(x) for x in a.sizes.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
@@ -133,10 +179,12 @@ def main() -> None:
         import_s = time.perf_counter() - t0
         print(f"import of a space0-size checkpoint (32k vocabulary): {import_s:.1f} s", flush=True)
         cost = time_fitness(ck, sizes, a.archs, 1) + time_fitness(ck, sizes[:2], a.archs, 2)
+        run = time_run(ck, Path(tmp), a.bleu_sentences) if a.run else None
     print("ranking noise on the trained demo SuperTransformer:", flush=True)
     noise = ranking_noise([int(x) for x in a.noise_sizes.split(",")], a.noise_archs)
     write_json(a.out, {"version": 1, "machine": platform.machine(), "torch": torch.__version__,
-                       "import_s": import_s, "fitness_cost": cost, "ranking_noise": noise})
+                       "import_s": import_s, "fitness_cost": cost, "ranking_noise": noise,
+                       **({"run": run} if run else {})})
     print(f"wrote {a.out}")
 
 

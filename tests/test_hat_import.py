@@ -392,3 +392,36 @@ def test_imported_model_deploys_on_local_cpu_and_over_ssh(hat_bpe, tmp_path, ssh
         assert (Path(r.bundle) / "tokenizer.json").exists()
         if profile.transport == "local":
             assert r.bench["median_ms"] > 0
+
+
+def test_every_checkpoint_command_takes_the_imported_file(hat_bpe, tmp_path) -> None:
+    """evaluate, export and search through the CLI, as a user types them, on the imported model
+    (deploy and run: the tests above and bench/hat_scale.py; loop shares search's fitness)."""
+    from shared_data import HAT_LATENCY
+
+    from hat_edge.cli import cli
+
+    d, _, _ = hat_bpe
+    ck = str(d / "toy.pt")
+    run = CliRunner().invoke
+    r = run(cli, ["evaluate", "--checkpoint", ck, "--max-sentences", "3", "--json"])
+    assert r.exit_code == 0, r.output
+    ev = json.loads(r.output.strip().splitlines()[-1])
+    assert ev["bleu_metric"] == "hat-normal" and ev["beam"] == 4 and ev["n_sentences"] == 3 and ev["loss"] > 0
+    r = run(cli, ["evaluate", "--checkpoint", ck, "--data", str(d / "data"), "--split", "valid", "--max-sentences", "2",
+                  "--bleu", "hat-sacre", "--beam", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output.strip().splitlines()[-1])["bleu_metric"] == "hat-sacre"
+    r = run(cli, ["export", "smallest", "--checkpoint", ck, "--out-dir", str(tmp_path / "b")])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["tokenizer"]["kind"] == "fairseq" and manifest["model"]["pad_id"] == 1
+    r = run(cli, ["evaluate", "--bundle", str(tmp_path / "b"), "--checkpoint", ck, "--max-sentences", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    r = run(cli, ["predictor", "train", "--data", str(HAT_LATENCY / "wmt14ende_cpu_raspberrypi_all.csv"),
+                  "--out", str(tmp_path / "pi.json")])
+    assert r.exit_code == 0, r.output
+    r = run(cli, ["search", "--checkpoint", ck, "--predictor", str(tmp_path / "pi.json"), "--budget", "1e9",
+                  "--search-size", "quick", "--valid-sentences", "3", "--no-progress", "--json"])
+    assert r.exit_code == 0, r.output
+    assert "encoder_embed_dim" in r.output

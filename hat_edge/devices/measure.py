@@ -25,7 +25,6 @@ import logging
 import os
 import shutil
 import socket
-import statistics
 import sys
 import threading
 import time
@@ -35,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from hat_edge.latency.drift import drift_factor
 from hat_edge.devices.profiles import DeviceProfile
 from hat_edge.devices.transport import (
     ConnectionLost,
@@ -954,8 +954,7 @@ def measure_anchored(
         return measure_archs(profile, unique, store, progress, interleave=True, **kw), 1.0
     recs = measure_archs(profile, [*todo, *anchors], LatencyStore(":memory:"), progress, interleave=True, **kw)
     got = {r.arch: r for r in recs if r.arch is not None}
-    ratios = [got[a].median_ms / v for a, v in anchors.items() if a in got]
-    drift = float(statistics.median(ratios)) if ratios else 1.0
+    drift = drift_factor((got[a].median_ms, v) for a, v in anchors.items() if a in got)
     note = {"drift_factor": drift,
             "anchors": [[a.to_json(), v, got[a].median_ms] for a, v in anchors.items() if a in got]}
     for a in todo:

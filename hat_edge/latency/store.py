@@ -33,6 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
+from hat_edge.latency.drift import corrected
 from hat_edge.errors import UserError
 from hat_edge.runtime.files import read_text
 from hat_edge.space import FEATURE_NAMES, Arch
@@ -120,13 +121,13 @@ class LatencyRecord:
     @property
     def corrected_ms(self) -> float:
         """The median on the anchored scale (`median_ms / drift_factor`)."""
-        return self.median_ms / self.drift_factor
+        return corrected(self.median_ms, self.drift_factor)
 
     def corrected_split(self) -> tuple[float | None, float | None]:
         """Encoder and decode-loop medians on the anchored scale (None where unknown)."""
         f = self.drift_factor
-        return (None if self.encoder_ms is None else self.encoder_ms / f,
-                None if self.decoder_ms is None else self.decoder_ms / f)
+        return (None if self.encoder_ms is None else corrected(self.encoder_ms, f),
+                None if self.decoder_ms is None else corrected(self.decoder_ms, f))
 
 
 _SCHEMA = (
