@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+import dataclasses
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -168,6 +169,49 @@ def _predictor(predictor_path: Path | None, profile_name: str | None, store_path
 # ------------------------------------------------------------------------------------------------
 # hat-edge loop
 # ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _SimJob:
+    """What the loop needs of a job, on a simulated board (no profile, no store, no runner)."""
+
+    profile: Any
+    space: Any
+    device: Any
+    env: Any
+    checkpoint: Any
+    prior_exclude: str
+    simulated: bool = True
+
+    def fitness(self, n: int) -> Any:
+        from hat_edge.app.job import make_fitness
+
+        return make_fitness(self.checkpoint, n)
+
+
+def _loop_job(profile_name: str, checkpoint: str, store_path: Path | None, threads: int | None,
+              trust_new_host: bool, seed: int) -> Any:
+    """The loop's job: a real device through its profile (checked first), or a simulated board."""
+    from hat_edge.devices.sim import SIM_DEVICES, SIM_NOTE, SimDevice, SimSettings, is_sim
+
+    if not is_sim(profile_name):
+        from hat_edge.app.job import prepare_job
+
+        job = prepare_job(profile_name, checkpoint, store=store_path, threads=threads, trust_new_host=trust_new_host)
+        job.prior_exclude, job.simulated = job.profile.name, False  # type: ignore[attr-defined]
+        return job
+    from hat_edge.app.job import set_host_threads
+    from hat_edge.checkpoint import load_checkpoint
+
+    dev = SimDevice(profile_name, SimSettings(noise=0.02, bias=0.05, drift=1.15, drift_after=24, seed=seed))
+    set_host_threads(threads)
+    env = dev.check()
+    _log(f"{dev.name}: {SIM_NOTE}")
+    ckpt = load_checkpoint(checkpoint)
+    # the board's own HAT file is the simulation: the prior is the other two
+    return _SimJob(profile=dev, space=ckpt.space, device=dev, env=env, checkpoint=ckpt,
+                   prior_exclude=SIM_DEVICES[dev.which])
+
+
+
 @click.command("loop")
 @click.option("--profile", "profile_name", required=True, help="Device profile (name or .toml file).")
 @click.option("--budget", "budget_ms", type=float, required=True, help="Latency budget in ms, measured on the device.")
@@ -217,10 +261,16 @@ def loop_cmd(profile_name: str, budget_ms: float, checkpoint: str, rounds: int, 
     Examples:
       hat-edge loop --profile local-cpu --budget 60 --search-size small
       hat-edge loop --profile raspberrypi4 --budget 900 --rounds 3 --json > winner.json
+      hat-edge loop --profile sim:hat-pi4 --budget 700      # no board: HAT's Pi, simulated
+    
+    `--profile sim:hat-pi4` (also sim:hat-xeon, sim:hat-titanxp) is a simulated board: the cost
+    model fitted on all 2,000 rows of HAT's Raspberry Pi 4 latency file, with seeded timing noise,
+    per-arch deviations, a memory cliff and a slowdown part-way (hat_edge/devices/sim.py). It tries
+    the loop in seconds; its latencies are HAT's Pi at HAT's settings, not a measurement.
     """
     from dataclasses import replace
 
-    from hat_edge.app.job import prepare_job
+    from hat_edge.devices.sim import SIM_NOTE
     from hat_edge.latency.prior import resolve_priors
     from hat_edge.search.loop import LoopSettings, initial_default, run_loop
 
@@ -229,20 +279,24 @@ def loop_cmd(profile_name: str, budget_ms: float, checkpoint: str, rounds: int, 
                       evolution=settings, seed=settings.seed, explore=explore, anchors=anchors)
     prior = resolve_priors(priors) if priors and not no_prior else None  # a bad prior file fails before the device check
     # The device is checked first, before any search work.
-    job = prepare_job(profile_name, checkpoint, store=store_path, threads=threads, trust_new_host=trust_new_host)
-    profile = job.profile
+    job = _loop_job(profile_name, checkpoint, store_path, threads, trust_new_host, seed)
     if prior is not None:
-        ls = replace(ls, prior=prior.for_device(profile.name))
+        ls = replace(ls, prior=prior.for_device(job.prior_exclude))
     if initial is None:
         ls = replace(ls, initial=initial_default(40, ls.prior))
     res = run_loop(job.space, job.fitness(valid_sentences), job.device, ls, progress=progress,
                    log=_log, checked_env=job.env)
+    profile = job.profile
     _write_arch(res.winner.arch, out_path)
     if as_json:
-        click.echo(json.dumps(res.to_dict()))
+        d = res.to_dict()
+        if job.simulated:
+            d["simulated"] = SIM_NOTE
+        click.echo(json.dumps(d))
     else:
         w = res.winner
-        click.echo(f"{'met' if res.met else 'NOT MET'}: budget {budget_ms:.2f} ms on {profile.name}, "
+        sim = f" ({SIM_NOTE})" if job.simulated else ""
+        click.echo(f"{'met' if res.met else 'NOT MET'}: budget {budget_ms:.2f} ms on {profile.name}{sim}, "
                    f"{len(res.rounds)} round(s), {res.device_measurements} models measured")
         click.echo(f"  winner    {w.arch.describe()}")
         click.echo(f"  latency   predicted {w.predicted_ms:.2f} ms [{w.predicted_lo_ms:.2f}, {w.predicted_hi_ms:.2f}], "
