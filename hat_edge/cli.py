@@ -94,7 +94,18 @@ def main(argv: list[str] | None = None) -> int:
         cli.main(args=argv, prog_name="hat-edge", standalone_mode=True)
     except SystemExit as e:
         return int(e.code or 0)
+    finally:
+        _stop_children()
     return 0
+
+
+def _stop_children() -> None:
+    """On the way out (an interrupt included), no runner this command started is left timing: the
+    paths that start one stop it themselves; this catches one an interrupt reached between its
+    spawn and that code. (A runner also stops by itself when this process dies: --watch-host.)"""
+    transport = sys.modules.get("hat_edge.devices.transport")  # only if this command loaded it
+    if transport is not None:
+        transport.kill_live_processes()
 
 
 if __name__ == "__main__":

@@ -177,3 +177,61 @@ def test_doctor_warnings_name_the_fix() -> None:
     assert "onnxruntime 1.10.0" in w and ">= 1.14" in w
     assert _env_warnings(p, {"python": "3.11.2", "machine": "aarch64", "onnxruntime": "1.20.1",
                              "governor": "performance", "throttled": "0x0"}) == []
+
+
+def _silent_server(mode: str):
+    """A loopback server that accepts TCP and then never speaks SSH ('mute'), or closes at once
+    ('close'), or sends a banner very late ('slow'). Bounded: it stops with the test."""
+    import socket
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    srv.settimeout(0.2)
+    stop = threading.Event()
+    held: list = []
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                continue
+            if mode == "close":
+                c.close()
+            else:
+                held.append(c)  # mute: accepted, never answered
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return srv.getsockname()[1], stop, held, srv
+
+
+@pytest.mark.parametrize("mode", ["mute", "close"])
+def test_a_host_that_accepts_tcp_but_never_speaks_ssh_fails_in_one_line_within_6_s(tmp_path, mode) -> None:
+    """#27: `profile check` against a port that accepts TCP and stays silent (a stuck sshd, another
+    service, a tarpit) fails within the default connect_timeout (5 s; under 6 s in all), in one
+    line naming the profile fields and what was seen, never paramiko's own text."""
+    from hat_edge.devices.profiles import profile_from_dict
+
+    port, stop, held, srv = _silent_server(mode)
+    key = tmp_path / "key"
+    key.write_text("unused: the connection never gets as far as authentication\n")
+    try:
+        p = profile_from_dict({"name": "mute", "transport": "ssh", "host": "127.0.0.1", "port": port, "user": "pi",
+                               "identity_file": str(key), "known_hosts": str(tmp_path / "known")}, "mute.toml")
+        line, took = _check(tmp_path, p)
+    finally:
+        stop.set()
+        for c in held:
+            c.close()
+        srv.close()
+    assert took < 6.0, took
+    assert "'host'" in line and "'port'" in line and f"127.0.0.1:{port}" in line
+    if mode == "mute":
+        assert "TCP open, no SSH banner in 5.0 s" in line and "'connect_timeout_s'" in line
+    else:
+        assert "closed the connection without an SSH banner" in line
+    for raw in ("Exception (client)", "Error reading SSH protocol banner", "Bad file descriptor", "Traceback"):
+        assert raw not in line

@@ -45,10 +45,7 @@ from hat_edge.devices.transport import (
     python_missing,
 )
 from hat_edge.errors import UserError
-from hat_edge.exporters import export_bundle
-from hat_edge.exporters.bundle import make_weightless
 from hat_edge.latency.store import LatencyRecord, LatencyStore, utc_now
-from hat_edge.model import SubTransformer
 from hat_edge.runtime import pack
 from hat_edge.runtime.errors import RunnerError
 from hat_edge.runtime.formats import (
@@ -125,6 +122,12 @@ def export_for_measurement(
     (demo smallest at a 32k vocabulary: 0.2 MB instead of 80 MB; the same latency measured
     side by side, 85.1 vs 85.1 ms).
     """
+    # torch and onnx only here, where a model is exported: a device check (`profile check`) or a
+    # command that measures nothing new starts without them (~3 s of imports on 2 cores)
+    from hat_edge.exporters import export_bundle
+    from hat_edge.exporters.bundle import make_weightless
+    from hat_edge.model import SubTransformer
+
     key = bundle_key(arch, profile, quantize)
     final = cache_dir / key
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -322,7 +325,7 @@ def owner_tag() -> str:
 def runner_argv(t: Transport, job_path: str, out_path: str, wait: bool = True) -> list[str]:
     """`python runner.pyz run JOB --out RESULTS` holding the board lock (one runner at a time)."""
     argv = [t.python, runner_remote_path(t), "run", job_path, "--out", out_path,
-            "--lock", t.work_path(LOCK_FILE), "--owner", owner_tag()]
+            "--lock", t.work_path(LOCK_FILE), "--owner", owner_tag(), "--watch-host"]
     return argv if wait else [*argv, "--no-wait"]
 
 

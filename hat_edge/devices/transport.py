@@ -34,6 +34,7 @@ import stat as statmod
 import subprocess
 import tempfile
 import time
+import weakref
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -369,21 +370,45 @@ class Transport(ABC):
 # --------------------------------------------------------------------------------------------
 # Local
 # --------------------------------------------------------------------------------------------
+# Local processes started and not yet reaped: `kill_live_processes` stops them on the way out of
+# an interrupted command, whatever code path the interrupt landed in (between the spawn and the
+# code that would have killed it, for one).
+_LIVE: "weakref.WeakSet[_LocalProcess]" = weakref.WeakSet()
+
+
+def kill_live_processes() -> int:
+    """Kill every local process this process started and has not reaped; returns how many."""
+    n = 0
+    for p in list(_LIVE):
+        if p.poll() is None:
+            p.kill()
+            n += 1
+    return n
+
+
 class _LocalProcess(Process):
     def __init__(self, argv: Sequence[str], env: Mapping[str, str] | None, log_path: str | None = None) -> None:
         self._out = tempfile.TemporaryFile()
         self._err = open(log_path, "ab+") if log_path else tempfile.TemporaryFile()
         self.marker = str(argv[-1]) if argv else ""
+        # stdin: a pipe the host holds open and never writes. A runner started with --watch-host
+        # stops when it closes, i.e. when this process dies however it dies (kill -9 included).
         self._p = subprocess.Popen(
-            list(argv), stdout=self._out, stderr=self._err, stdin=subprocess.DEVNULL,
+            list(argv), stdout=self._out, stderr=self._err, stdin=subprocess.PIPE,
             env={**os.environ, **(env or {})}, start_new_session=True,  # own group: kill takes children
         )
         self.pid = self._p.pid
+        _LIVE.add(self)
 
     def poll(self) -> int | None:
-        return self._p.poll()
+        rc = self._p.poll()
+        if rc is not None:
+            _LIVE.discard(self)
+            self._close_stdin()
+        return rc
 
     def kill(self) -> None:
+        _LIVE.discard(self)
         if self._p.poll() is None:
             try:
                 os.killpg(self._p.pid, signal.SIGTERM)
@@ -394,6 +419,14 @@ class _LocalProcess(Process):
                 except ProcessLookupError:
                     pass
                 self._p.wait()
+        self._close_stdin()
+
+    def _close_stdin(self) -> None:
+        if self._p.stdin is not None:
+            try:
+                self._p.stdin.close()
+            except OSError:
+                pass
 
     def output(self) -> tuple[str, str]:
         res = []
@@ -994,6 +1027,54 @@ class _SSHProcess(Process):
         return b"".join(self._out).decode("utf-8", "replace"), self._err.decode("utf-8", "replace")
 
 
+def _quiet_paramiko() -> None:
+    """paramiko's transport thread logs a failed handshake with a traceback at ERROR level, which
+    Python prints to stderr when nothing handles it; hat-edge says what went wrong in one line of
+    its own instead (the exception still reaches the code that reports it)."""
+    lg = logging.getLogger("paramiko")
+    if not any(isinstance(h, logging.NullHandler) for h in lg.handlers):
+        lg.addHandler(logging.NullHandler())
+    lg.propagate = False
+
+
+def _open_ssh_socket(target: "SSHTarget", who: str, timeout: float) -> socket.socket:
+    """TCP to the target, then wait (peeking, nothing consumed) for the first bytes of the server's
+    SSH banner: a port that accepts TCP but never speaks SSH (a stuck sshd, another service, a
+    firewall's tarpit) fails after `timeout` seconds with what was seen, naming the profile fields."""
+    t0 = time.monotonic()
+    where = f"{target.hostname}:{target.port}"
+    fields = "check the profile's fields 'host' and 'port' (or 'ssh_config_host')"
+    try:
+        s = socket.create_connection((target.hostname, target.port), timeout=timeout)
+    except (TimeoutError, socket.timeout):
+        raise ConnectionLost(f"{who}: no answer from {where} within {timeout:g} s (field 'connect_timeout_s'): {fields}, "
+                             "and that the device is on and reachable") from None
+    except ConnectionRefusedError:
+        raise ConnectionLost(f"{who}: cannot connect to {target.display}: connection refused (no sshd answers there); "
+                             f"{fields}") from None
+    except OSError as e:
+        raise ConnectionLost(f"{who}: cannot connect to {where} ({e.strerror or e.__class__.__name__}); {fields}") from None
+    try:
+        left = max(0.0, timeout - (time.monotonic() - t0))
+        ready, _, _ = select.select([s], [], [], left)
+        first = s.recv(4, socket.MSG_PEEK) if ready else None
+    except OSError as e:
+        s.close()
+        raise ConnectionLost(f"{who}: {where} dropped the connection before the SSH banner ({e.strerror or e}); "
+                             f"{fields}") from None
+    waited = time.monotonic() - t0
+    if first is None:
+        s.close()
+        raise ConnectionLost(f"{who}: {where}: TCP open, no SSH banner in {waited:.1f} s: not an SSH server, or a stuck "
+                             f"one; {fields}, or raise 'connect_timeout_s' for a slow device") from None
+    if first == b"":
+        s.close()
+        raise ConnectionLost(f"{who}: {where} closed the connection without an SSH banner (TCP open, then closed): "
+                             f"{fields}") from None
+    s.settimeout(timeout)
+    return s
+
+
 class SSHTransport(Transport):
     """One SSH connection (and one SFTP session) to a device, via paramiko."""
 
@@ -1048,6 +1129,9 @@ class SSHTransport(Transport):
         revoked = _load_known_hosts(target.known_hosts, client.get_host_keys())
         check = _revocation_check(target, revoked, who)
         client.set_missing_host_key_policy(_host_key_policy(target, self._trust_new_host, who))
+        _quiet_paramiko()
+        if sock is None:  # direct: our own socket, so a host that never speaks SSH fails in one line
+            sock = _open_ssh_socket(target, who, timeout)
         try:
             client.connect(
                 target.hostname, port=target.port, username=target.user,

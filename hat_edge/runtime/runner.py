@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple, Union
@@ -169,6 +170,35 @@ def _measure_all(job_path: Path, bundles: List[dict], settings: MeasureSpec, unk
     return failures
 
 
+HOST_GONE_EXIT = 3
+
+
+def watch_host(stream=None, on_gone: Optional[Callable[[], None]] = None) -> threading.Thread:
+    """Stop this process when `stream` (standard input) reaches EOF: the host holds its other end
+    open while it waits for the results and never writes to it, so EOF means the host is gone
+    (killed, even with -9: the kernel closes its end) or the link to it dropped. Every result line
+    finished so far is already on disk (fsynced); the board lock is an flock and goes with the
+    process. A daemon thread blocks on the read, so it costs nothing while the host lives."""
+    src = stream if stream is not None else sys.stdin.buffer
+
+    def gone() -> None:
+        print("runner: the host went away (its pipe closed): stopping; finished results are kept",
+              file=sys.stderr, flush=True)
+        os._exit(HOST_GONE_EXIT)
+
+    def watch() -> None:
+        try:
+            while src.read(1):
+                pass  # the host never writes; ignore anything that arrives
+        except (OSError, ValueError):
+            pass
+        (on_gone or gone)()
+
+    t = threading.Thread(target=watch, name="watch-host", daemon=True)
+    t.start()
+    return t
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="runner.pyz", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -180,6 +210,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     r.add_argument("--lock", default=None, help="the board's lock file: one runner times at a time")
     r.add_argument("--no-wait", action="store_true", help="with --lock: fail at once if another runner holds it")
     r.add_argument("--owner", default="", help="the host that started this runner (recorded in the lock)")
+    r.add_argument("--watch-host", action="store_true",
+                   help="stop when standard input closes: the host keeps it open while it waits (a local "
+                        "pipe, or the SSH channel), so a host killed with -9, or a dropped link, leaves no "
+                        "runner timing")
     ls = sub.add_parser("lock-status", help="print whether a live runner holds a board lock, and who (JSON)")
     ls.add_argument("lock")
     lj = sub.add_parser("list-jobs", help="the board's lock status, its job dirs with their results, and which "
@@ -199,6 +233,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(json.dumps(collect_env()))
             return 0
         if args.cmd == "run":
+            if args.watch_host:
+                watch_host()
             failures = run_job(args.job, args.out, resume=args.resume, lock=args.lock, wait=not args.no_wait,
                                owner=args.owner)
             return 1 if failures else 0
