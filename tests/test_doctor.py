@@ -200,6 +200,9 @@ def _silent_server(mode: str):
                 continue
             if mode == "close":
                 c.close()
+            elif mode == "slow":  # a banner, then nothing: stuck in the key exchange
+                c.sendall(b"SSH-2.0-OpenSSH_9.2 stuck\r\n")
+                held.append(c)
             else:
                 held.append(c)  # mute: accepted, never answered
 
@@ -208,7 +211,7 @@ def _silent_server(mode: str):
     return srv.getsockname()[1], stop, held, srv
 
 
-@pytest.mark.parametrize("mode", ["mute", "close"])
+@pytest.mark.parametrize("mode", ["mute", "close", "slow"])
 def test_a_host_that_accepts_tcp_but_never_speaks_ssh_fails_in_one_line_within_6_s(tmp_path, mode) -> None:
     """#27: `profile check` against a port that accepts TCP and stays silent (a stuck sshd, another
     service, a tarpit) fails within the default connect_timeout (5 s; under 6 s in all), in one
@@ -231,7 +234,10 @@ def test_a_host_that_accepts_tcp_but_never_speaks_ssh_fails_in_one_line_within_6
     assert "'host'" in line and "'port'" in line and f"127.0.0.1:{port}" in line
     if mode == "mute":
         assert "TCP open, no SSH banner in 5.0 s" in line and "'connect_timeout_s'" in line
+    elif mode == "slow":
+        assert "key exchange and login did not finish in 5." in line and "'connect_timeout_s'" in line
     else:
         assert "closed the connection without an SSH banner" in line
-    for raw in ("Exception (client)", "Error reading SSH protocol banner", "Bad file descriptor", "Traceback"):
+    for raw in ("Exception (client)", "Error reading SSH protocol banner", "Bad file descriptor", "Traceback",
+                "No existing session"):
         assert raw not in line

@@ -1027,6 +1027,12 @@ class _SSHProcess(Process):
         return b"".join(self._out).decode("utf-8", "replace"), self._err.decode("utf-8", "replace")
 
 
+def _short_reason(e: BaseException) -> str:
+    """An exception's text, one line and short (a library's message may span lines)."""
+    text = " ".join(str(e).split()) or e.__class__.__name__
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
 def _quiet_paramiko() -> None:
     """paramiko's transport thread logs a failed handshake with a traceback at ERROR level, which
     Python prints to stderr when nothing handles it; hat-edge says what went wrong in one line of
@@ -1132,6 +1138,7 @@ class SSHTransport(Transport):
         _quiet_paramiko()
         if sock is None:  # direct: our own socket, so a host that never speaks SSH fails in one line
             sock = _open_ssh_socket(target, who, timeout)
+        t0 = time.monotonic()
         try:
             client.connect(
                 target.hostname, port=target.port, username=target.user,
@@ -1166,7 +1173,14 @@ class SSHTransport(Transport):
                     f"{who}: no SSH key to log in to {target.display}: set the profile's field 'identity_file' "
                     "to your private key (e.g. ~/.ssh/id_ed25519), or load one into ssh-agent (ssh-add)"
                 ) from None
-            raise ConnectionLost(f"{who}: cannot connect to {target.display} ({e.__class__.__name__}: {e})") from None
+            took = time.monotonic() - t0
+            if took >= 0.9 * timeout:  # paramiko's words for a handshake that ran out of time vary
+                raise ConnectionLost(
+                    f"{who}: {target.hostname}:{target.port}: an SSH server answered, but the key exchange and "
+                    f"login did not finish in {took:.1f} s: a stuck or overloaded sshd; raise the profile's field "
+                    "'connect_timeout_s' for a slow device, or check 'host' and 'port'") from None
+            raise ConnectionLost(f"{who}: cannot connect to {target.display}: the SSH handshake failed "
+                                 f"({_short_reason(e)}); check the profile's fields 'host' and 'port'") from None
         except (TimeoutError, socket.timeout):
             client.close()
             raise ConnectionLost(
