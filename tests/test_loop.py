@@ -223,17 +223,17 @@ def test_loop_on_the_local_device_meets_the_budget(tmp_path: Path, demo_ckpt, mo
 
     monkeypatch.setenv("HAT_EDGE_CACHE", str(tmp_path / "cache"))
     t0 = time.perf_counter()
-    profile = fast_local_profile(tmp_path, demo_ckpt.model.cfg.vocab_size, min_time_s=0.3)
+    profile = fast_local_profile(tmp_path, demo_ckpt.model.cfg.vocab_size, min_time_s=0.2)
     store = LatencyStore(tmp_path / "latency.sqlite")
     dev = ProfileDevice(profile, store)
-    fit = make_fitness(demo_ckpt, 30)
+    fit = make_fitness(demo_ckpt, 20)
 
     from hat_edge.search.loop import measure_initial
 
     measured, init, _ = measure_initial(DEMO, dev, 10, seed=0, progress=False)
     budget = budget_from_measurements({a: measured[a] for a in init}, 40)
     ls = LoopSettings(budget_ms=budget, rounds=2, top_k=2, tolerance=0.03, initial=10, explore=1,
-                      evolution=EvolutionSettings.quick(seed=0))
+                      evolution=EvolutionSettings(population=16, parents=4, mutations=6, crossovers=6, iterations=4))
     res = run_loop(DEMO, fit, dev, ls, progress=False, initial=(measured, init))
     w = res.winner
     assert res.met
