@@ -48,23 +48,12 @@ from hat_edge.data.fairseq import Dictionary
 from hat_edge.data.fairseq_tokenizer import FairseqTokenizer
 from hat_edge.errors import UserError
 from hat_edge.model import ModelConfig, SuperTransformer
-from hat_edge.space import Arch, SearchSpace
+from hat_edge.space import CHOICE_FIELDS, Arch, SearchSpace
 
 HAT_SOURCE = "fairseq TransformerSuperModel (HAT)"
 
-# args -> our SearchSpace fields (HAT's argparse names, `add_args` in transformer_super.py)
-_SPACE_ARGS = (
-    "encoder_embed_choice",
-    "decoder_embed_choice",
-    "encoder_ffn_embed_dim_choice",
-    "decoder_ffn_embed_dim_choice",
-    "encoder_layer_num_choice",
-    "decoder_layer_num_choice",
-    "encoder_self_attention_heads_choice",
-    "decoder_self_attention_heads_choice",
-    "decoder_ende_attention_heads_choice",
-    "decoder_arbitrary_ende_attn_choice",
-)
+# args -> our SearchSpace fields: HAT's argparse names (`add_args` in transformer_super.py) are ours
+_SPACE_ARGS = CHOICE_FIELDS
 # (arg, value hat-edge's model computes): anything else changes the math, so it is refused
 _REQUIRED_ARGS = (
     ("encoder_normalize_before", False),

@@ -412,6 +412,7 @@ _CHOICE_FIELDS = (
     "decoder_ende_attention_heads_choice",
     "decoder_arbitrary_ende_attn_choice",
 )
+CHOICE_FIELDS = _CHOICE_FIELDS  # public: the importer reads the same names from HAT's args
 # Which choice list governs which Arch field.
 _GOVERNS = {
     "encoder_embed_dim": "encoder_embed_choice",

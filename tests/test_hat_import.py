@@ -425,3 +425,7 @@ def test_every_checkpoint_command_takes_the_imported_file(hat_bpe, tmp_path) -> 
                   "--search-size", "quick", "--valid-sentences", "3", "--no-progress", "--json"])
     assert r.exit_code == 0, r.output
     assert "encoder_embed_dim" in r.output
+    r = run(cli, ["loop", "--checkpoint", ck, "--profile", "sim:hat-pi4", "--budget", "1e6", "--rounds", "1",
+                  "--initial", "8", "--search-size", "quick", "--valid-sentences", "3", "--no-progress", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output.strip().splitlines()[-1])["simulated"]

@@ -28,7 +28,6 @@ from typing import Any, Iterable, Optional, Sequence
 
 from hat_edge.data.fairseq import Dictionary, TextPipeline, remove_bpe
 from hat_edge.errors import UserError
-from hat_edge.runtime.files import read_file
 
 FAIRSEQ_TOKENIZER_FORMAT = "hat-edge-fairseq-tokenizer"
 FAIRSEQ_TOKENIZER_VERSION = 1
@@ -178,20 +177,12 @@ class FairseqTokenizer:
         return tok
 
     def save(self, directory: str | Path) -> Path:
+        """Write `tokenizer.json` into `directory` (read back with `data.tokenizer.load_tokenizer`)."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         path = d / FAIRSEQ_TOKENIZER_FILE
         path.write_bytes(self.to_bytes())
         return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> "FairseqTokenizer":
-        p = Path(path)
-        if p.is_dir():
-            p = p / FAIRSEQ_TOKENIZER_FILE
-        data = read_file(p, "no such tokenizer file", UserError)
-        assert isinstance(data, bytes)
-        return cls.from_bytes(data, str(p))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, FairseqTokenizer) and other.to_bytes() == self.to_bytes()
