@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import functools
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -231,7 +233,7 @@ def translate(
         longest = max(len(enc[i]) for i in chunk)
         hyps = decode_ids([enc[i] for i in chunk], d, _max_len(longest, max_positions, d))
         for r, i in enumerate(chunk):
-            out[i] = tokenizer.decode(hyps[r], level=out_level) if out_level != "raw" else tokenizer.decode(hyps[r])
+            out[i] = tokenizer.decode(hyps[r], level=out_level)
     return out
 
 
@@ -342,30 +344,24 @@ def default_bleu(tokenizer: Any, beam: int | None = None) -> tuple[str, DecodeSe
     return "sacrebleu", DecodeSettings(beam=5 if beam is None else beam)
 
 
-_COMPOUND = None
+_COMPOUND = re.compile(r"(\S)-(\S)")
 
 
 def split_compounds(s: str) -> str:
     """HAT's "normal" BLEU preprocessing: `perl -ple 's{(\\S)-(\\S)}{$1 ##AT##-##AT## $2}g'`."""
-    import re
-
-    global _COMPOUND
-    if _COMPOUND is None:
-        _COMPOUND = re.compile(r"(\S)-(\S)")
     return _COMPOUND.sub(r"\1 ##AT##-##AT## \2", s)
 
 
-_DETOK = None
+@functools.lru_cache(maxsize=1)
+def _detokenizer_en() -> Any:
+    from sacremoses import MosesDetokenizer
+
+    return MosesDetokenizer(lang="en")
 
 
 def moses_detokenize_en(s: str) -> str:
     """HAT's "sacre" BLEU preprocessing: `sacremoses detokenize` (its CLI's default language, en)."""
-    global _DETOK
-    if _DETOK is None:
-        from sacremoses import MosesDetokenizer
-
-        _DETOK = MosesDetokenizer(lang="en")
-    return _DETOK.detokenize(s.split())
+    return _detokenizer_en().detokenize(s.split())
 
 
 def evaluate(

@@ -153,10 +153,8 @@ def space_from_args(args: argparse.Namespace, where: str, name: str = "hat-impor
         # encoder-decoder attention over "the last 2-3 layers" would repeat the last active one.
         raise UserError(f"{where}: args.encoder_layer_num_choice is {list(kw['encoder_layer_num_choice'])}; hat-edge imports "
                         f"spaces with a fixed encoder depth (HAT's: [{sup['encoder_layers']}]) only")
-    heads = [h for n in ("encoder_self_attention_heads_choice", "decoder_self_attention_heads_choice",
-                         "decoder_ende_attention_heads_choice") for h in kw[n]]
     for n in ("encoder_attention_heads", "decoder_attention_heads"):
-        heads.append(_int_arg(args, n, where))
+        _int_arg(args, n, where)  # the super head counts: checked (SearchSpace checks the choices against qkv_dim)
     space = SearchSpace(name=name, qkv_dim=qkv, description=f"imported from {HAT_SOURCE}", **kw)
     return space, sup
 

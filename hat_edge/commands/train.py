@@ -144,7 +144,7 @@ def evaluate_cmd(ckpt: str, bundle: Path | None, arch: str, split: str, data: st
 
     from hat_edge.checkpoint import load_checkpoint, read_checkpoint
     from hat_edge.data.corpus import DataSpec
-    from hat_edge.evaluate import HAT_DECODING, DecodeSettings, bleu, evaluate
+    from hat_edge.evaluate import bleu, default_bleu, evaluate
     from hat_edge.space import load_arch
 
     if threads:
@@ -165,10 +165,6 @@ def evaluate_cmd(ckpt: str, bundle: Path | None, arch: str, split: str, data: st
         base = DataSpec.from_dict(cp_meta["data"]) if cp_meta.get("data") else DataSpec(data)
         return DataSpec(data, tgt_data, base.n_valid, base.n_test, base.seed)
 
-    def decoding_for(tok) -> DecodeSettings:
-        d = HAT_DECODING if getattr(tok, "kind", "") == "fairseq" else DecodeSettings()
-        return d if beam is None else DecodeSettings(beam, d.len_penalty, d.min_len, d.max_len_a, d.max_len_b)
-
     if bundle is not None:
         from hat_edge.data.tokenizer import load_tokenizer
         from hat_edge.exporters import load_bundle
@@ -180,9 +176,9 @@ def evaluate_cmd(ckpt: str, bundle: Path | None, arch: str, split: str, data: st
         corpus = spec.load_split(split)
         if max_sentences is not None:
             corpus = corpus.head(max_sentences)
-        d = decoding_for(tok)
+        m, d = default_bleu(tok, beam)
+        m = metric or m
         beam = d.beam
-        m = metric or ("hat-normal" if getattr(tok, "kind", "") == "fairseq" else "sacrebleu")
         res = bleu(b, tok, corpus, beam=beam, progress=show, metric=m, decoding=d)
         out = {"version": 1, "bundle": str(bundle), "split": split, "n_sentences": res.n_sentences, "bleu": res.bleu,
                "beam": beam, "bleu_signature": res.signature, "bleu_ms": res.elapsed_ms}
@@ -194,7 +190,7 @@ def evaluate_cmd(ckpt: str, bundle: Path | None, arch: str, split: str, data: st
     cp = load_checkpoint(ckpt)
     a = cp.arch if (arch == "largest" and cp.arch is not None) else load_arch(arch, cp.space)
     spec = data_spec(cp.meta, cp.tokenizer)
-    d = decoding_for(cp.tokenizer)
+    _, d = default_bleu(cp.tokenizer, beam)
     beam = d.beam
     res = evaluate(cp, a, split=split, max_sentences=max_sentences, beam=beam, data=spec, do_bleu=not no_bleu,
                    progress=show, metric=metric, decoding=d)
