@@ -90,7 +90,8 @@ def test_main_job_end_to_end_writes_the_report(tmp_path: Path, monkeypatch):
     from hat_edge.app.mainjob import RunSettings, render_summary, run_main_job
 
     out = tmp_path / "run"
-    # (#25: under 60 s for both runs on 2 cores; the assertions are on the job's steps and outputs)
+    # (#25: under 60 s for both runs on 2 cores; the assertions are on the job's steps and outputs;
+    # the second run reuses the stored measurements and the winner's export)
     s = RunSettings(initial=8, rounds=1, top_k=1, explore=1, evolution=TINY_EVO, valid_sentences=12,
                     bleu_sentences=6, translations=2, out_dir=str(out), min_time_s=0.2, min_repeats=3)
     logs: list[str] = []
@@ -114,8 +115,28 @@ def test_main_job_end_to_end_writes_the_report(tmp_path: Path, monkeypatch):
     text = render_summary(result)
     assert "speed-up vs largest" in text and "budget" in text
     # A second run reuses every stored measurement: nothing new is measured before the search.
-    summary2 = run_main_job(s, progress=False, log=lambda m: None)[0].to_dict()
+    logs2: list[str] = []
+    summary2 = run_main_job(s, progress=False, log=logs2.append)[0].to_dict()
     assert summary2["device_measurements"] <= summary["device_measurements"]
+    # ... and the export of the same winner from the same weights (#25: ~8 s of the second run)
+    same = summary2["winner"]["arch"] == w["arch"]
+    assert any(m.startswith("reusing the export of") for m in logs2) == same
+    assert summary2["deploy"]["hashes_ok"] and summary2["deploy"]["parity"]
+    # A changed bundle file, a changed key or a linked key file is never reused.
+    from hat_edge.app.deploy import reusable_bundle
+
+    bundle, key_file = out / "bundle", out / "bundle.export-key.json"
+    key = json.loads(key_file.read_text())["key"]
+    assert reusable_bundle(bundle, key) == bundle and reusable_bundle(bundle, "0" * 64) is None
+    (tmp_path / "k.json").write_text(key_file.read_text())
+    key_file.unlink()
+    key_file.symlink_to(tmp_path / "k.json")
+    assert reusable_bundle(bundle, key) is None
+    key_file.unlink()
+    (tmp_path / "k.json").rename(key_file)
+    graph = next(p for p in bundle.iterdir() if p.suffix == ".onnx")
+    graph.write_bytes(graph.read_bytes() + b"\0")
+    assert reusable_bundle(bundle, key) is None
 
 
 # ------------------------------------------------------------------------------------------------

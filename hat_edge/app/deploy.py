@@ -168,6 +168,46 @@ def _runner_json(res: Result, what: str) -> dict[str, Any]:
     return last_json_line(res.stdout, what)
 
 
+def export_key(sub: Any, arch: Arch, fmt: str, quantize: str | None, tokenizer: Any) -> str:
+    """What an exported bundle is made of: the SubTransformer's weights (every tensor's bytes), its
+    arch, format, precision and the tokenizer's files. Equal keys: the export would be the same."""
+    h = hashlib.sha256(json.dumps([arch.to_json(), fmt, quantize], sort_keys=True).encode())
+    for name, t in sorted(sub.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().contiguous().cpu().numpy().tobytes())
+    if tokenizer is not None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            tokenizer.save(d)
+            for f in sorted(Path(d).rglob("*")):
+                if f.is_file():
+                    h.update(f.name.encode())
+                    h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _key_file(out: Path) -> Path:
+    # beside the bundle, not in it: a bundle holds exactly its manifest's files
+    return out.parent / f"{out.name}.export-key.json"
+
+
+def reusable_bundle(out: Path, key: str) -> Path | None:
+    """`out`, when it holds an intact bundle (every hash checked) exported from the same `key`; else
+    None. A second `hat-edge run` (or deploy) of the same winner skips the export (~15 s for the
+    demo, a minute for a WMT model). Links are never followed."""
+    kf = _key_file(out)
+    try:
+        if kf.is_symlink() or out.is_symlink() or not kf.is_file() or not out.is_dir():
+            return None
+        if json.loads(kf.read_text()) != {"version": 1, "key": key}:
+            return None
+        load_bundle(out)
+    except (OSError, ValueError, UserError):
+        return None
+    return out
+
+
 def deploy(
     profile: DeviceProfile,
     *,
@@ -224,9 +264,16 @@ def deploy(
         fmt = FORMAT_OF_RUNTIME[profile.runtime]
         out = Path(out_dir) if out_dir else default_bundle_dir(profile.name, arch, quantize)
         t = time.perf_counter()
-        say(f"exporting {arch.describe()} ({fmt}{', ' + quantize if quantize else ''}) to {out}")
         sub = ckpt.model.extract(arch).eval()
-        path = export_bundle(sub, out, fmt=fmt, quantize=quantize, tokenizer=ckpt.tokenizer)
+        key = export_key(sub, arch, fmt, quantize, ckpt.tokenizer)
+        path = reusable_bundle(out, key)
+        if path is not None:
+            say(f"reusing the export of {arch.describe()} in {out} (same weights, format and precision)")
+        else:
+            say(f"exporting {arch.describe()} ({fmt}{', ' + quantize if quantize else ''}) to {out}")
+            _key_file(out).unlink(missing_ok=True)  # an export that fails leaves no key behind
+            path = export_bundle(sub, out, fmt=fmt, quantize=quantize, tokenizer=ckpt.tokenizer)
+            _key_file(out).write_text(json.dumps({"version": 1, "key": key}))
         timings["export_ms"] = (time.perf_counter() - t) * 1e3
         t = time.perf_counter()
         # int8's agreement with PyTorch is measured on the test sentences when there are any
