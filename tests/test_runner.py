@@ -267,6 +267,31 @@ def test_run_job_writes_one_line_per_bundle_with_statistics(bundles, tmp_path) -
     assert [x["id"] for x in again[3:]] == ["missing"]
 
 
+def test_a_runner_starts_no_child_process_while_it_times(bundles, tmp_path) -> None:
+    """Off a Pi, `runner.pyz run` forks nothing: a child between fork and exec carries the runner's
+    command line, so the board's process table would show two runners (Python's
+    `platform.platform()` ran `uname -p`; the kill -9 test's watcher caught it under load)."""
+    import platform
+
+    from hat_edge.runtime.envinfo import _platform
+
+    assert _platform(platform.uname()) == platform.platform()  # the same string, without the child
+    job = _job(tmp_path, [("onnx", str(bundles["onnx"]))])
+    hook = ("import runpy, sys\n"
+            "def hook(ev, args):\n"
+            "    if ev in ('subprocess.Popen', 'os.fork', 'os.forkpty', 'os.posix_spawn', 'os.system'):\n"
+            "        print('CHILD', ev, args[:2], file=sys.stderr, flush=True)\n"
+            "sys.addaudithook(hook)\n"
+            "sys.argv = sys.argv[1:]\n"
+            "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    out = tmp_path / "res.jsonl"
+    r = subprocess.run([sys.executable, "-c", hook, str(RUNNER), "run", str(job), "--out", str(out), "--lock",
+                        str(tmp_path / "runner.lock")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "CHILD" not in r.stderr, r.stderr
+    assert json.loads(out.read_text())["median_ms"] > 0
+
+
 def test_run_job_level_errors_are_one_line(tmp_path) -> None:
     bad = tmp_path / "job.json"
     bad.write_text(json.dumps({"format": "hat-edge-job", "version": 9, "bundles": []}))

@@ -122,6 +122,23 @@ def installed_runtimes() -> Dict[str, bool]:
             "torchscript": importlib.util.find_spec("torch") is not None}
 
 
+def _platform(uname: "platform.uname_result") -> str:
+    """`platform.platform()` without its `uname -p` subprocess on Linux (Python runs one to learn
+    the processor, which Linux reports as unknown or as the machine): a runner starts no child
+    while it holds the board, so nothing else on the board carries a runner's command line (a
+    child between fork and exec does)."""
+    if uname.system != "Linux":
+        return platform.platform()
+    lib, ver = platform.libc_ver()
+    parts = [uname.system, uname.release, uname.machine] + (["with", lib + ver] if lib else [])
+    text = "-".join(x.strip() for x in parts if x and x.strip())
+    for ch in ' /\\:;"()':
+        text = text.replace(ch, "_" if ch == " " else "-")
+    while "--" in text:
+        text = text.replace("--", "-")
+    return text
+
+
 def collect_env(probe_runtimes: bool = True) -> dict:
     """One JSON-able object describing this machine (absent facts are null)."""
     uname = platform.uname()
@@ -132,7 +149,7 @@ def collect_env(probe_runtimes: bool = True) -> dict:
     env: Dict[str, Any] = {
         "version": RUNNER_VERSION,
         "os": f"{uname.system} {uname.release}",
-        "platform": platform.platform(),
+        "platform": _platform(uname),
         "machine": uname.machine,
         "cpu_model": _cpu_model(),
         "cores": os.cpu_count(),
