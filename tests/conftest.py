@@ -19,6 +19,18 @@ from ssh_fixtures import SETUP_HINT, SSHServer, board_venv, find_sshd, keygen
 # ---------------------------------------------------------------------------------------------
 # General
 # ---------------------------------------------------------------------------------------------
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto` (pyproject's addopts): two workers, one on a one-core machine. The suite is sized
+    for 2 cores: more workers on a bigger machine would time boards beside many exports at once.
+    HAT_EDGE_TEST_WORKERS sets the number."""
+    want = os.environ.get("HAT_EDGE_TEST_WORKERS", "")
+    if want:
+        if not want.isdigit():
+            raise pytest.UsageError(f"HAT_EDGE_TEST_WORKERS={want!r}: expected a whole number (0: one process)")
+        return int(want)
+    return max(1, min(2, os.cpu_count() or 1))
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread() -> None:
     """2 shared CPU cores: keep every test's torch single-threaded."""

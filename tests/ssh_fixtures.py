@@ -8,6 +8,7 @@ cached under ~/.cache/hat-edge-test, keyed by the versions it holds.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -156,14 +157,19 @@ def board_venv(cache_root: Path | None = None) -> Path:
     ok = venv / ".complete"
     if ok.exists() and py.exists():
         return py
-    shutil.rmtree(venv, ignore_errors=True)
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    base = getattr(sys, "_base_executable", sys.executable)
-    subprocess.run([base, "-m", "venv", str(venv)], check=True)
-    subprocess.run(
-        [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-         f"numpy=={numpy.__version__}", f"onnxruntime=={onnxruntime.__version__}"],
-        check=True,
-    )
-    ok.write_text(key + "\n")
+    root.mkdir(parents=True, exist_ok=True)
+    # pytest-xdist workers start together on a fresh machine: one builds, the others wait for it
+    with open(root / f"board-venv-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if ok.exists() and py.exists():
+            return py
+        shutil.rmtree(venv, ignore_errors=True)
+        base = getattr(sys, "_base_executable", sys.executable)
+        subprocess.run([base, "-m", "venv", str(venv)], check=True)
+        subprocess.run(
+            [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+             f"numpy=={numpy.__version__}", f"onnxruntime=={onnxruntime.__version__}"],
+            check=True,
+        )
+        ok.write_text(key + "\n")
     return py

@@ -17,10 +17,9 @@ from hat_edge.search.evolution import EvolutionSettings
 from hat_edge.space import PRESETS
 
 DEMO = PRESETS["demo"]
-# The main job's search, cut to at most 36 evaluations (24 x 6: 114) plus the explore step's 20 (42):
-# the test checks the job's steps and outputs, not the search's quality; 24 x 6 spent ~35 s on the
-# fitness in each of the test's two runs of the job.
-TINY_EVO = EvolutionSettings(population=12, parents=4, mutations=4, crossovers=4, iterations=4, seed=0)
+# The main job's search, cut to ~30 fitness evaluations (12 x 4: ~55, 24 x 6: 114): the tests check
+# the job's steps and outputs, not the search's quality (tests/test_sim.py and test_loop.py do).
+TINY_EVO = EvolutionSettings(population=8, parents=3, mutations=3, crossovers=2, iterations=3, seed=0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -81,21 +80,31 @@ def test_deploy_argument_errors(tmp_path: Path):
 # ------------------------------------------------------------------------------------------------
 # The main job (`hat-edge run`), end to end at a small size
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.slow
-def test_main_job_end_to_end_writes_the_report(tmp_path: Path, monkeypatch):
-    """The whole job on local-cpu with the bundled demo model, cut small (8 initial measurements,
-    one round, a tiny evolution, 0.3 s per model): a real device check, measurements, predictor,
-    search, deploy through the local transport, side-by-side benchmark, BLEU, report and plots."""
-    monkeypatch.setenv("HAT_EDGE_CACHE", str(tmp_path / "cache"))
-    from hat_edge.app.mainjob import RunSettings, render_summary, run_main_job
+@pytest.fixture(scope="module")
+def main_job(tmp_path_factory):
+    """The whole job once on local-cpu with the bundled demo model, cut small (6 initial
+    measurements, one round, a tiny evolution, 0.2 s per model): (settings, summary, logs, run dir).
+    The two tests below share it: the first run's outputs, then a second run into the same dir."""
+    from hat_edge.app.mainjob import RunSettings, run_main_job
 
-    out = tmp_path / "run"
-    # (#25: under 60 s for both runs on 2 cores; the assertions are on the job's steps and outputs;
-    # the second run reuses the stored measurements and the winner's export)
-    s = RunSettings(initial=8, rounds=1, top_k=1, explore=1, evolution=TINY_EVO, valid_sentences=12,
+    tmp = tmp_path_factory.mktemp("main_job")
+    out = tmp / "run"
+    s = RunSettings(initial=6, rounds=1, top_k=1, explore=1, evolution=TINY_EVO, valid_sentences=12,
                     bleu_sentences=6, translations=2, out_dir=str(out), min_time_s=0.2, min_repeats=3)
     logs: list[str] = []
-    result, loop, _ = run_main_job(s, progress=False, log=logs.append)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HAT_EDGE_CACHE", str(tmp / "cache"))
+        result, _, _ = run_main_job(s, progress=False, log=logs.append)
+    return s, result, logs, out, tmp / "cache"
+
+
+@pytest.mark.slow
+def test_main_job_end_to_end_writes_the_report(main_job):
+    """A real device check, measurements, predictor, search, deploy through the local transport,
+    side-by-side benchmark, BLEU, report and plots."""
+    from hat_edge.app.mainjob import render_summary
+
+    _, result, logs, out, _ = main_job
     summary = result.to_dict()  # the `--json` object
     assert [m[:5] for m in logs if m.startswith("[")] == [f"[{i}/7]" for i in range(1, 8) if i != 5]
     w = summary["winner"]
@@ -107,17 +116,30 @@ def test_main_job_end_to_end_writes_the_report(tmp_path: Path, monkeypatch):
     side = summary["side_by_side"]
     assert side is None or summary["speedup"] == pytest.approx(side["largest_ms"] / side["winner_ms"])
     for name in ("report.md", "report.json", "predicted_vs_measured.png", "search_progress.png",
-                 "loss_vs_latency.png", "latency.sqlite"):
+                 "loss_vs_latency.png", "latency.sqlite", "fitness.sqlite"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     md = (out / "report.md").read_text()
     assert "## Result" in md and f"{summary['budget_ms']:.2f} ms" in md
     assert json.loads((out / "report.json").read_text())["winner"]["arch"] == w["arch"]
     text = render_summary(result)
     assert "speed-up vs largest" in text and "budget" in text
+
+
+@pytest.mark.slow
+def test_a_second_main_job_reuses_the_measurements_the_losses_and_the_export(main_job, monkeypatch):
+    from hat_edge.app.mainjob import run_main_job
+
+    s, result, _, out, cache = main_job
+    monkeypatch.setenv("HAT_EDGE_CACHE", str(cache))
+    summary = result.to_dict()
+    w = summary["winner"]
     # A second run reuses every stored measurement: nothing new is measured before the search.
     logs2: list[str] = []
     summary2 = run_main_job(s, progress=False, log=logs2.append)[0].to_dict()
     assert summary2["device_measurements"] <= summary["device_measurements"]
+    # ... and the validation losses it computed (out/fitness.sqlite): the archs it meets again are read
+    assert summary2["fitness_evaluations"] < summary["fitness_evaluations"]
+    assert any("validation loss read from" in m for m in logs2)
     # ... and the export of the same winner from the same weights (#25: ~8 s of the second run)
     same = summary2["winner"]["arch"] == w["arch"]
     assert any(m.startswith("reusing the export of") for m in logs2) == same
@@ -128,12 +150,12 @@ def test_main_job_end_to_end_writes_the_report(tmp_path: Path, monkeypatch):
     bundle, key_file = out / "bundle", out / "bundle.export-key.json"
     key = json.loads(key_file.read_text())["key"]
     assert reusable_bundle(bundle, key) == bundle and reusable_bundle(bundle, "0" * 64) is None
-    (tmp_path / "k.json").write_text(key_file.read_text())
+    (out.parent / "k.json").write_text(key_file.read_text())
     key_file.unlink()
-    key_file.symlink_to(tmp_path / "k.json")
+    key_file.symlink_to(out.parent / "k.json")
     assert reusable_bundle(bundle, key) is None
     key_file.unlink()
-    (tmp_path / "k.json").rename(key_file)
+    (out.parent / "k.json").rename(key_file)
     graph = next(p for p in bundle.iterdir() if p.suffix == ".onnx")
     graph.write_bytes(graph.read_bytes() + b"\0")
     assert reusable_bundle(bundle, key) is None

@@ -381,3 +381,83 @@ def test_round_line_says_which_arch_won_and_why() -> None:
     # two archs of one size and shape are told apart by their ids
     twin = dataclasses.replace(big, encoder_ffn_embed_dim=(small.encoder_ffn_embed_dim[0],) * big.encoder_layer_num)
     assert arch_tag(twin) != arch_tag(big) and len(arch_id(big)) == 8
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation losses kept across runs (search.fitness_store)
+# ------------------------------------------------------------------------------------------------
+def test_a_second_fitness_reads_the_stored_losses_and_a_new_fingerprint_computes(tmp_path):
+    from hat_edge.search.fitness_store import FitnessStore
+
+    archs = DEMO.sample_n(4, seed=1)
+    seen: list[Arch] = []
+
+    def loss(a: Arch) -> float:
+        seen.append(a)
+        return 2.0 + a.encoder_embed_dim / 1000
+
+    store = FitnessStore(tmp_path / "fitness.sqlite")
+    first = CachedFitness(loss, persist=store.bind("f1"))
+    values = [first(a) for a in archs + archs[:1]]
+    assert first.calls == 4 and first.reused == 0 and len(seen) == 4 and store.count("f1") == 4
+    store.close()
+    again = FitnessStore(tmp_path / "fitness.sqlite")  # a rerun: a new process, the same file
+    second = CachedFitness(loss, persist=again.bind("f1"))
+    assert [second(a) for a in archs] == values[:4] and second.calls == 0 and second.reused == 4 and len(seen) == 4
+    other = CachedFitness(loss, persist=again.bind("f2"))  # other weights or sentences: nothing to read
+    other(archs[0])
+    assert other.calls == 1 and other.reused == 0 and len(seen) == 5
+    # a value written into the file by hand is not a loss: computed again
+    db = again._db
+    for bad in ("'x'", "-1.0", "9e999"):
+        db.execute(f"UPDATE fitness SET loss = {bad} WHERE fingerprint = 'f1'")
+        db.commit()
+        fresh = CachedFitness(loss, persist=again.bind("f1"))
+        assert fresh(archs[1]) == values[1] and fresh.calls == 1, bad
+    again.close()
+
+
+def test_a_linked_foreign_or_damaged_fitness_file_is_refused_in_one_line(tmp_path):
+    import sqlite3
+
+    from hat_edge.search.fitness_store import FitnessStore
+
+    target = tmp_path / "elsewhere.sqlite"
+    FitnessStore(target).close()
+    link = tmp_path / "link.sqlite"
+    link.symlink_to(target)
+    foreign = tmp_path / "foreign.sqlite"
+    with sqlite3.connect(foreign) as db:
+        db.execute("CREATE TABLE t (x)")
+    junk = tmp_path / "junk.sqlite"
+    junk.write_bytes(b"not a database at all" * 100)
+    for path, words in ((link, "symbolic link"), (foreign, "not a hat-edge fitness cache"),
+                        (junk, "not a hat-edge fitness cache")):
+        before = path.read_bytes() if not path.is_symlink() else None
+        with pytest.raises(UserError) as e:
+            FitnessStore(path)
+        msg = str(e.value)
+        assert str(path) in msg and words in msg and "\n" not in msg, msg
+        if before is not None:
+            assert path.read_bytes() == before  # left unchanged
+
+
+def test_the_validation_loss_fingerprint_follows_the_weights_and_the_sentences():
+    import torch
+
+    from hat_edge.checkpoint import load_checkpoint
+    from hat_edge.evaluate import ValidLoss
+
+    ck = load_checkpoint("demo")
+    a, b = ValidLoss(ck, max_sentences=8), ValidLoss(ck, max_sentences=8)
+    fa = a.fingerprint()
+    assert fa == b.fingerprint() and len(fa) == 64
+    assert ValidLoss(ck, max_sentences=9).fingerprint() != fa
+    w = next(iter(ck.model.parameters()))
+    with torch.no_grad():
+        w.view(-1)[0] += 1e-3
+    try:
+        assert ValidLoss(ck, max_sentences=8).fingerprint() != fa
+    finally:
+        with torch.no_grad():
+            w.view(-1)[0] -= 1e-3

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from hat_edge.errors import UserError
 from hat_edge.search.evolution import CachedFitness
+from hat_edge.search.fitness_store import FitnessStore
 from hat_edge.search.loop import ProfileDevice
 
 if TYPE_CHECKING:
@@ -30,13 +31,14 @@ if TYPE_CHECKING:
 FITNESS_MAX_TOKENS = 1000
 
 
-def make_fitness(ckpt: Checkpoint, sentences: int) -> CachedFitness:
-    """The search's fitness: validation loss of an arch inside the checkpoint's SuperTransformer."""
+def make_fitness(ckpt: Checkpoint, sentences: int, persist: FitnessStore | None = None) -> CachedFitness:
+    """The search's fitness: validation loss of an arch inside the checkpoint's SuperTransformer.
+    `persist`: losses computed before with the same fingerprint are read from it, new ones written."""
     from hat_edge.evaluate import ValidLoss
 
     vl = ValidLoss(_on_fitness_device(ckpt), split="valid", max_sentences=sentences, max_tokens=FITNESS_MAX_TOKENS,
                    device=fitness_device())
-    return CachedFitness(vl.loss)
+    return CachedFitness(vl.loss, persist=persist.bind(vl.fingerprint()) if persist is not None else None)
 
 
 def fitness_device() -> str:
@@ -100,17 +102,26 @@ class JobContext:
     device: ProfileDevice  # the profile and the store, as the loop's Device
     check_s: float  # seconds until the device answered (profile loaded, device checked)
     load_s: float  # seconds loading the checkpoint and opening the store
+    _fitness_stores: list[FitnessStore] = dataclasses.field(default_factory=list, repr=False)
 
     @property
     def space(self) -> SearchSpace:
         return self.checkpoint.space
 
-    def fitness(self, sentences: int) -> CachedFitness:
-        """The search's fitness on `sentences` validation sentences (`make_fitness`)."""
-        return make_fitness(self.checkpoint, sentences)
+    def fitness(self, sentences: int, persist: str | Path | None = None) -> CachedFitness:
+        """The search's fitness on `sentences` validation sentences (`make_fitness`); `persist`: a
+        fitness cache file (`search.fitness_store`) whose losses a rerun reads instead of computing."""
+        store = None
+        if persist is not None:
+            store = FitnessStore(persist)
+            self._fitness_stores.append(store)
+        return make_fitness(self.checkpoint, sentences, store)
 
     def close(self) -> None:
         self.store.close()
+        for f in self._fitness_stores:
+            f.close()
+        self._fitness_stores.clear()
 
     def __enter__(self) -> JobContext:
         return self

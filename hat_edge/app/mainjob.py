@@ -41,6 +41,7 @@ from hat_edge.search.loop import (
     run_loop,
 )
 
+FITNESS_FILE = "fitness.sqlite"  # in the output dir: the validation losses a rerun reads (search.fitness_store)
 
 @dataclass(frozen=True)
 class RunSettings:
@@ -142,13 +143,17 @@ def run_main_job(
 
     # 4. the loop
     say(f"[4/7] search + measure loop (up to {s.rounds} rounds, top {s.top_k} measured per round)")
-    fit = job.fitness(s.valid_sentences)
+    # losses a run into this directory computed before are read, not computed again
+    fit = job.fitness(s.valid_sentences, persist=out / FITNESS_FILE)
     ls = LoopSettings(
         budget_ms=budget, rounds=s.rounds, top_k=s.top_k, tolerance=s.tolerance, initial=n_initial,
         evolution=s.evolution, seed=s.seed, explore=s.explore, anchors=s.anchors, prior=prior,
     )
     loop = run_loop(space, fit, device, ls, progress=progress, log=say, checked_env=env,
                     initial=(measured, init))
+    if fit.reused:
+        say(f"      fitness: {fit.reused} arch(s)' validation loss read from {out / FITNESS_FILE} (computed by an "
+            f"earlier run on the same weights and sentences), {fit.calls} computed")
     t = lap("loop_s", t)
 
     # 5. random search at the same number of evaluations, same latency model and budget

@@ -76,7 +76,8 @@ def run_cmd(profile_name: str, checkpoint: str, budget_ms: float | None, budget_
     search-and-measure loop under a budget (by default the 40th percentile of the space's latency),
     exports and deploys the winner through the profile's transport, benchmarks it there, translates
     a few test sentences, and writes report.md with plots to --out-dir. A second run reuses every
-    measurement in --out-dir/latency.sqlite.
+    measurement in --out-dir/latency.sqlite, the validation losses in --out-dir/fitness.sqlite and
+    the winner's export when it is the same model.
 
     \b
     Examples:

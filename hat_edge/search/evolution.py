@@ -183,22 +183,32 @@ class SearchResult:
 class CachedFitness:
     """Caches a fitness callable per arch; share one across searches (the loss never changes).
 
-    `calls` counts real evaluations (cache misses), the costly part of a search.
+    `calls` counts real evaluations (cache misses), the costly part of a search. `persist`: an
+    object with `get(arch) -> float | None` and `put(arch, loss)` (`fitness_store.FitnessStore.bind`)
+    that keeps the losses across runs; `reused` counts the archs it answered.
     """
 
-    def __init__(self, fn: FitnessFn):
+    def __init__(self, fn: FitnessFn, persist: Any = None):
         self.fn = fn
         self.cache: dict[Arch, float] = {}
         self.calls = 0
+        self.reused = 0
+        self.persist = persist
 
     def __call__(self, arch: Arch) -> float:
         v = self.cache.get(arch)
         if v is None:
-            v = float(self.fn(arch))
-            if not math.isfinite(v):
-                raise ValueError(f"fitness returned {v} for {arch.describe()}")
+            v = self.persist.get(arch) if self.persist is not None else None
+            if v is not None:
+                self.reused += 1
+            else:
+                v = float(self.fn(arch))
+                if not math.isfinite(v):
+                    raise ValueError(f"fitness returned {v} for {arch.describe()}")
+                self.calls += 1
+                if self.persist is not None:
+                    self.persist.put(arch, v)
             self.cache[arch] = v
-            self.calls += 1
         return v
 
 
