@@ -293,3 +293,50 @@ def test_int8_device_parity_is_agreement_not_identity() -> None:
     assert dep.to_dict()["device_agreement"] == 0.93
     # fp32 keeps the identity check
     assert "translations identical to the host's" in render_deploy(_synthetic_summary().deploy)
+
+
+# ------------------------------------------------------------------------------------------------
+# --threads auto: the fitness's host threads, chosen by timing
+# ------------------------------------------------------------------------------------------------
+def test_timed_threads_uses_the_faster_count_and_follows_the_machine():
+    """A fitness whose cost depends on the thread count (here: a sleep per count, as a quiet and
+    a busy machine make it): the faster count is used after the first probe, and after a change
+    of the machine the next probe switches."""
+    import time
+
+    import torch
+
+    from hat_edge.app.job import TimedThreads
+
+    cost = {1: 0.03, 2: 0.004}
+    used: list[int] = []
+
+    def fn(arch) -> float:
+        n = torch.get_num_threads()
+        used.append(n)
+        time.sleep(cost[n])
+        return 1.25
+
+    before = torch.get_num_threads()
+    try:
+        t = TimedThreads(fn, (1, 2), probe_every=8)
+        assert [t(i) for i in range(8)] == [1.25] * 8  # the value is the loss, probe or not
+        assert len(t.probes) == 1 and t.current == 2 and used[2:] == [2] * 7 and used[:2] == [1, 1]
+        cost[1], cost[2] = 0.004, 0.03  # something else now keeps a core busy
+        for i in range(8):
+            t(i)
+        assert len(t.probes) == 2 and t.current == 1 and used[-6:] == [1] * 6
+        assert "1 thread(s), chosen by timing (2 probe(s)" in t.describe()
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError):
+        TimedThreads(fn, (0, 2))
+
+
+def test_threads_option_takes_auto_or_a_count_and_refuses_the_rest():
+    from hat_edge.cli import cli
+
+    r = CliRunner().invoke(cli, ["run", "--threads", "many"])
+    assert r.exit_code == 2 and "'many': allowed 'auto' or a whole number >= 0" in r.output
+    r = CliRunner().invoke(cli, ["run", "--help"])
+    assert "--threads AUTO|N" in r.output and "[default: auto]" in r.output

@@ -12,7 +12,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Union
 
 from hat_edge.errors import UserError
 from hat_edge.search.evolution import CachedFitness
@@ -30,15 +30,80 @@ if TYPE_CHECKING:
 # (100 demo sentences: 1.76 s vs 3.87 s per arch on a loaded 2-core machine), same losses.
 FITNESS_MAX_TOKENS = 1000
 
+Threads = Union[int, str, None]  # host torch threads: a count, "auto" (timed: TimedThreads) or None (torch's default)
 
-def make_fitness(ckpt: Checkpoint, sentences: int, persist: FitnessStore | None = None) -> CachedFitness:
+
+def make_fitness(ckpt: Checkpoint, sentences: int, persist: FitnessStore | None = None,
+                 threads: Threads = None) -> CachedFitness:
     """The search's fitness: validation loss of an arch inside the checkpoint's SuperTransformer.
-    `persist`: losses computed before with the same fingerprint are read from it, new ones written."""
+    `persist`: losses computed before with the same fingerprint are read from it, new ones written.
+    `threads="auto"`: the host's torch threads are chosen by timing (`TimedThreads`); else they are
+    whatever `set_host_threads` set."""
     from hat_edge.evaluate import ValidLoss
 
+    device = fitness_device()
     vl = ValidLoss(_on_fitness_device(ckpt), split="valid", max_sentences=sentences, max_tokens=FITNESS_MAX_TOKENS,
-                   device=fitness_device())
-    return CachedFitness(vl.loss, persist=persist.bind(vl.fingerprint()) if persist is not None else None)
+                   device=device)
+    fn = TimedThreads(vl.compute, thread_choices()) if threads == "auto" and device == "cpu" else vl.compute
+    return CachedFitness(fn, persist=persist.bind(vl.fingerprint()) if persist is not None else None)
+
+
+def thread_choices() -> tuple[int, ...]:
+    """What `--threads auto` chooses between: one thread, or every usable core (at most 4: the
+    fitness's matmuls are small, more threads only wait on each other)."""
+    import os
+
+    try:
+        usable = len(os.sched_getaffinity(0))  # type: ignore[attr-defined]
+    except (AttributeError, OSError):
+        usable = os.cpu_count() or 1
+    n = max(1, min(usable, 4))
+    return (1,) if n == 1 else (1, n)
+
+
+class TimedThreads:
+    """The fitness on as many host threads as is fastest *now* (`--threads auto`), by timing.
+
+    Every `probe_every`-th evaluation (from the second on: the first pays one-time costs) runs
+    once with each choice, in alternating order, and the faster is used until the next probe. On
+    this project's 2-core VM two threads made a demo arch's loss 1.8x faster on a quiet machine
+    (127 vs 226 ms at 60 sentences) and 2.0x slower with one core busy (501 vs 249 ms), so neither
+    fixed count is right for both; a probe costs one extra evaluation in `probe_every`. The
+    value of each evaluation is the loss (thread counts change only the float summation order).
+    """
+
+    def __init__(self, fn: Callable[[Any], float], choices: tuple[int, ...], probe_every: int = 32) -> None:
+        if not choices or any(c < 1 for c in choices):
+            raise ValueError(f"thread choices must be counts >= 1, got {choices}")
+        self.fn, self.choices, self.probe_every = fn, tuple(choices), max(2, int(probe_every))
+        self.current = self.choices[0]
+        self.evaluations = 0
+        self.probes: list[dict[int, float]] = []  # seconds per choice, one dict per probe
+
+    def __call__(self, arch: Any) -> float:
+        import torch
+
+        self.evaluations += 1
+        if len(self.choices) > 1 and self.evaluations % self.probe_every == 2 % self.probe_every:
+            order = self.choices if len(self.probes) % 2 == 0 else self.choices[::-1]
+            took: dict[int, float] = {}
+            for n in order:
+                torch.set_num_threads(n)
+                t0 = time.perf_counter()
+                v = self.fn(arch)
+                took[n] = time.perf_counter() - t0
+            self.probes.append(took)
+            self.current = min(took, key=took.__getitem__)
+        else:
+            v = None
+        torch.set_num_threads(self.current)
+        return self.fn(arch) if v is None else v
+
+    def describe(self) -> str:
+        if not self.probes:
+            return f"{self.current} thread(s)"
+        last = ", ".join(f"{n} thread(s) {1000 * t:.0f} ms" for n, t in sorted(self.probes[-1].items()))
+        return f"{self.current} thread(s), chosen by timing ({len(self.probes)} probe(s); last: {last})"
 
 
 def fitness_device() -> str:
@@ -66,10 +131,14 @@ def _on_fitness_device(ckpt: Checkpoint) -> Checkpoint:
     return dataclasses.replace(ckpt, model=copy.deepcopy(ckpt.model).to("cuda"))
 
 
-def set_host_threads(threads: int | None) -> None:
-    """Torch threads on the host. One by default: the host shares its CPU with local measurement
-    and everything else running; on a busy 2-core machine one thread evaluated the fitness 3x
-    faster than two (0.35 vs 0.99 s per arch), since oversubscribed threads wait on each other."""
+def set_host_threads(threads: Threads) -> None:
+    """Torch threads on the host. On a busy 2-core machine one thread evaluated the fitness 3x
+    faster than two (0.35 vs 0.99 s per arch), since oversubscribed threads wait on each other; on a
+    quiet one two were 1.8x faster. "auto": left to the fitness (`TimedThreads`), which times both."""
+    if threads == "auto":
+        return
+    if isinstance(threads, str) or (threads is not None and (isinstance(threads, bool) or threads < 0)):
+        raise UserError(f"threads: expected 'auto' or a whole number >= 0, got {threads!r}")
     if threads:
         import torch
 
@@ -102,6 +171,7 @@ class JobContext:
     device: ProfileDevice  # the profile and the store, as the loop's Device
     check_s: float  # seconds until the device answered (profile loaded, device checked)
     load_s: float  # seconds loading the checkpoint and opening the store
+    threads: Threads = 1  # host torch threads as asked ("auto": the fitness times its choices)
     _fitness_stores: list[FitnessStore] = dataclasses.field(default_factory=list, repr=False)
 
     @property
@@ -115,7 +185,7 @@ class JobContext:
         if persist is not None:
             store = FitnessStore(persist)
             self._fitness_stores.append(store)
-        return make_fitness(self.checkpoint, sentences, store)
+        return make_fitness(self.checkpoint, sentences, store, threads=self.threads)
 
     def close(self) -> None:
         self.store.close()
@@ -136,7 +206,7 @@ def prepare_job(
     *,
     store: str | Path | None = None,
     out_dir: str | Path | None = None,
-    threads: int | None = 1,
+    threads: Threads = 1,
     trust_new_host: bool = False,
     min_time_s: float | None = None,
     min_repeats: int | None = None,
@@ -176,7 +246,8 @@ def prepare_job(
     path = store if store is not None else (out / "latency.sqlite" if out is not None else DEFAULT_STORE_PATH)
     st = LatencyStore(path)
     return JobContext(profile=prof, env=env, checkpoint=ckpt, store=st, device=ProfileDevice(prof, st, quantize),
-                      check_s=t1 - t0, load_s=time.perf_counter() - t1)
+                      check_s=t1 - t0, load_s=time.perf_counter() - t1, threads=threads)
 
 
-__all__ = ["FITNESS_MAX_TOKENS", "JobContext", "make_fitness", "prepare_job", "prepare_profile", "set_host_threads"]
+__all__ = ["FITNESS_MAX_TOKENS", "JobContext", "Threads", "TimedThreads", "make_fitness", "prepare_job",
+           "prepare_profile", "set_host_threads", "thread_choices"]

@@ -68,7 +68,7 @@ class RunSettings:
     min_repeats: int | None = None
     seed: int = 0
     trust_new_host: bool = False
-    threads: int | None = 1  # host torch threads (fitness, BLEU); None: torch's default
+    threads: int | str | None = 1  # host torch threads (fitness, BLEU); None: torch's default; "auto": timed
     # Latency priors ("builtin", prior JSON files, latency CSVs; `latency.prior.resolve_priors`):
     # with one, the initial dataset is the most informative archs first and stops early once the
     # predictor's cross-validated error allows (LoopSettings.prior). Empty: none.
@@ -151,6 +151,8 @@ def run_main_job(
     )
     loop = run_loop(space, fit, device, ls, progress=progress, log=say, checked_env=env,
                     initial=(measured, init))
+    if hasattr(fit.fn, "describe"):
+        say(f"      fitness on {fit.fn.describe()}")
     if fit.reused:
         say(f"      fitness: {fit.reused} arch(s)' validation loss read from {out / FITNESS_FILE} (computed by an "
             f"earlier run on the same weights and sentences), {fit.calls} computed")

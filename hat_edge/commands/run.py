@@ -66,7 +66,7 @@ def _log(msg: str) -> None:
 @progress_option()
 def run_cmd(profile_name: str, checkpoint: str, budget_ms: float | None, budget_percentile: float, initial: int | None,
             rounds: int, top_k: int, search_size: SearchSize, valid_sentences: int, bleu_sentences: int,
-            bleu_beam: int | None, threads: int,
+            bleu_beam: int | None, threads: int | str,
             quantize: str | None, out_dir: Path, compare_random: bool, seed: int, priors: tuple[str, ...],
             no_prior: bool, trust_new_host: bool, as_json: bool, progress: bool) -> None:
     """The whole job: measure, fit, search under a budget, deploy, benchmark, report.

@@ -82,7 +82,7 @@ def _write_arch(arch, path: Path | None) -> None:
 @progress_option()
 def search_cmd(checkpoint: str, budget_ms: float | None, predictor_path: Path | None, profile_name: str | None,
                store_path: Path | None, pareto: bool, max_params: float | None, max_memory_mb: float | None,
-               valid_sentences: int, threads: int, out_path: Path | None, as_json: bool, progress: bool,
+               valid_sentences: int, threads: int | str, out_path: Path | None, as_json: bool, progress: bool,
                search_size: SearchSize, mutation_prob: float, seed: int) -> None:
     """HAT's evolutionary search against a latency predictor (no device needed).
 
@@ -114,7 +114,7 @@ def search_cmd(checkpoint: str, budget_ms: float | None, predictor_path: Path | 
     )
     memory_fn = (lambda a: estimate_memory_mb(a, vocab)) if max_memory_mb else None
     check_constraints(ckpt.space, pred.predict, cons, memory_fn)  # before building the fitness
-    fit = make_fitness(ckpt, valid_sentences)
+    fit = make_fitness(ckpt, valid_sentences, threads=threads)
     res = evolution_search(
         ckpt.space, fit, pred.predict, cons, settings, pareto=pareto, memory_fn=memory_fn,
         progress=progress, check=False,
@@ -180,14 +180,15 @@ class _SimJob:
     checkpoint: Any
     prior_exclude: str
     simulated: bool = True
+    threads: Any = None
 
     def fitness(self, n: int) -> Any:
         from hat_edge.app.job import make_fitness
 
-        return make_fitness(self.checkpoint, n)
+        return make_fitness(self.checkpoint, n, threads=self.threads)
 
 
-def _loop_job(profile_name: str, checkpoint: str, store_path: Path | None, threads: int | None,
+def _loop_job(profile_name: str, checkpoint: str, store_path: Path | None, threads: int | str | None,
               trust_new_host: bool, seed: int) -> Any:
     """The loop's job: a real device through its profile (checked first), or a simulated board."""
     from hat_edge.devices.sim import SIM_DEVICES, SIM_NOTE, SimDevice, SimSettings, is_sim
@@ -208,7 +209,7 @@ def _loop_job(profile_name: str, checkpoint: str, store_path: Path | None, threa
     ckpt = load_checkpoint(checkpoint)
     # the board's own HAT file is the simulation: the prior is the other two
     return _SimJob(profile=dev, space=ckpt.space, device=dev, env=env, checkpoint=ckpt,
-                   prior_exclude=SIM_DEVICES[dev.which])
+                   prior_exclude=SIM_DEVICES[dev.which], threads=threads)
 
 
 
