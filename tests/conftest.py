@@ -41,6 +41,17 @@ def _one_torch_thread() -> None:
     torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_back_to_one() -> Iterator[None]:
+    """A command run in-process with `--threads auto` (its default) leaves torch on the count its
+    fitness timed faster: the next test of the worker starts on one thread again."""
+    yield
+    import torch
+
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
 # ---------------------------------------------------------------------------------------------
 # Devices room: SSH server and board
 # ---------------------------------------------------------------------------------------------
