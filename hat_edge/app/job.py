@@ -66,8 +66,9 @@ class TimedThreads:
 
     Every `probe_every`-th evaluation (from the second on: the first pays one-time costs) runs
     once with each choice, in alternating order, and the faster is used until the next probe. On
-    this project's 2-core VM two threads made a demo arch's loss 1.8x faster on a quiet machine
-    (127 vs 226 ms at 60 sentences) and 2.0x slower with one core busy (501 vs 249 ms), so neither
+    this project's 2-core VM two threads made a demo arch's loss 1.8-2x faster on a quiet machine
+    (115 vs 226 ms at 60 sentences, bench/fitness_threads.py) and 2.2x slower with one core busy
+    (503 vs 233 ms), so neither
     fixed count is right for both; a probe costs one extra evaluation in `probe_every`. The
     value of each evaluation is the loss (thread counts change only the float summation order).
     """
