@@ -12,8 +12,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import re
 import time
 from dataclasses import dataclass
@@ -171,18 +169,14 @@ class ValidLoss:
         the model's config and every weight (name, dtype, shape, bytes), and the validation
         batches' token ids. Equal fingerprints: the same arch has the same loss (up to the float
         summation order of a thread count). `search.fitness_store` keys stored losses by it."""
-        h = hashlib.sha256(json.dumps(["ValidLoss", 1, "mean per-token NLL, no smoothing, eval mode",
-                                       torch.device(self.device).type, repr(self.model.cfg)]).encode())
-        for name, t in sorted(self.model.state_dict().items()):
-            t = t.detach().contiguous().cpu()
-            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-            h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
-        for b in self.batches:
-            for x in (b.src, b.prev, b.target):
-                h.update(str(tuple(x.shape)).encode())
-                h.update(x.detach().contiguous().cpu().numpy().astype("<i8").tobytes())
-            h.update(str(b.pad_id).encode())
-        return h.hexdigest()
+        from hat_edge.checkpoint import content_sha256
+
+        return content_sha256({
+            "definition": ["ValidLoss", 1, "mean per-token NLL, no smoothing, eval mode"],
+            "device": torch.device(self.device).type, "config": repr(self.model.cfg),
+            "weights": self.model.state_dict(),
+            "batches": [[b.src, b.prev, b.target, b.pad_id] for b in self.batches],
+        })
 
     @property
     def cache_size(self) -> int:

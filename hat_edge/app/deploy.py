@@ -171,20 +171,17 @@ def _runner_json(res: Result, what: str) -> dict[str, Any]:
 def export_key(sub: Any, arch: Arch, fmt: str, quantize: str | None, tokenizer: Any) -> str:
     """What an exported bundle is made of: the SubTransformer's weights (every tensor's bytes), its
     arch, format, precision and the tokenizer's files. Equal keys: the export would be the same."""
-    h = hashlib.sha256(json.dumps([arch.to_json(), fmt, quantize], sort_keys=True).encode())
-    for name, t in sorted(sub.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().contiguous().cpu().numpy().tobytes())
+    from hat_edge.checkpoint import content_sha256
+
+    files: dict[str, bytes] = {}
     if tokenizer is not None:
         import tempfile
 
         with tempfile.TemporaryDirectory() as d:
             tokenizer.save(d)
-            for f in sorted(Path(d).rglob("*")):
-                if f.is_file():
-                    h.update(f.name.encode())
-                    h.update(f.read_bytes())
-    return h.hexdigest()
+            files = {str(f.relative_to(d)): f.read_bytes() for f in Path(d).rglob("*") if f.is_file()}
+    return content_sha256({"arch": arch.to_json(), "format": fmt, "quantize": quantize,
+                           "weights": sub.state_dict(), "tokenizer": files})
 
 
 def _key_file(out: Path) -> Path:

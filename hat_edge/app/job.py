@@ -68,10 +68,9 @@ class TimedThreads:
     once with each choice, in alternating order, and the faster is used until the next probe. On
     this project's 2-core VM two threads made a demo arch's loss 1.8-2x faster on a quiet machine
     (115 vs 226 ms at 60 sentences, bench/fitness_threads.py) and 2.2x slower with one core busy
-    (503 vs 233 ms), so neither
-    fixed count is right for both; a probe costs one extra evaluation in `probe_every`. The
-    value of each evaluation is the loss (thread counts change only the float summation order).
-    """
+    (503 vs 233 ms), so neither fixed count is right for both; a probe costs one extra evaluation
+    in `probe_every`. The value of each evaluation is the loss (thread counts change only the
+    float summation order)."""
 
     def __init__(self, fn: Callable[[Any], float], choices: tuple[int, ...], probe_every: int = 32) -> None:
         if not choices or any(c < 1 for c in choices):

@@ -43,6 +43,7 @@ from hat_edge.search.loop import (
 
 FITNESS_FILE = "fitness.sqlite"  # in the output dir: the validation losses a rerun reads (search.fitness_store)
 
+
 @dataclass(frozen=True)
 class RunSettings:
     profile: str = "local-cpu"
