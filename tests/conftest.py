@@ -31,21 +31,11 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _one_torch_thread() -> None:
-    """2 shared CPU cores: keep every test's torch single-threaded."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a hard dependency
-        return
-    torch.set_num_threads(1)
-
-
 @pytest.fixture(autouse=True)
-def _torch_threads_back_to_one() -> Iterator[None]:
-    """A command run in-process with `--threads auto` (its default) leaves torch on the count its
-    fitness timed faster: the next test of the worker starts on one thread again."""
-    yield
+def _one_torch_thread() -> None:
+    """2 shared CPU cores: every test starts on one torch thread, also after a command run
+    in-process with `--threads auto` (its default), which leaves the count its fitness timed
+    faster."""
     import torch
 
     if torch.get_num_threads() != 1:
