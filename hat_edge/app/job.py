@@ -26,9 +26,12 @@ if TYPE_CHECKING:
     from hat_edge.space import SearchSpace
 
 # Validation batches of at most this many tokens (padding included): length-sorted small batches
-# waste little on padding. On CPU this made the fitness 2.2x faster than 6000-token batches
-# (100 demo sentences: 1.76 s vs 3.87 s per arch on a loaded 2-core machine), same losses.
-FITNESS_MAX_TOKENS = 1000
+# waste little on padding. On CPU 1000 made the fitness 2.2x faster than 6000-token batches
+# (100 demo sentences: 1.76 s vs 3.87 s per arch on a loaded 2-core machine), and 400 is 1.2x
+# faster again at the search's 60 sentences (4 batches, 74% of the decoder's positions real tokens
+# against 2 and 58%): 181 vs 230 ms per demo arch on 1 thread, 115 vs 137 on 2; the losses agree to
+# 2e-7 (`bench/fitness_threads.py --max-tokens 1000,600,400,300,200 --sentences 60 --rounds 4`).
+FITNESS_MAX_TOKENS = 400
 
 Threads = Union[int, str, None]  # host torch threads: a count, "auto" (timed: TimedThreads) or None (torch's default)
 
