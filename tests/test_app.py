@@ -104,8 +104,10 @@ def test_main_job_end_to_end_writes_the_report(main_job):
     side-by-side benchmark, BLEU, report and plots."""
     from hat_edge.app.mainjob import render_summary
 
-    _, result, logs, out, _ = main_job
+    _, result, logs, out, cache = main_job
     summary = result.to_dict()  # the `--json` object
+    # The measurement exports it kept to time archs again are gone once it ends.
+    assert [p.name for p in (cache / "bundles").iterdir() if not p.name.startswith(".")] == []
     assert [m[:5] for m in logs if m.startswith("[")] == [f"[{i}/7]" for i in range(1, 8) if i != 5]
     w = summary["winner"]
     assert summary["budget_ms"] > 0 and w["measured_latency_ms"] > 0 and w["predicted_latency_ms"] > 0

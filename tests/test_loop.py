@@ -308,6 +308,41 @@ def test_initial_dataset_is_measured_side_by_side_in_anchored_groups(tmp_path: P
     assert n_new == 0 and init == archs and measured == pytest.approx(out)
 
 
+def test_a_job_exports_each_arch_once_and_removes_only_the_exports_it_made(tmp_path: Path, monkeypatch):
+    """The archs a job times again (a later group's anchors, a round's anchors, the final side by
+    side) reuse the export made when they were first measured; closing the device removes the
+    exports made since its first measurement, not one that was in the cache before."""
+    import hat_edge.exporters as exporters
+    from hat_edge.devices.measure import bundle_key, measure_archs
+    from hat_edge.latency.store import LatencyStore
+
+    monkeypatch.setenv("HAT_EDGE_CACHE", str(tmp_path / "cache"))
+    cache = tmp_path / "cache" / "bundles"
+    profile = fast_local_profile(tmp_path, 4000, min_time_s=0.05)
+    archs = initial_archs(DEMO, 5, seed=5)
+    old = DEMO.sample_n(1, seed=99)[0]
+    assert old not in archs
+    measure_archs(profile, [old], LatencyStore(":memory:"), progress=False, keep_exports=True)  # before the job
+    exported: list = []
+    real = exporters.export_bundle
+
+    def counting(sub, *a, **k):
+        exported.append(sub.arch)
+        return real(sub, *a, **k)
+
+    monkeypatch.setattr(exporters, "export_bundle", counting)
+    dev = ProfileDevice(profile, LatencyStore(tmp_path / "latency.sqlite"))
+    first = dev.measure_side_by_side(archs[:4], progress=False, group=3, anchors=2)  # group 2 re-times 2 anchors
+    dev.measure_anchored([archs[4]], {a: first[a] for a in archs[:2]}, progress=False)
+    pair = dev.time_together([archs[0], old])
+    assert set(pair) == {archs[0], old} and all(v > 0 for v in pair.values())
+    assert sorted(map(str, exported)) == sorted(map(str, archs))  # each once; `old` reused from before
+    keys = {a: cache / bundle_key(a, profile) for a in [*archs, old]}
+    assert all(d.is_dir() for d in keys.values())
+    dev.close()
+    assert not any(keys[a].exists() for a in archs) and keys[old].is_dir()
+
+
 def _busy(cpu: int) -> None:
     import os
 

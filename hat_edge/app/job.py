@@ -191,6 +191,7 @@ class JobContext:
         return make_fitness(self.checkpoint, sentences, store, threads=self.threads)
 
     def close(self) -> None:
+        self.device.close()  # the exports the job kept to time archs again
         self.store.close()
         for f in self._fitness_stores:
             f.close()

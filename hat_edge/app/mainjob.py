@@ -116,161 +116,158 @@ def run_main_job(
         trust_new_host=s.trust_new_host, min_time_s=s.min_time_s, min_repeats=s.min_repeats, quantize=s.quantize,
         announce=lambda p: say(f"[1/7] checking device '{p.name}' ({p.transport}, {p.runtime})"),
     )
-    profile, env, ckpt, store, device, space = job.profile, job.env, job.checkpoint, job.store, job.device, job.space
-    times["device_check_s"] = round(job.check_s, 2)
-    times["load_s"] = round(job.load_s, 2)
-    t = time.perf_counter()
+    try:
+        profile, env, ckpt, store, device, space = job.profile, job.env, job.checkpoint, job.store, job.device, job.space
+        times["device_check_s"] = round(job.check_s, 2)
+        times["load_s"] = round(job.load_s, 2)
+        t = time.perf_counter()
 
-    # 2. the initial latency dataset (a prior never includes the device's own entry)
-    if prior is not None:
-        prior = prior.for_device(profile.name)
-    n_initial = s.initial if s.initial is not None else initial_default(24, prior)
-    say(f"[2/7] latency dataset: {'up to ' if prior else ''}{n_initial} SubTransformers of space "
-        f"'{space.name}' on '{profile.name}'" + (f" (prior: {', '.join(prior.names())})" if prior else ""))
-    measured, init, n_new = measure_initial(space, device, n_initial, s.seed, progress=progress, log=say,
-                                            prior=prior)
-    t = lap("initial_measure_s", t)
+        # 2. the initial latency dataset (a prior never includes the device's own entry)
+        if prior is not None:
+            prior = prior.for_device(profile.name)
+        n_initial = s.initial if s.initial is not None else initial_default(24, prior)
+        say(f"[2/7] latency dataset: {'up to ' if prior else ''}{n_initial} SubTransformers of space "
+            f"'{space.name}' on '{profile.name}'" + (f" (prior: {', '.join(prior.names())})" if prior else ""))
+        measured, init, n_new = measure_initial(space, device, n_initial, s.seed, progress=progress, log=say,
+                                                prior=prior)
+        t = lap("initial_measure_s", t)
 
-    # 3. the budget
-    if s.budget_ms is not None:
-        budget, budget_source = float(s.budget_ms), "--budget"
-    else:
-        budget = budget_from_space(space, device, {a: measured[a] for a in init}, s.budget_percentile, prior,
-                                   seed=s.seed)
-        budget_source = (f"{s.budget_percentile:g}th percentile of the space's latency, predicted for 1,000 "
-                         f"sampled archs from {len(init)} measured")
-    init_ms = sorted(measured[a] for a in init)
-    say(f"[3/7] budget {budget:.1f} ms ({budget_source}; measured range {init_ms[0]:.1f}-{init_ms[-1]:.1f} ms)")
+        # 3. the budget
+        if s.budget_ms is not None:
+            budget, budget_source = float(s.budget_ms), "--budget"
+        else:
+            budget = budget_from_space(space, device, {a: measured[a] for a in init}, s.budget_percentile, prior,
+                                       seed=s.seed)
+            budget_source = (f"{s.budget_percentile:g}th percentile of the space's latency, predicted for 1,000 "
+                             f"sampled archs from {len(init)} measured")
+        init_ms = sorted(measured[a] for a in init)
+        say(f"[3/7] budget {budget:.1f} ms ({budget_source}; measured range {init_ms[0]:.1f}-{init_ms[-1]:.1f} ms)")
 
-    # 4. the loop
-    say(f"[4/7] search + measure loop (up to {s.rounds} rounds, top {s.top_k} measured per round)")
-    # losses a run into this directory computed before are read, not computed again
-    fit = job.fitness(s.valid_sentences, persist=out / FITNESS_FILE)
-    ls = LoopSettings(
-        budget_ms=budget, rounds=s.rounds, top_k=s.top_k, tolerance=s.tolerance, initial=n_initial,
-        evolution=s.evolution, seed=s.seed, explore=s.explore, anchors=s.anchors, prior=prior,
-    )
-    loop = run_loop(space, fit, device, ls, progress=progress, log=say, checked_env=env,
-                    initial=(measured, init))
-    if hasattr(fit.fn, "describe"):
-        say(f"      fitness on {fit.fn.describe()}")
-    if fit.reused:
-        say(f"      fitness: {fit.reused} arch(s)' validation loss read from {out / FITNESS_FILE} (computed by an "
-            f"earlier run on the same weights and sentences), {fit.calls} computed")
-    t = lap("loop_s", t)
-
-    # 5. random search at the same number of evaluations, same latency model and budget
-    rnd = None
-    if not s.compare_random:
-        say("      step 5/7, random search for comparison: skipped (--compare-random runs it)")
-    else:
-        n_eval = loop.last_search.evaluations
-        say(f"[5/7] random search with the same {n_eval} evaluations, for comparison")
-        rnd = random_search(
-            space, fit, latency_fn(loop.predictor, loop.measured), Constraints(latency_ms=budget),
-            evaluations=n_eval, seed=s.seed + 1,
+        # 4. the loop
+        say(f"[4/7] search + measure loop (up to {s.rounds} rounds, top {s.top_k} measured per round)")
+        # losses a run into this directory computed before are read, not computed again
+        fit = job.fitness(s.valid_sentences, persist=out / FITNESS_FILE)
+        ls = LoopSettings(
+            budget_ms=budget, rounds=s.rounds, top_k=s.top_k, tolerance=s.tolerance, initial=n_initial,
+            evolution=s.evolution, seed=s.seed, explore=s.explore, anchors=s.anchors, prior=prior,
         )
-    t = lap("random_search_s", t)
+        loop = run_loop(space, fit, device, ls, progress=progress, log=say, checked_env=env,
+                        initial=(measured, init))
+        if hasattr(fit.fn, "describe"):
+            say(f"      fitness on {fit.fn.describe()}")
+        if fit.reused:
+            say(f"      fitness: {fit.reused} arch(s)' validation loss read from {out / FITNESS_FILE} (computed by an "
+                f"earlier run on the same weights and sentences), {fit.calls} computed")
+        t = lap("loop_s", t)
 
-    # 6. deploy the winner
-    w = loop.winner
-    test = load_split(ckpt, "test")
-    metric, decoding = default_bleu(ckpt.tokenizer, s.bleu_beam)
-    k = max(0, s.translations)
-    say(f"[6/7] deploying the winner to '{profile.name}'")
-    dep = deploy(
-        profile, arch=w.arch, checkpoint=ckpt, out_dir=out / "bundle", quantize=s.quantize,
-        sentences=list(test.src[:k]), references=list(test.tgt[:k]), verify_sentences=list(test.src[:VERIFY_SENTENCES]),
-        beam=decoding.beam, env=env, log=say,
-        trust_new_host=s.trust_new_host, level=test.level,
-    )
-    t = lap("deploy_s", t)
+        # 5. random search at the same number of evaluations, same latency model and budget
+        rnd = None
+        if not s.compare_random:
+            say("      step 5/7, random search for comparison: skipped (--compare-random runs it)")
+        else:
+            n_eval = loop.last_search.evaluations
+            say(f"[5/7] random search with the same {n_eval} evaluations, for comparison")
+            rnd = random_search(
+                space, fit, latency_fn(loop.predictor, loop.measured), Constraints(latency_ms=budget),
+                evaluations=n_eval, seed=s.seed + 1,
+            )
+        t = lap("random_search_s", t)
 
-    # The speed-up claim, measured side by side: the winner and the largest SubTransformer timed
-    # in rotation in one runner process, so a drift of the device's speed between the loop's
-    # measurements cannot make or break it.
-    from hat_edge.devices.measure import measure_archs
-    from hat_edge.latency.store import LatencyStore as _Scratch
+        # 6. deploy the winner
+        w = loop.winner
+        test = load_split(ckpt, "test")
+        metric, decoding = default_bleu(ckpt.tokenizer, s.bleu_beam)
+        k = max(0, s.translations)
+        say(f"[6/7] deploying the winner to '{profile.name}'")
+        dep = deploy(
+            profile, arch=w.arch, checkpoint=ckpt, out_dir=out / "bundle", quantize=s.quantize,
+            sentences=list(test.src[:k]), references=list(test.tgt[:k]), verify_sentences=list(test.src[:VERIFY_SENTENCES]),
+            beam=decoding.beam, env=env, log=say,
+            trust_new_host=s.trust_new_host, level=test.level,
+        )
+        t = lap("deploy_s", t)
 
-    largest = space.largest()
-    pair = {r.arch: r.median_ms for r in measure_archs(
-        profile, [w.arch, largest], _Scratch(":memory:"), progress=False, interleave=True,
-        trust_new_host=s.trust_new_host, quantize=s.quantize)} if w.arch != largest else {}
-    side = SideBySide.of(pair[w.arch], pair[largest]) if len(pair) == 2 else None
-    if side:
-        say(f"      side by side: winner {side.winner_ms:.2f} ms, largest {side.largest_ms:.2f} ms "
-            f"-> {side.speedup:.2f}x")
-    t = lap("side_by_side_s", t)
+        # The speed-up claim, measured side by side: the winner and the largest SubTransformer timed
+        # in rotation in one runner process, so a drift of the device's speed between the loop's
+        # measurements cannot make or break it.
+        largest = space.largest()
+        pair = device.time_together([w.arch, largest], trust_new_host=s.trust_new_host) if w.arch != largest else {}
+        side = SideBySide.of(pair[w.arch], pair[largest]) if len(pair) == 2 else None
+        if side:
+            say(f"      side by side: winner {side.winner_ms:.2f} ms, largest {side.largest_ms:.2f} ms "
+                f"-> {side.speedup:.2f}x")
+        t = lap("side_by_side_s", t)
 
-    # 7. loss and BLEU: the winner and the largest SubTransformer
-    say(f"[7/7] BLEU on {min(s.bleu_sentences, len(test))} test sentences (beam {decoding.beam}, {metric})")
-    bleu_corpus = test.head(s.bleu_sentences)
-    b_w = bleu(ckpt.model, ckpt.tokenizer, bleu_corpus, arch=w.arch, metric=metric, decoding=decoding)
-    b_l = bleu(ckpt.model, ckpt.tokenizer, bleu_corpus, arch=largest, metric=metric, decoding=decoding)
-    b_q = None
-    if s.quantize:  # the deployed int8 bundle's own BLEU (host onnxruntime, the device's search)
-        from hat_edge.exporters import load_bundle
+        # 7. loss and BLEU: the winner and the largest SubTransformer
+        say(f"[7/7] BLEU on {min(s.bleu_sentences, len(test))} test sentences (beam {decoding.beam}, {metric})")
+        bleu_corpus = test.head(s.bleu_sentences)
+        b_w = bleu(ckpt.model, ckpt.tokenizer, bleu_corpus, arch=w.arch, metric=metric, decoding=decoding)
+        b_l = bleu(ckpt.model, ckpt.tokenizer, bleu_corpus, arch=largest, metric=metric, decoding=decoding)
+        b_q = None
+        if s.quantize:  # the deployed int8 bundle's own BLEU (host onnxruntime, the device's search)
+            from hat_edge.exporters import load_bundle
 
-        b_q = bleu(load_bundle(dep.bundle), ckpt.tokenizer, bleu_corpus, metric=metric, decoding=decoding).bleu
-    t = lap("bleu_s", t)
+            b_q = bleu(load_bundle(dep.bundle), ckpt.tokenizer, bleu_corpus, metric=metric, decoding=decoding).bleu
+        t = lap("bleu_s", t)
 
-    largest_ms = loop.measured.get(largest)
-    cand_err = [abs(c.error()) * 100 for c in loop.candidates() if c.new]
-    created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    winner = WinnerSummary(
-        arch=w.arch,
-        predicted_latency_ms=w.predicted_ms,
-        predicted_lo_ms=w.predicted_lo_ms,
-        predicted_hi_ms=w.predicted_hi_ms,
-        measured_latency_ms=w.measured_ms,
-        deployed_latency_ms=dep.median_ms,
-        loss=w.loss,
-        found_in=f"round {w.round}" if w.round else "earlier measurements",
-        bleu=b_w.bleu,
-        precision=s.quantize or "fp32",
-        bleu_deployed=b_q,
-    )
-    big = LargestSummary(arch=largest, measured_latency_ms=largest_ms, loss=fit(largest), bleu=b_l.bleu)
-    summary = RunSummary(
-        device=profile.name,
-        device_desc=profile.description,
-        checkpoint=s.checkpoint,
-        space=space.name,
-        created_at=created_at,
-        command=command,
-        budget_ms=budget,
-        budget_source=budget_source,
-        tolerance=s.tolerance,
-        met=loop.met,
-        measured_range_ms=(init_ms[0], init_ms[-1]),
-        winner=winner,
-        largest=big,
-        speedup=side.speedup if side else ((largest_ms / w.measured_ms) if largest_ms else None),
-        side_by_side=side,
-        bleu_sentences=len(bleu_corpus),
-        bleu_beam=decoding.beam,
-        initial_measurements=len(init),
-        device_measurements=n_new + loop.device_measurements,
-        fitness_evaluations=fit.calls,  # after the largest's loss: it counts
-        rounds=loop.rounds,
-        predictor_error=PredictorError.of(cand_err),
-        random_search=None if rnd is None else RandomComparison(
-            evaluations=rnd.evaluations,
-            best_loss=rnd.best.loss,
-            evolution_best_loss=loop.last_search.best.loss,
-        ),
-        deploy=dep,
-        device_env=dict(env),
-        store=str(store.path),
-        timings_s=times,
-        wall_s=round(time.perf_counter() - t0, 1),
-    )
-    refs = {"largest": (largest_ms, big.loss)} if largest_ms else {}
-    files = write_report(out, summary, loop, random=rnd, references=refs)
-    summary = dataclasses.replace(summary, report=tuple(str(f) for f in files),
-                                  wall_s=round(time.perf_counter() - t0, 1))
-    job.close()
-    return summary, loop, rnd
+        largest_ms = loop.measured.get(largest)
+        cand_err = [abs(c.error()) * 100 for c in loop.candidates() if c.new]
+        created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        winner = WinnerSummary(
+            arch=w.arch,
+            predicted_latency_ms=w.predicted_ms,
+            predicted_lo_ms=w.predicted_lo_ms,
+            predicted_hi_ms=w.predicted_hi_ms,
+            measured_latency_ms=w.measured_ms,
+            deployed_latency_ms=dep.median_ms,
+            loss=w.loss,
+            found_in=f"round {w.round}" if w.round else "earlier measurements",
+            bleu=b_w.bleu,
+            precision=s.quantize or "fp32",
+            bleu_deployed=b_q,
+        )
+        big = LargestSummary(arch=largest, measured_latency_ms=largest_ms, loss=fit(largest), bleu=b_l.bleu)
+        summary = RunSummary(
+            device=profile.name,
+            device_desc=profile.description,
+            checkpoint=s.checkpoint,
+            space=space.name,
+            created_at=created_at,
+            command=command,
+            budget_ms=budget,
+            budget_source=budget_source,
+            tolerance=s.tolerance,
+            met=loop.met,
+            measured_range_ms=(init_ms[0], init_ms[-1]),
+            winner=winner,
+            largest=big,
+            speedup=side.speedup if side else ((largest_ms / w.measured_ms) if largest_ms else None),
+            side_by_side=side,
+            bleu_sentences=len(bleu_corpus),
+            bleu_beam=decoding.beam,
+            initial_measurements=len(init),
+            device_measurements=n_new + loop.device_measurements,
+            fitness_evaluations=fit.calls,  # after the largest's loss: it counts
+            rounds=loop.rounds,
+            predictor_error=PredictorError.of(cand_err),
+            random_search=None if rnd is None else RandomComparison(
+                evaluations=rnd.evaluations,
+                best_loss=rnd.best.loss,
+                evolution_best_loss=loop.last_search.best.loss,
+            ),
+            deploy=dep,
+            device_env=dict(env),
+            store=str(store.path),
+            timings_s=times,
+            wall_s=round(time.perf_counter() - t0, 1),
+        )
+        refs = {"largest": (largest_ms, big.loss)} if largest_ms else {}
+        files = write_report(out, summary, loop, random=rnd, references=refs)
+        summary = dataclasses.replace(summary, report=tuple(str(f) for f in files),
+                                      wall_s=round(time.perf_counter() - t0, 1))
+        return summary, loop, rnd
+    finally:
+        job.close()  # the store, the fitness file and the exports kept to time archs again
 
 
 def render_summary(s: RunSummary) -> str:

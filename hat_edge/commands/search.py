@@ -187,6 +187,9 @@ class _SimJob:
 
         return make_fitness(self.checkpoint, n, threads=self.threads)
 
+    def close(self) -> None:  # nothing was exported or opened
+        pass
+
 
 def _loop_job(profile_name: str, checkpoint: str, store_path: Path | None, threads: int | str | None,
               trust_new_host: bool, seed: int) -> Any:
@@ -285,8 +288,11 @@ def loop_cmd(profile_name: str, budget_ms: float, checkpoint: str, rounds: int, 
         ls = replace(ls, prior=prior.for_device(job.prior_exclude))
     if initial is None:
         ls = replace(ls, initial=initial_default(40, ls.prior))
-    res = run_loop(job.space, job.fitness(valid_sentences), job.device, ls, progress=progress,
-                   log=_log, checked_env=job.env)
+    try:
+        res = run_loop(job.space, job.fitness(valid_sentences), job.device, ls, progress=progress,
+                       log=_log, checked_env=job.env)
+    finally:
+        job.close()  # the store, and the exports the loop kept to time archs again
     profile = job.profile
     _write_arch(res.winner.arch, out_path)
     if as_json:

@@ -75,6 +75,22 @@ class ProfileDevice:
         self.quantize = quantize
         self.name = profile.name
         self.env: Mapping[str, Any] | None = None
+        self._kept: Any = None  # devices.measure.KeptExports, from the first measurement to close()
+
+    def _keep(self) -> dict[str, Any]:
+        """The measure calls' options: every export is kept until `close()` (the anchors and the
+        final side by side time archs again), then the ones this job made are removed."""
+        if self._kept is None:
+            from hat_edge.devices.measure import KeptExports
+
+            self._kept = KeptExports()
+        return {"quantize": self.quantize, "keep_exports": True}
+
+    def close(self) -> None:
+        """Remove the exports kept since the first measurement (those made before stay)."""
+        if self._kept is not None:
+            self._kept.close()
+            self._kept = None
 
     def check(self) -> Mapping[str, Any]:
         from hat_edge.devices.measure import device_env
@@ -90,7 +106,7 @@ class ProfileDevice:
             return {}
         # measure_archs returns what it measured or found stored; anything else failed there.
         return self._corrected(archs, measure_archs(self.profile, archs, self.store, progress=progress,
-                                                    quantize=self.quantize))
+                                                    **self._keep()))
 
     def measure_anchored(
         self, archs: Sequence[Arch], anchors: Mapping[Arch, float], progress: bool = True
@@ -100,8 +116,7 @@ class ProfileDevice:
         ones on the scale of the first measurements. Returns (arch -> corrected ms, drift)."""
         from hat_edge.devices.measure import measure_anchored
 
-        recs, drift = measure_anchored(self.profile, archs, self.store, anchors, progress=progress,
-                                       quantize=self.quantize)
+        recs, drift = measure_anchored(self.profile, archs, self.store, anchors, progress=progress, **self._keep())
         return self._corrected(archs, recs), drift
 
     def measure_side_by_side(self, archs: Sequence[Arch], progress: bool = True, group: int = 12,
@@ -111,8 +126,18 @@ class ProfileDevice:
         from hat_edge.devices.measure import measure_side_by_side
 
         recs = measure_side_by_side(self.profile, archs, self.store, progress=progress, group=group, anchors=anchors,
-                                    quantize=self.quantize)
+                                    **self._keep())
         return self._corrected(archs, recs)
+
+    def time_together(self, archs: Sequence[Arch], trust_new_host: bool = False) -> dict[Arch, float]:
+        """Time archs again, in rotation in one runner process, and store nothing: their ratios
+        as of now (the job's speed-up claim). Returns arch -> median ms (raw, not corrected)."""
+        from hat_edge.devices.measure import measure_archs
+        from hat_edge.latency.store import LatencyStore
+
+        recs = measure_archs(self.profile, list(dict.fromkeys(archs)), LatencyStore(":memory:"), progress=False,
+                             interleave=True, trust_new_host=trust_new_host, **self._keep())
+        return {r.arch: r.median_ms for r in recs if r.arch is not None}
 
     def _corrected(self, archs: Sequence[Arch], recs: Sequence[LatencyRecord]) -> dict[Arch, float]:
         out = {r.arch: float(r.corrected_ms) for r in recs if r.arch is not None}
