@@ -356,6 +356,16 @@ def test_weightless_measurement_bundle_ships_graphs_and_the_device_writes_the_we
     size = lambda d: sum(p.stat().st_size for p in d.iterdir())  # noqa: E731
     assert size(light) < size(full) / 3  # only the graphs and the manifest are left to ship
     assert "random" in b.manifest["weights"]
+    # Made in the same pass as the export (what measurements use): the same graphs, the same manifest
+    # fields, and no weights ever written here.
+    once = export_bundle(sub, tmp_path / "once", fmt="onnx", exporter="torchscript", quantize=quantize,
+                         parity_check=False, weightless_seed=0)
+    assert sorted(p.name for p in once.iterdir()) == sorted(p.name for p in light.iterdir())
+    assert all((once / g["file"]).read_bytes() == (light / g["file"]).read_bytes()
+               for g in b.manifest["graphs"].values())
+    m_once = json.loads((once / "manifest.json").read_text())
+    assert {k: m_once[k] for k in ("generated", "weights", "parity", "graphs")} == {
+        k: b.manifest[k] for k in ("generated", "weights", "parity", "graphs")}
 
     # "Ship" it: copy what a device receives, and run the runner file there.
     dev = tmp_path / "device"

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -119,14 +118,14 @@ def export_for_measurement(
     (1-2 s instead of 13-17 s per demo model on one core) for graphs that time the same on
     onnxruntime (demo largest: 127-133 ms vs 128 ms). The parity check is skipped: random weights
     have no reference to agree with beyond what the exporter's own tests cover. ONNX bundles are
-    made weightless (`make_weightless`): the graphs travel, the device writes random weights
+    made weightless while they are exported (`export_bundle(weightless_seed=)`, as
+    `make_weightless` would make them): the graphs travel, the device writes random weights
     (demo smallest at a 32k vocabulary: 0.2 MB instead of 80 MB; the same latency measured
     side by side, 85.1 vs 85.1 ms).
     """
     # torch and onnx only here, where a model is exported: a device check (`profile check`) or a
     # command that measures nothing new starts without them (~3 s of imports on 2 cores)
     from hat_edge.exporters import export_bundle
-    from hat_edge.exporters.bundle import make_weightless
     from hat_edge.model import SubTransformer
 
     key = bundle_key(arch, profile, quantize)
@@ -140,8 +139,8 @@ def export_for_measurement(
                 return final
             _release(final, delete=False)
         fmt = FORMAT_OF_RUNTIME[profile.runtime]
-        accepted = inspect.signature(export_bundle).parameters
-        extra = {k: v for k, v in MEASURE_EXPORT_KW.items() if k in accepted and (fmt == "onnx" or k != "exporter")}
+        # ONNX: ship the graphs only, the device writes random weights of the same sizes itself
+        extra = {**MEASURE_EXPORT_KW, "weightless_seed": seed} if fmt == "onnx" else {"parity_check": False}
         with _EXPORT_LOCK:
             if (final / MANIFEST).is_file():  # another device's worker exported it meanwhile
                 continue
@@ -151,9 +150,6 @@ def export_for_measurement(
             try:
                 sub = SubTransformer.random(arch, profile.measurement.vocab_size, seed=seed)
                 out = export_bundle(sub, tmp, fmt=fmt, quantize=quantize, **extra)
-                if fmt == "onnx":
-                    # Ship the graphs only: the device writes random weights of the same sizes itself.
-                    make_weightless(out, seed=seed)
                 _move_into_place(Path(out), final)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -179,6 +179,8 @@ def make_weightless(bundle_dir: str | Path, min_bytes: int = 4096, seed: int = 0
     runtime.bundle.materialize_generated`). Latency does not depend on weight values, and the graphs alone are a
     few hundred kB instead of ~100 MB per demo model at a 32k vocabulary, so measuring over SSH is
     no longer dominated by uploads. Integer tensors (shapes, indices) stay inline, exact.
+    (`export_bundle(weightless_seed=...)` does the same while it exports, without writing the
+    weights first.)
 
     Never for deployment: the weights are random; the manifest says so (`weights`)."""
     b = load_bundle(bundle_dir)
@@ -191,31 +193,45 @@ def make_weightless(bundle_dir: str | Path, min_bytes: int = 4096, seed: int = 0
     for g in b.manifest["graphs"].values():
         path = b.path / g["file"]
         model = onnx.load(str(path))
-        wname = f"{Path(g['file']).stem}.weights"
-        off, tensors = 0, []
-        for t in model.graph.initializer:
-            dtype = _GENERATED_TYPES.get(t.data_type)
-            if dtype is None or t.data_location == TensorProto.EXTERNAL:
-                continue
-            nbytes = onnx.numpy_helper.to_array(t).nbytes if not t.HasField("raw_data") else len(t.raw_data)
-            if nbytes < min_bytes:
-                continue
-            off = -(-off // _ALIGN) * _ALIGN
-            if not t.HasField("raw_data"):  # typed fields -> raw bytes first (set_external_data needs them)
-                t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t), t.name))
-            external_data_helper.set_external_data(t, location=wname, offset=off, length=nbytes)
-            t.data_location = TensorProto.EXTERNAL
-            for f in ("raw_data", "float_data", "int32_data"):
-                t.ClearField(f)
-            tensors.append([off, nbytes, dtype])
-            off += nbytes
-        if tensors:
+        entry = leave_weights_to_device(model, path.name, seed, min_bytes)
+        if entry:
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_bytes(model.SerializeToString())
             os.replace(tmp, path)
-            generated[wname] = {"bytes": off, "seed": seed, "tensors": tensors}
+            generated.update(entry)
     manifest = {k: v for k, v in b.manifest.items() if k not in ("files", "manifest_sha256")}
-    manifest.update(generated=generated, parity=None,
-                    weights="random, written on the device from `generated` (latency measurement only)")
+    manifest.update(weightless_fields(generated))
     return Bundle(b.path, write_manifest(b.path, manifest))
+
+
+def leave_weights_to_device(model: onnx.ModelProto, graph_file: str, seed: int = 0,
+                            min_bytes: int = 4096) -> dict[str, dict]:
+    """`make_weightless` on one graph in memory: its float and int8 initializers of at least
+    `min_bytes` become references into `<graph stem>.weights`, which nobody writes here. Returns
+    the manifest's `generated` entry for that file ({} when nothing moved)."""
+    wname = f"{Path(graph_file).stem}.weights"
+    off, tensors = 0, []
+    for t in model.graph.initializer:
+        dtype = _GENERATED_TYPES.get(t.data_type)
+        if dtype is None or t.data_location == TensorProto.EXTERNAL:
+            continue
+        nbytes = onnx.numpy_helper.to_array(t).nbytes if not t.HasField("raw_data") else len(t.raw_data)
+        if nbytes < min_bytes:
+            continue
+        off = -(-off // _ALIGN) * _ALIGN
+        if not t.HasField("raw_data"):  # typed fields -> raw bytes first (set_external_data needs them)
+            t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t), t.name))
+        external_data_helper.set_external_data(t, location=wname, offset=off, length=nbytes)
+        t.data_location = TensorProto.EXTERNAL
+        for f in ("raw_data", "float_data", "int32_data"):
+            t.ClearField(f)
+        tensors.append([off, nbytes, dtype])
+        off += nbytes
+    return {wname: {"bytes": off, "seed": seed, "tensors": tensors}} if tensors else {}
+
+
+def weightless_fields(generated: dict[str, dict]) -> dict:
+    """The manifest fields of a measurement bundle whose weights are `generated` on the device."""
+    return {"generated": generated, "parity": None,
+            "weights": "random, written on the device from `generated` (latency measurement only)"}
 

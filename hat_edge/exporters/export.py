@@ -15,11 +15,20 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+import onnx
 import torch
 
 from hat_edge import __version__
 from hat_edge.errors import UserError
-from hat_edge.exporters.bundle import Bundle, _prepare_out_dir, _publish, load_bundle, write_manifest
+from hat_edge.exporters.bundle import (
+    Bundle,
+    _prepare_out_dir,
+    _publish,
+    leave_weights_to_device,
+    load_bundle,
+    weightless_fields,
+    write_manifest,
+)
 from hat_edge.exporters.graphs import io_description
 from hat_edge.exporters.onnx_export import DEFAULT_OPSET, export_onnx
 from hat_edge.exporters.quantize import quantize_int8
@@ -53,12 +62,16 @@ def export_bundle(
     opset: Optional[int] = None,
     exporter: str = "dynamo",
     parity_check: bool = True,
+    weightless_seed: Optional[int] = None,
 ) -> Path:
     """Export a SubTransformer to a bundle directory; returns its path.
 
     fmt "onnx" (onnxruntime) or "torchscript"; quantize None or "int8" (ONNX only); tokenizer: a
     hat_edge Tokenizer saved into the bundle; opset: ONNX opset (default 18). The export-time parity
     check (encoder outputs and one decoder step against eager PyTorch) is recorded in the manifest.
+    weightless_seed (ONNX only): a *measurement* bundle, as `make_weightless(seed=...)` makes one,
+    in the same pass: its float weights are left to the device (written from that seed), never
+    saved here; no parity check (random weights).
     """
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: allowed: {', '.join(FORMATS)}")
@@ -68,6 +81,8 @@ def export_bundle(
         raise UserError("--quantize int8 needs --format onnx (onnxruntime dynamic quantization)")
     if opset is not None and fmt != "onnx":
         raise UserError("--opset applies to --format onnx only")
+    if weightless_seed is not None and fmt != "onnx":
+        raise UserError("only ONNX bundles can leave their weights to the device")
     if tokenizer is not None and tokenizer.vocab_size != sub.cfg.vocab_size:
         raise UserError(f"tokenizer has {tokenizer.vocab_size} pieces but the model's vocab_size is "
                         f"{sub.cfg.vocab_size}")
@@ -78,6 +93,11 @@ def export_bundle(
     tmp = _prepare_out_dir(out_dir)
     try:
         sub = sub.eval()
+        generated: dict[str, dict] = {}
+
+        def leave_weights(name: str, model: Any) -> None:
+            generated.update(leave_weights_to_device(model, name, weightless_seed or 0))
+
         if fmt == "onnx":
             opset = opset or DEFAULT_OPSET
             if quantize == "int8":
@@ -88,8 +108,14 @@ def export_bundle(
                         quantize_int8(fp32 / f, tmp / f)
                 finally:
                     shutil.rmtree(fp32, ignore_errors=True)
+                if weightless_seed is not None:  # the int8 weights exist only once quantized
+                    for f in graphs.values():
+                        model = onnx.load(str(tmp / f))
+                        leave_weights(f, model)
+                        onnx.save(model, str(tmp / f))
             else:
-                graphs = export_onnx(sub, tmp, opset=opset, exporter=exporter)
+                graphs = export_onnx(sub, tmp, opset=opset, exporter=exporter,
+                                     finish=leave_weights if weightless_seed is not None else None)
             exporter_name = f"torch.onnx.export(dynamo={exporter == 'dynamo'})"
         else:
             graphs = export_torchscript(sub, tmp)
@@ -127,7 +153,9 @@ def export_bundle(
             "tokenizer": tok_info,
             "parity": None,
         }
-        _seal(tmp, out_dir, manifest, sub if parity_check else None)
+        if weightless_seed is not None:
+            manifest.update(weightless_fields(generated))
+        _seal(tmp, out_dir, manifest, sub if parity_check and weightless_seed is None else None)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

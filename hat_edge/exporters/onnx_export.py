@@ -31,6 +31,7 @@ import logging
 import re
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import onnx
 import torch
@@ -149,10 +150,12 @@ def dynamic_axes(sub: SubTransformer) -> dict[str, dict[int, str]]:
 
 @torch.no_grad()
 def export_onnx(sub: SubTransformer, out_dir: Path, opset: int = DEFAULT_OPSET,
-                exporter: str = "dynamo") -> dict[str, str]:
+                exporter: str = "dynamo",
+                finish: Callable[[str, onnx.ModelProto], None] | None = None) -> dict[str, str]:
     """Write encoder.onnx and decoder_step.onnx into out_dir; returns {"encoder": file, ...}.
 
     Each graph passes `onnx.checker.check_model(full_check=True)` (with shape inference).
+    `finish(file name, model)`, when given, may change each checked graph before it is saved.
     """
     if exporter not in EXPORTERS:
         raise UserError(f"ONNX exporter '{exporter}' is not known; allowed: {', '.join(EXPORTERS)}")
@@ -176,5 +179,7 @@ def export_onnx(sub: SubTransformer, out_dir: Path, opset: int = DEFAULT_OPSET,
         if path == dec_path:
             add_topk(model)
         onnx.checker.check_model(model, full_check=True)
+        if finish is not None:
+            finish(path.name, model)
         onnx.save(model, str(path))
     return {"encoder": ENCODER_FILE, "decoder_step": DECODER_FILE}
