@@ -115,6 +115,8 @@ def test_main_job_end_to_end_writes_the_report(main_job):
     assert 0 < w["bleu"] <= 100 and 0 < summary["largest"]["bleu"] <= 100
     d = summary["deploy"]
     assert d["hashes_ok"] and d["parity"] and d["median_ms"] > 0 and len(summary["translations"]) == 2
+    # deployed as it was measured: by the TorchScript-based ONNX exporter (RunSettings.exporter)
+    assert d["exporter"] == "torch.onnx.export(dynamo=False)"
     side = summary["side_by_side"]
     assert side is None or summary["speedup"] == pytest.approx(side["largest_ms"] / side["winner_ms"])
     for name in ("report.md", "report.json", "predicted_vs_measured.png", "search_progress.png",
@@ -122,6 +124,7 @@ def test_main_job_end_to_end_writes_the_report(main_job):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     md = (out / "report.md").read_text()
     assert "## Result" in md and f"{summary['budget_ms']:.2f} ms" in md
+    assert "exported by torch.onnx.export(dynamo=False)" in md
     assert json.loads((out / "report.json").read_text())["winner"]["arch"] == w["arch"]
     text = render_summary(result)
     assert "speed-up vs largest" in text and "budget" in text
@@ -152,6 +155,14 @@ def test_a_second_main_job_reuses_the_measurements_the_losses_and_the_export(mai
     bundle, key_file = out / "bundle", out / "bundle.export-key.json"
     key = json.loads(key_file.read_text())["key"]
     assert reusable_bundle(bundle, key) == bundle and reusable_bundle(bundle, "0" * 64) is None
+    # ... and an export by the other ONNX exporter has another key (`hat-edge run --exporter dynamo`)
+    from hat_edge.app.deploy import export_key
+    from hat_edge.checkpoint import load_checkpoint
+
+    ck = load_checkpoint("demo")
+    sub = ck.model.extract(ck.space.smallest())
+    keys = {e: export_key(sub, ck.space.smallest(), "onnx", None, ck.tokenizer, e) for e in ("torchscript", "dynamo")}
+    assert keys["torchscript"] != keys["dynamo"]
     (out.parent / "k.json").write_text(key_file.read_text())
     key_file.unlink()
     key_file.symlink_to(out.parent / "k.json")
@@ -342,3 +353,14 @@ def test_threads_option_takes_auto_or_a_count_and_refuses_the_rest():
     assert r.exit_code == 2 and "'many': allowed 'auto' or a whole number >= 0" in r.output
     r = CliRunner().invoke(cli, ["run", "--help"])
     assert "--threads AUTO|N" in r.output and "[default: auto]" in r.output
+
+
+def test_exporter_option_names_the_choices_and_settings_refuse_others():
+    from hat_edge.app.mainjob import RunSettings
+    from hat_edge.cli import cli
+
+    r = CliRunner().invoke(cli, ["run", "--exporter", "tvm"])
+    assert r.exit_code == 2 and "'tvm' is not one of 'torchscript', 'dynamo'" in r.output
+    assert RunSettings().exporter == "torchscript"
+    with pytest.raises(UserError, match="--exporter 'tvm': allowed: dynamo, torchscript"):
+        RunSettings(exporter="tvm")

@@ -142,6 +142,20 @@ def test_deploy_pushes_only_the_listed_files(good_bundle, tmp_path) -> None:
     assert Path(r.remote_dir).parent == Path(profile.resolved_work_dir) / "deployed"
 
 
+def test_a_bundles_exporter_text_is_shown_only_when_it_is_a_known_one(good_bundle, tmp_path) -> None:
+    """The manifest's `exporter` goes into the deploy report and report.md: a crafted one (terminal
+    escapes, markdown) reads as "unknown"; the real one as written by the export."""
+    from hat_edge.app.deploy import deploy, render_deploy
+    from hat_edge.exporters import load_bundle
+
+    assert load_bundle(good_bundle).exporter == "torch.onnx.export(dynamo=False)"
+    bad = _copy(good_bundle, tmp_path / "bad")
+    _reseal(bad, exporter="\x1b[2J\x1b[31m| pwned |](http://x)")
+    assert load_bundle(bad).exporter == "unknown"
+    r = deploy(_local_profile(tmp_path), bundle=bad, benchmark=False, log=lambda m: None)
+    assert r.exporter == "unknown" and "\x1b" not in render_deploy(r) and "pwned" not in json.dumps(r.to_dict())
+
+
 def test_subdirectory_or_planted_device_link_is_refused(good_bundle, tmp_path) -> None:
     from hat_edge.app.deploy import deploy
     from hat_edge.exporters import load_bundle

@@ -81,6 +81,7 @@ class DeployResult:
     # int8 kernels differ, e.g. ARM vs x86, so identical tokens are not expected); None for fp32
     device_agreement: float | None = None
     beam: int = 5  # of the test translations
+    exporter: str = ""  # the bundle's exporter (`Bundle.exporter`), e.g. "torch.onnx.export(dynamo=True)"
 
     @property
     def files_skipped(self) -> int:
@@ -119,6 +120,7 @@ class DeployResult:
             "runtime": self.runtime,
             "precision": self.precision,
             "quantize": self.quantize,
+            "exporter": self.exporter,
             "arch": self.arch.to_dict(),
             "params": self.arch.params(),
             "files_total": self.files_total,
@@ -168,9 +170,10 @@ def _runner_json(res: Result, what: str) -> dict[str, Any]:
     return last_json_line(res.stdout, what)
 
 
-def export_key(sub: Any, arch: Arch, fmt: str, quantize: str | None, tokenizer: Any) -> str:
+def export_key(sub: Any, arch: Arch, fmt: str, quantize: str | None, tokenizer: Any, exporter: str = "dynamo") -> str:
     """What an exported bundle is made of: the SubTransformer's weights (every tensor's bytes), its
-    arch, format, precision and the tokenizer's files. Equal keys: the export would be the same."""
+    arch, format, precision, ONNX exporter and the tokenizer's files. Equal keys: the export would
+    be the same."""
     from hat_edge.checkpoint import content_sha256
 
     files: dict[str, bytes] = {}
@@ -181,6 +184,7 @@ def export_key(sub: Any, arch: Arch, fmt: str, quantize: str | None, tokenizer: 
             tokenizer.save(d)
             files = {str(f.relative_to(d)): f.read_bytes() for f in Path(d).rglob("*") if f.is_file()}
     return content_sha256({"arch": arch.to_json(), "format": fmt, "quantize": quantize,
+                           "exporter": exporter if fmt == "onnx" else None,
                            "weights": sub.state_dict(), "tokenizer": files})
 
 
@@ -222,6 +226,7 @@ def deploy(
     env: Mapping[str, Any] | None = None,
     log: Callable[[str], None] | None = None,
     level: str = "raw",
+    exporter: str = "dynamo",
 ) -> DeployResult:
     """Export (if given an arch), push, check, translate and benchmark on `profile`'s device.
 
@@ -231,7 +236,8 @@ def deploy(
     ones). `env`: a fresh `device_env` result, when the
     caller has just checked the device (skips the first step). `level`: the sentences' text level
     ("raw", or "bpe" for HAT's BPE'd data with a model imported from HAT); the device's output
-    comes back as raw text either way.
+    comes back as raw text either way. `exporter`: the ONNX exporter of an arch's export ("dynamo",
+    or "torchscript": the one every latency measurement uses, 16x faster to export the demo).
     """
     say = log or (lambda m: print(m, file=sys.stderr))
     if (bundle is None) == (arch is None):
@@ -262,14 +268,16 @@ def deploy(
         out = Path(out_dir) if out_dir else default_bundle_dir(profile.name, arch, quantize)
         t = time.perf_counter()
         sub = ckpt.model.extract(arch).eval()
-        key = export_key(sub, arch, fmt, quantize, ckpt.tokenizer)
+        key = export_key(sub, arch, fmt, quantize, ckpt.tokenizer, exporter)
         path = reusable_bundle(out, key)
         if path is not None:
             say(f"reusing the export of {arch.describe()} in {out} (same weights, format and precision)")
         else:
-            say(f"exporting {arch.describe()} ({fmt}{', ' + quantize if quantize else ''}) to {out}")
+            how = fmt + (f", {exporter} exporter" if fmt == "onnx" else "") + (f", {quantize}" if quantize else "")
+            say(f"exporting {arch.describe()} ({how}) to {out}")
             _key_file(out).unlink(missing_ok=True)  # an export that fails leaves no key behind
-            path = export_bundle(sub, out, fmt=fmt, quantize=quantize, tokenizer=ckpt.tokenizer)
+            extra = {"exporter": exporter} if fmt == "onnx" else {}
+            path = export_bundle(sub, out, fmt=fmt, quantize=quantize, tokenizer=ckpt.tokenizer, **extra)
             _key_file(out).write_text(json.dumps({"version": 1, "key": key}))
         timings["export_ms"] = (time.perf_counter() - t) * 1e3
         t = time.perf_counter()
@@ -370,7 +378,7 @@ def deploy(
         profile=profile.name, bundle=str(local_dir), remote_dir=remote_dir, runtime=b.runtime, precision=b.precision,
         arch=b.arch, files_total=len(files), files_sent=sent, hashes_ok=hashes_ok, parity=parity,
         translations=translations, host_verify=host_verify, bench=bench, env=env, timings_ms=timings,
-        device_agreement=device_agreement, beam=beam,
+        device_agreement=device_agreement, beam=beam, exporter=b.exporter,
     )
 
 
@@ -394,7 +402,7 @@ def render_deploy(r: DeployResult) -> str:
     hv = r.host_verify
     lines = [
         f"deployed {r.arch.describe()}",
-        f"  bundle        {r.bundle} ({r.runtime}, {r.precision})",
+        f"  bundle        {r.bundle} ({r.runtime}, {r.precision}{', ' + r.exporter if r.exporter else ''})",
         f"  device        {r.profile}:{r.remote_dir}",
         f"  push          {r.files_sent} file(s) sent, {r.files_skipped} unchanged",
         f"  hashes        {yes(r.hashes_ok)} (checked on the device)",

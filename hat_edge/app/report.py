@@ -268,7 +268,8 @@ def render_markdown(s: RunSummary) -> str:
         "",
         "## Deployment",
         "",
-        f"Bundle `{dep.bundle}` ({dep.runtime}{', ' + dep.quantize if dep.quantize else ''}), "
+        f"Bundle `{dep.bundle}` ({dep.runtime}{', ' + dep.quantize if dep.quantize else ''}"
+        f"{', exported by ' + dep.exporter if dep.exporter else ''}), "
         f"pushed to `{dep.remote_dir}`: {dep.files_sent} file(s) sent, "
         f"{dep.files_skipped} unchanged. Hashes verified on the device: "
         f"{'yes' if dep.hashes_ok else 'NO'}; device/host translations identical: "

@@ -50,6 +50,9 @@ def _log(msg: str) -> None:
               help="Beam of that BLEU.  [default: 5; 4 with lenpen 0.6 (HAT's test.sh) for a model imported from HAT]")
 @threads_option
 @click.option("--quantize", type=click.Choice(["int8"]), default=None, help="Deploy the winner as int8.")
+@click.option("--exporter", type=click.Choice(["torchscript", "dynamo"]), default="torchscript", show_default=True,
+              help="ONNX exporter of the deployed winner: 'torchscript', the one every latency in the loop was "
+                   "measured with (seconds); 'dynamo', the smaller graphs of `hat-edge deploy` (4-16x longer to export).")
 @click.option("--out-dir", "out_dir", default=Path("hat-edge-run"), show_default=True, type=dir_path(),
               help="Output directory: report.md, plots, report.json, the bundle, the latency store.")
 @deprecated_alias("--out", new="--out-dir", dest="out_dir", type=dir_path())
@@ -67,7 +70,7 @@ def _log(msg: str) -> None:
 def run_cmd(profile_name: str, checkpoint: str, budget_ms: float | None, budget_percentile: float, initial: int | None,
             rounds: int, top_k: int, search_size: SearchSize, valid_sentences: int, bleu_sentences: int,
             bleu_beam: int | None, threads: int | str,
-            quantize: str | None, out_dir: Path, compare_random: bool, seed: int, priors: tuple[str, ...],
+            quantize: str | None, exporter: str, out_dir: Path, compare_random: bool, seed: int, priors: tuple[str, ...],
             no_prior: bool, trust_new_host: bool, as_json: bool, progress: bool) -> None:
     """The whole job: measure, fit, search under a budget, deploy, benchmark, report.
 
@@ -92,7 +95,7 @@ def run_cmd(profile_name: str, checkpoint: str, budget_ms: float | None, budget_
         raise UserError(f"--budget must be a positive number of milliseconds, got {budget_ms}")
     s = RunSettings(
         profile=profile_name, checkpoint=checkpoint, budget_ms=budget_ms, budget_percentile=budget_percentile,
-        initial=initial, rounds=rounds, top_k=top_k, quantize=quantize, out_dir=str(out_dir),
+        initial=initial, rounds=rounds, top_k=top_k, quantize=quantize, exporter=exporter, out_dir=str(out_dir),
         evolution=search_size.settings(seed=seed),
         valid_sentences=valid_sentences, bleu_sentences=bleu_sentences, bleu_beam=bleu_beam, threads=threads or None,
         compare_random=compare_random, seed=seed, trust_new_host=trust_new_host, prior=() if no_prior else tuple(priors),

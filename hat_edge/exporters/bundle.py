@@ -46,6 +46,11 @@ __all__ = ["Bundle", "load_bundle", "write_manifest", "update_parity", "check_ou
 
 
 
+# The manifest's `exporter` values (`export_bundle`): ONNX by the dynamo or TorchScript-based exporter,
+# or TorchScript.
+EXPORTER_NAMES = ("torch.onnx.export(dynamo=True)", "torch.onnx.export(dynamo=False)", "torch.jit.trace+freeze")
+
+
 @dataclass(frozen=True)
 class Bundle:
     """A checked bundle on disk (hashes verified when it was loaded)."""
@@ -68,6 +73,13 @@ class Bundle:
     @property
     def vocab_size(self) -> int:
         return int(self.manifest["model"]["vocab_size"])
+
+    @property
+    def exporter(self) -> str:
+        """The manifest's `exporter` when it is one that `export_bundle` writes, else "unknown" (a
+        bundle's text is not trusted: it is printed and written into reports)."""
+        e = self.manifest.get("exporter")
+        return e if e in EXPORTER_NAMES else "unknown"
 
     @property
     def tokenizer_file(self) -> Optional[Path]:

@@ -21,6 +21,7 @@ import torch
 from hat_edge import __version__
 from hat_edge.errors import UserError
 from hat_edge.exporters.bundle import (
+    EXPORTER_NAMES,
     Bundle,
     _prepare_out_dir,
     _publish,
@@ -120,6 +121,7 @@ def export_bundle(
         else:
             graphs = export_torchscript(sub, tmp)
             exporter_name = "torch.jit.trace+freeze"
+        assert exporter_name in EXPORTER_NAMES, exporter_name
         tok_info = None
         if tokenizer is not None:
             tok_path = tokenizer.save(tmp)
