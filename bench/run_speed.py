@@ -52,7 +52,8 @@ def one_run(src: Path, work: Path, tag: str) -> dict:
     row = {
         "run": tag, "wall_s": round(wall, 1), "own_wall_s": s.get("wall_s"), "met": s.get("met"),
         "speedup_side_by_side": side.get("speedup"), "new_measurements": s.get("device_measurements"),
-        "fitness_evaluations": s.get("fitness_evaluations"), "winner_loss": s["winner"].get("loss"),
+        "fitness_evaluations": s.get("fitness_evaluations"), "budget_ms": s.get("budget_ms"),
+        "winner_ms": s["winner"].get("measured_latency_ms"), "winner_loss": s["winner"].get("loss"),
         "winner_bleu": s["winner"].get("bleu"), "steps_s": {k: (s.get("timings_s") or {}).get(k) for k in STEPS},
         "reused_losses": sum("validation loss read from" in line for line in p.stderr.splitlines()),
         "reused_export": any(line.startswith("reusing the export of") for line in p.stderr.splitlines()),
