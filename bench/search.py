@@ -165,6 +165,7 @@ def main() -> int:
                                                                   for c in comp)},
         "wall_s": time.perf_counter() - t_all,
     }
+    job.close()  # the store, and the measurement exports the loops kept
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, out, indent=1)
 
