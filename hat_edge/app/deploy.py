@@ -271,7 +271,7 @@ def deploy(
         key = export_key(sub, arch, fmt, quantize, ckpt.tokenizer, exporter)
         path = reusable_bundle(out, key)
         if path is not None:
-            say(f"reusing the export of {arch.describe()} in {out} (same weights, format and precision)")
+            say(f"reusing the export of {arch.describe()} in {out} (same weights, format, exporter and precision)")
         else:
             how = fmt + (f", {exporter} exporter" if fmt == "onnx" else "") + (f", {quantize}" if quantize else "")
             say(f"exporting {arch.describe()} ({how}) to {out}")
