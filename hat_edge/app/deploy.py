@@ -276,8 +276,7 @@ def deploy(
             how = fmt + (f", {exporter} exporter" if fmt == "onnx" else "") + (f", {quantize}" if quantize else "")
             say(f"exporting {arch.describe()} ({how}) to {out}")
             _key_file(out).unlink(missing_ok=True)  # an export that fails leaves no key behind
-            extra = {"exporter": exporter} if fmt == "onnx" else {}
-            path = export_bundle(sub, out, fmt=fmt, quantize=quantize, tokenizer=ckpt.tokenizer, **extra)
+            path = export_bundle(sub, out, fmt=fmt, quantize=quantize, tokenizer=ckpt.tokenizer, exporter=exporter)
             _key_file(out).write_text(json.dumps({"version": 1, "key": key}))
         timings["export_ms"] = (time.perf_counter() - t) * 1e3
         t = time.perf_counter()

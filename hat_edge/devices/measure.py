@@ -140,7 +140,7 @@ def export_for_measurement(
             _release(final, delete=False)
         fmt = FORMAT_OF_RUNTIME[profile.runtime]
         # ONNX: ship the graphs only, the device writes random weights of the same sizes itself
-        extra = {**MEASURE_EXPORT_KW, "weightless_seed": seed} if fmt == "onnx" else {"parity_check": False}
+        extra = {**MEASURE_EXPORT_KW, "weightless_seed": seed if fmt == "onnx" else None}
         with _EXPORT_LOCK:
             if (final / MANIFEST).is_file():  # another device's worker exported it meanwhile
                 continue

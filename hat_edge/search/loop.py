@@ -77,9 +77,10 @@ class ProfileDevice:
         self.env: Mapping[str, Any] | None = None
         self._kept: Any = None  # devices.measure.KeptExports, from the first measurement to close()
 
-    def _keep(self) -> dict[str, Any]:
-        """The measure calls' options: every export is kept until `close()` (the anchors and the
-        final side by side time archs again), then the ones this job made are removed."""
+    def _measure_kw(self) -> dict[str, Any]:
+        """The devices room's options for every measure call: this device's precision, and exports
+        kept until `close()` (the anchors and the final side by side time archs again), which then
+        removes the ones made since the first call."""
         if self._kept is None:
             from hat_edge.devices.measure import KeptExports
 
@@ -106,7 +107,7 @@ class ProfileDevice:
             return {}
         # measure_archs returns what it measured or found stored; anything else failed there.
         return self._corrected(archs, measure_archs(self.profile, archs, self.store, progress=progress,
-                                                    **self._keep()))
+                                                    **self._measure_kw()))
 
     def measure_anchored(
         self, archs: Sequence[Arch], anchors: Mapping[Arch, float], progress: bool = True
@@ -116,7 +117,7 @@ class ProfileDevice:
         ones on the scale of the first measurements. Returns (arch -> corrected ms, drift)."""
         from hat_edge.devices.measure import measure_anchored
 
-        recs, drift = measure_anchored(self.profile, archs, self.store, anchors, progress=progress, **self._keep())
+        recs, drift = measure_anchored(self.profile, archs, self.store, anchors, progress=progress, **self._measure_kw())
         return self._corrected(archs, recs), drift
 
     def measure_side_by_side(self, archs: Sequence[Arch], progress: bool = True, group: int = 12,
@@ -126,7 +127,7 @@ class ProfileDevice:
         from hat_edge.devices.measure import measure_side_by_side
 
         recs = measure_side_by_side(self.profile, archs, self.store, progress=progress, group=group, anchors=anchors,
-                                    **self._keep())
+                                    **self._measure_kw())
         return self._corrected(archs, recs)
 
     def time_together(self, archs: Sequence[Arch], trust_new_host: bool = False) -> dict[Arch, float]:
@@ -136,7 +137,7 @@ class ProfileDevice:
         from hat_edge.latency.store import LatencyStore
 
         recs = measure_archs(self.profile, list(dict.fromkeys(archs)), LatencyStore(":memory:"), progress=False,
-                             interleave=True, trust_new_host=trust_new_host, **self._keep())
+                             interleave=True, trust_new_host=trust_new_host, **self._measure_kw())
         return {r.arch: r.median_ms for r in recs if r.arch is not None}
 
     def _corrected(self, archs: Sequence[Arch], recs: Sequence[LatencyRecord]) -> dict[Arch, float]:
